@@ -1,0 +1,539 @@
+"""
+The pieces every stage shares: the GPT, the tokenizer and chat template, KV-cache sampling,
+checkpoints, the device, and a few small helpers (config CLI, logging, MFU).
+
+Nothing here knows about a stage or a data set. Read it first; then sft.py, dpo.py, rlvr.py.
+
+The GPT is nanoGPT's: token + learned position embeddings, pre-norm transformer blocks
+(LayerNorm -> causal self-attention -> residual, LayerNorm -> MLP -> residual), a final LayerNorm
+and a language-model head tied to the token embedding.
+"""
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import tiktoken
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1040
+    block_size: int = 192   # longest sequence: a problem and its longest reply fit in ~120 tokens
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = False      # no biases in Linear/LayerNorm: a little faster, no worse
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (PyTorch's has no bias=False before 2.1)."""
+
+    def __init__(self, n, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.bias = nn.Parameter(torch.zeros(n)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:  # append this chunk's keys and values, attend over all so far
+            k, v = cache.update(k, v)  # (B, H, Tk, D)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is None:  # plain causal attention over the whole (unpadded) batch
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = LayerNorm(config.n_embd, config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer), since each block adds two
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, positions=None, attn_mask=None, caches=None):
+        """idx (B, T) token ids -> logits (B, T, vocab_size).
+        positions (B, T) overrides 0..T-1 (left-padded rows start counting at their first real
+        token); attn_mask (B, 1, T, Tk) bool, True = may attend; caches: one KVCache per block."""
+        B, T = idx.shape
+        if positions is None:
+            positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
+        assert int(positions.max()) < self.config.block_size, "sequence longer than block_size"
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, None if caches is None else caches[i])
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+    def num_params(self):
+        """Parameter count; the tied embedding counted once, the position embedding left out
+        (it costs no matmul FLOPs)."""
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probs: the one helper every stage uses to score tokens
+
+
+def token_logprobs(logits, targets):
+    """log p(targets) under logits, per position: log_softmax + gather (never log(softmax)).
+    logits (B, T, V), targets (B, T) -> (B, T), always in fp32 whatever the forward dtype."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+
+
+def masked_mean(values, mask):
+    """Mean of values over mask == 1; 0 (not NaN) when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+TOKENIZER_PATH = os.path.join(DATA_DIR, "tokenizer.json")
+
+
+def load_tokenizer(path=TOKENIZER_PATH):
+    """The byte-level BPE tokenizer from data/, as a tiktoken.Encoding. Reads the rank file
+    directly (tiktoken.load caches by path in a temp dir, which would serve a stale tokenizer
+    after data/ is rebuilt) and never touches the network."""
+    with open(path) as f:
+        meta = json.load(f)
+    ranks = {}
+    with open(os.path.join(os.path.dirname(path), meta["ranks_file"])) as f:
+        for line in f:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding("tinydpo", pat_str=meta["pattern"], mergeable_ranks=ranks,
+                             special_tokens=meta["special_tokens"])
+
+
+def special(enc, name):
+    """The id of a special token, e.g. special(enc, "end") for <|end|>."""
+    return enc.encode_single_token(f"<|{name}|>")
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(enc, messages, add_generation_prompt=False):
+    """A conversation -> (ids, mask), lists of equal length; mask is 1 exactly on the tokens the
+    assistant must learn to produce: its content and the <|end|> closing its turn.
+
+        <|endoftext|><|user|>text<|end|><|assistant|>text<|end|>...
+
+    Message text is encoded as ordinary text, so a message containing the literal string
+    "<|end|>" cannot forge a turn boundary: special tokens come from this template only.
+    add_generation_prompt appends <|assistant|> so that a model continues with the reply."""
+    ids, mask = [special(enc, "endoftext")], [0]
+    for m in messages:
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown role {m['role']!r} (expected one of {ROLES})")
+        body = enc.encode_ordinary(m["content"]) + [special(enc, "end")]
+        ids += [special(enc, m["role"])] + body
+        mask += [0] + [int(m["role"] == "assistant")] * len(body)
+    if add_generation_prompt:
+        ids.append(special(enc, "assistant"))
+        mask.append(0)
+    return ids, mask
+
+
+def render_prompt(enc, prompt):
+    """Prompt ids for a reply: a string is one user turn; a list is a conversation."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return render_chat(enc, messages, add_generation_prompt=True)[0]
+
+
+def render_response(enc, response):
+    """Response ids: the reply's text (ordinary tokens) and the <|end|> that closes the turn."""
+    return enc.encode_ordinary(response) + [special(enc, "end")]
+
+
+def decode_reply(enc, ids):
+    """Reply text from generated ids, cut at the first <|end|>."""
+    end = special(enc, "end")
+    if end in ids:
+        ids = ids[: ids.index(end)]
+    return enc.decode(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling with a KV cache
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for the whole generation."""
+
+    def __init__(self, B, H, T_max, D, device, dtype):
+        self.k = torch.zeros(B, H, T_max, D, device=device, dtype=dtype)
+        self.v = torch.zeros(B, H, T_max, D, device=device, dtype=dtype)
+        self.length = 0
+
+    def update(self, k, v):
+        T = k.shape[2]
+        self.k[:, :, self.length: self.length + T] = k
+        self.v[:, :, self.length: self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+@torch.no_grad()
+def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=None,
+             generator=None, use_cache=True):
+    """Sample replies for a batch of prompts of different lengths.
+
+    prompts: a list of token-id lists. They are left-padded to a common length; each row's
+    positions count from its own first real token and padded keys are masked out, so a row's
+    reply does not depend on how long the other prompts are. A row stops at `stop_token` (which is
+    kept) or after max_new_tokens. temperature 0 is greedy.
+    Returns (replies, logprobs): per row the new token ids and, for each, its log-prob under the
+    sampling distribution (the logits / temperature), as the RL stage needs them.
+    use_cache=False recomputes the whole prefix at every step (same result, for comparison)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    T_max = P + max_new_tokens
+    idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
+    valid = torch.zeros(B, T_max, dtype=torch.bool, device=device)  # real (non-pad) tokens
+    for b, p in enumerate(prompts):
+        idx[b, P - len(p): P] = torch.tensor(p, dtype=torch.long)
+        valid[b, P - len(p): P] = True
+    valid[:, P:] = True  # every generated slot is real (finished rows just stop being read)
+    positions = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, T_max)
+    causal = torch.ones(T_max, T_max, dtype=torch.bool, device=device).tril()
+    # may attend = causal and the key is real; a pad query attends to itself so softmax is defined
+    mask = (causal & valid[:, None, :]) | torch.eye(T_max, dtype=torch.bool, device=device)
+    mask = mask.unsqueeze(1)  # (B, 1, T_max, T_max)
+
+    cfg = model.config
+    caches = None
+    if use_cache:
+        caches = [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, device,
+                          next(model.parameters()).dtype) for _ in range(cfg.n_layer)]
+    out = [[] for _ in range(B)]
+    out_logp = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    t = P  # slot of the next token to be written
+    for step in range(max_new_tokens):
+        with autocast(device):
+            if use_cache:
+                lo = 0 if step == 0 else t - 1  # the prefill, then one new token at a time
+                logits = model(idx[:, lo:t], positions[:, lo:t], mask[:, :, lo:t, :t], caches)
+            else:
+                logits = model(idx[:, :t], positions[:, :t], mask[:, :, :t, :t])
+        logits = logits[:, -1].float()  # (B, V)
+        if temperature == 0:
+            nxt = logits.argmax(-1)  # (B,)
+            logp = F.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            logp_all = F.log_softmax(logits, -1)  # (B, V)
+            nxt = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+        idx[:, t] = nxt
+        for b in (~done).nonzero().flatten().tolist():
+            out[b].append(int(nxt[b]))
+            out_logp[b].append(float(logp[b]))
+        done |= nxt == stop_token
+        t += 1
+        if bool(done.all()):
+            break
+    model.train(was_training)
+    return out, out_logp
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and precision
+
+
+def pick_device(name="auto"):
+    """'auto' picks cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA only; fp32 on CPU and MPS (where bf16 is slow or unsupported)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def tokenizer_fingerprint(path=TOKENIZER_PATH):
+    """sha256 of the tokenizer files: a checkpoint is only valid with the tokenizer it learned."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        meta = f.read()
+    h.update(meta)
+    with open(os.path.join(os.path.dirname(path), json.loads(meta)["ranks_file"]), "rb") as f:
+        h.update(f.read())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model, tokenizer_path=TOKENIZER_PATH, **extra):
+    """Write {config, model weights, tokenizer reference, extra} atomically (temp file, rename),
+    so an interrupted run never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ckpt = {"config": dataclasses.asdict(model.config),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "tokenizer": {"path": os.path.abspath(tokenizer_path),
+                          "sha256": tokenizer_fingerprint(tokenizer_path)},
+            **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
+    """-> (model, checkpoint dict). weights_only=True: a checkpoint cannot run code on load.
+    Refuses a checkpoint trained with another tokenizer than tokenizer_path (None: no check)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if tokenizer_path is not None and ckpt["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer_path):
+        raise DataError(f"{path}: trained with a different tokenizer than {tokenizer_path} "
+                        f"(data/ was rebuilt?); retrain it, e.g. `python sft.py`")
+    model = GPT(GPTConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring: parameter count, FLOPs, MFU
+
+
+def flops_per_token(model, T):
+    """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's
+    6 * n_layer * T * n_embd (the QK^T and AV matmuls, forward and backward; PaLM appendix B)."""
+    cfg = model.config
+    return 6 * model.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
+
+
+_PEAK = {}
+
+
+def peak_flops(device):
+    """The device's peak fp32 (CPU) or bf16 (CUDA) matmul FLOP/s. On a CPU there is no spec sheet
+    to read, so a short matmul probe measures it (~0.5 s, once per process)."""
+    device = torch.device(device)
+    if device.type in _PEAK:
+        return _PEAK[device.type]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = 989e12 if "H100" in name or "H200" in name else 312e12 if "A100" in name else None
+        if peak is not None:
+            _PEAK[device.type] = peak
+            return peak
+    n = 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    for _ in range(2):
+        a @ b
+    best = 0.0
+    for _ in range(10):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
+    _PEAK[device.type] = best
+    return best
+
+
+def describe(model, device):
+    """A one-line description: parameters and the device's peak."""
+    return (f"{model.num_params() / 1e6:.2f}M parameters | {device} | "
+            f"peak {peak_flops(device) / 1e9:.0f} GFLOP/s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small shared helpers: configs on the command line, logs, outputs
+
+
+def add_config_args(parser, config):
+    """One --kebab-case flag per dataclass field, grouped by the field's metadata 'group', with
+    the metadata 'help' and the default in the help text."""
+    groups = {}
+    for f in dataclasses.fields(config):
+        group_name = f.metadata.get("group", "options")
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        default = getattr(config, f.name)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction,
+                                            default=default, help=help_text)
+        else:
+            kind = type(default) if default is not None else str
+            groups[group_name].add_argument(flag, type=kind, default=default, help=help_text,
+                                            dest=f.name)
+    return parser
+
+
+def config_from_args(config_cls, args):
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def cosine_lr(step, total, peak, warmup, min_ratio=0.1):
+    """Linear warmup for `warmup` steps, then cosine decay to min_ratio * peak at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pad_batch(seqs, masks, pad_id, device="cpu"):
+    """Right-pad token lists (and their masks) to the batch's own longest row.
+    -> ids (B, T) LongTensor, mask (B, T) LongTensor with 0 on padding."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for b, (s, m) in enumerate(zip(seqs, masks)):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(m)] = torch.tensor(m, dtype=torch.long)
+    return ids.to(device), mask.to(device)
+
+
+def sample_replies(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0,
+                   batch_size=128):
+    """Reply texts for a list of prompts (strings or conversations), in batches.
+    The same seed and settings give the same replies, so two models are compared on equal terms."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    replies = []
+    for i in range(0, len(prompts), batch_size):
+        ids = [render_prompt(enc, p) for p in prompts[i: i + batch_size]]
+        out, _ = generate(model, ids, max_new_tokens, special(enc, "end"), temperature,
+                          generator=gen)
+        replies += [decode_reply(enc, o) for o in out]
+    return replies
+
+
+class DataError(ValueError):
+    """A bad input file: the message names the file, the line and what is wrong."""
+
+
+def read_jsonl(path):
+    """Rows of a JSONL file as (line number, dict). Raises DataError naming the file and line on
+    a missing file, bad JSON, a row that is not an object, or a file with no rows."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+    if not rows:
+        raise DataError(f"{path}: the file has no rows")
+    return rows

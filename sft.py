@@ -1,0 +1,304 @@
+"""
+Stage 1 and 2: pretrain a tiny GPT on the world's prose, then supervised fine-tuning (SFT) on
+conversations, with the loss on the assistant's tokens only.
+
+    python sft.py                      (data, pretraining, SFT and evaluation: ~6 min on a laptop CPU)
+    python sft.py --stages sft         (SFT only, from out/pretrain/model.pt)
+    python sft.py --help
+
+Pretraining is next-token prediction on random windows of the text stream, each document opened
+by <|endoftext|>:
+    L_pretrain = -1/T sum_t log p(x_t | x_<t)
+SFT is the same loss restricted to the reply: with m_t = 1 on assistant tokens (and the <|end|>
+closing the reply; 0 on the prompt, the template and padding),
+    L_sft = -sum_t m_t log p(x_t | x_<t) / sum_t m_t
+averaged over every assistant token of the batch (a token-level mean, so long replies count in
+proportion to their length).
+
+At the end the SFT model answers the held-out problems (data/test.jsonl) greedily and by sampling
+at temperature 1; the verifier scores both and the share of each reply style is counted.
+Outputs: out/pretrain/ and out/sft/, each with model.pt, log.jsonl and metrics.json.
+
+How this departs from a real pipeline:
+1. The "pretraining corpus" is a few MB of synthetic text from the same world as the tasks.
+2. SFT rows are padded to the batch's longest row (no packing): simpler, ~25% wasted compute.
+"""
+
+import argparse
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm import tqdm
+
+import model as M
+from data import world
+from data.prepare import DATA_DIR, prepare
+
+
+def _f(default, help, group):
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class SFTConfig:
+    # model
+    n_layer: int = _f(4, "transformer blocks", "model")
+    n_head: int = _f(4, "attention heads", "model")
+    n_embd: int = _f(128, "embedding width", "model")
+    block_size: int = _f(192, "longest sequence the model can take", "model")
+    # pretraining
+    pretrain_steps: int = _f(1200, "pretraining optimizer steps", "pretraining")
+    pretrain_batch_size: int = _f(32, "windows per pretraining step", "pretraining")
+    pretrain_seq_len: int = _f(128, "tokens per pretraining window", "pretraining")
+    pretrain_lr: float = _f(3e-3, "peak learning rate (tiny models like a high one)", "pretraining")
+    # SFT
+    sft_steps: int = _f(600, "SFT optimizer steps", "sft")
+    sft_batch_size: int = _f(32, "conversations per SFT step", "sft")
+    sft_lr: float = _f(1e-3, "peak SFT learning rate", "sft")
+    # shared optimisation
+    warmup_steps: int = _f(50, "linear warmup steps, then cosine decay to 10%", "optimisation")
+    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (not on norms)", "optimisation")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this", "optimisation")
+    # evaluation
+    eval_every: int = _f(200, "steps between validation losses", "evaluation")
+    eval_problems: int = _f(500, "held-out problems answered at the end (0 = skip)", "evaluation")
+    max_new_tokens: int = _f(96, "longest reply sampled at evaluation", "evaluation")
+    # run
+    stages: str = _f("pretrain,sft", "which stages to run, comma-separated", "run")
+    data_dir: str = _f(DATA_DIR, "where the data files live (built if missing)", "run")
+    out: str = _f("out", "output root: writes <out>/pretrain and <out>/sft", "run")
+    device: str = _f("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = _f(1337, "random seed", "run")
+    log_every: int = _f(25, "steps between log lines", "run")
+
+
+def pretrain_stream(enc, path):
+    """The pretraining text as one token stream, each document (line) opened by <|endoftext|>."""
+    bos = M.special(enc, "endoftext")
+    with open(path, encoding="utf-8") as f:
+        docs = [line.rstrip("\n") for line in f if line.strip()]
+    ids = []
+    for doc_ids in enc.encode_ordinary_batch(docs):
+        ids.append(bos)
+        ids += doc_ids
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sft_examples(enc, path, block_size):
+    """Conversations of a {"messages": [...]} JSONL file -> list of (ids, mask), validated."""
+    out = []
+    for n, row in M.read_jsonl(path):
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise M.DataError(f"{path}:{n}: 'messages' must be a non-empty list")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in M.ROLES or not isinstance(m.get("content"), str):
+                raise M.DataError(f"{path}:{n}: each message needs a role in {M.ROLES} and a string content")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise M.DataError(f"{path}:{n}: no assistant message to learn from")
+        ids, mask = M.render_chat(enc, msgs)
+        out.append((ids[:block_size], mask[:block_size]))  # over-long rows are cut, not dropped
+    return out
+
+
+def lm_loss(model, ids, mask):
+    """Mean next-token NLL over positions with mask == 1. ids, mask (B, T); mask[b, t] marks
+    whether token t is scored, so the shift by one happens here: logits at t-1 predict token t."""
+    with M.autocast(ids.device):
+        logits = model(ids[:, :-1])  # (B, T-1, V)
+    logp = M.token_logprobs(logits, ids[:, 1:])  # (B, T-1), fp32
+    return -M.masked_mean(logp, mask[:, 1:])  # negate: NLL = -log p
+
+
+def make_optimizer(model, lr, weight_decay):
+    """AdamW with decay on matrices only (norms and biases are not decayed)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir, device):
+    """The loop both stages share: AdamW, warmup + cosine, gradient clipping, periodic
+    validation loss; logs to out_dir/log.jsonl. next_batch() -> (ids, mask)."""
+    os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    open(log_path, "w").close()
+    opt = make_optimizer(model, lr, config.weight_decay)
+    peak = M.peak_flops(device)
+    model.train()
+    tokens_seen, t_start, t_log, tok_log = 0, time.time(), time.time(), 0
+    val_loss = float("nan")
+    bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = M.cosine_lr(step, steps, lr, config.warmup_steps)
+        ids, mask = next_batch()
+        loss = lm_loss(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        opt.step()
+        n_tok = ids[:, 1:].numel()  # tokens through the model, padding included (it costs FLOPs)
+        tokens_seen += n_tok
+        tok_log += n_tok
+        last = step == steps - 1
+        if step % config.eval_every == 0 or last:
+            val_loss = evaluate_loss(model, val_batches)
+        if step % config.log_every == 0 or last:
+            dt = time.time() - t_log
+            tps = tok_log / dt if step > 0 else float("nan")
+            mfu = tps * M.flops_per_token(model, ids.shape[1]) / peak
+            rec = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
+                   "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu}
+            M.append_jsonl(log_path, rec)
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}", tok_s=f"{tps / 1e3:.1f}k",
+                            mfu=f"{mfu:.0%}")
+            t_log, tok_log = time.time(), 0
+    wall = time.time() - t_start
+    tps = tokens_seen / wall
+    return {"loss": loss.item(), "val_loss": val_loss, "tokens": tokens_seen,
+            "tokens_per_second": tps, "mfu": tps * M.flops_per_token(model, ids.shape[1]) / peak,
+            "peak_flops": peak, "wall_seconds": wall}
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches):
+    was = model.training
+    model.eval()
+    losses = [lm_loss(model, ids, mask).item() for ids, mask in batches]
+    model.train(was)
+    return sum(losses) / max(1, len(losses))
+
+
+def evaluate_answers(model, enc, problems, max_new_tokens, seed):
+    """Greedy and temperature-1 replies to held-out problems, scored by the verifier."""
+    prompts = [p["prompt"] for p in problems]
+    greedy = M.sample_replies(model, enc, prompts, max_new_tokens, temperature=0.0, seed=seed)
+    sampled = M.sample_replies(model, enc, prompts, max_new_tokens, temperature=1.0, seed=seed)
+    g, s = world.score_replies(problems, greedy), world.score_replies(problems, sampled)
+    by_ops = {}
+    for k in sorted({p["n_ops"] for p in problems if "n_ops" in p}):
+        idx = [i for i, p in enumerate(problems) if p.get("n_ops") == k]
+        by_ops[str(k)] = sum(world.verify(problems[i], greedy[i]) for i in idx) / len(idx)
+    return {"accuracy": g["accuracy"], "accuracy_sampled": s["accuracy"], "accuracy_by_ops": by_ops,
+            "style_shares": s["style_shares"], "style_shares_greedy": g["style_shares"],
+            "judge_score_sampled": s["judge_score"]}, greedy, sampled
+
+
+def train(config):
+    """Run the stages in config.stages; returns the metrics of the last one."""
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    device = M.pick_device(config.device)
+    if not os.path.exists(os.path.join(config.data_dir, "manifest.json")):
+        print(f"sft: no data in {config.data_dir}; building it with data/prepare.py")
+    prepare(out_dir=config.data_dir, verbose=True)
+    tok_path = os.path.join(config.data_dir, "tokenizer.json")
+    enc = M.load_tokenizer(tok_path)
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    pretrain_dir = os.path.join(config.out, "pretrain")
+    metrics = {}
+
+    if "pretrain" in stages:
+        gpt = M.GPT(M.GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size,
+                                n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).to(device)
+        print(f"pretrain: {M.describe(gpt, device)}")
+        stream = pretrain_stream(enc, os.path.join(config.data_dir, "pretrain.txt"))
+        val_stream = pretrain_stream(enc, os.path.join(config.data_dir, "pretrain_val.txt"))
+        T, B = config.pretrain_seq_len, config.pretrain_batch_size
+        gen = torch.Generator().manual_seed(config.seed)
+        print(f"pretrain: {len(stream) / 1e6:.2f}M tokens; {config.pretrain_steps} steps x {B} x {T} "
+              f"= {config.pretrain_steps * B * T / len(stream):.2f} epochs")
+
+        def windows(src, starts):
+            x = torch.stack([src[s: s + T + 1] for s in starts.tolist()])  # (B, T+1)
+            return x.to(device), torch.ones_like(x)
+
+        def next_batch():
+            return windows(stream, torch.randint(len(stream) - T - 1, (B,), generator=gen))
+
+        val_batches = [windows(val_stream, torch.arange(i * B * T, (i + 1) * B * T, T))
+                       for i in range(min(4, (len(val_stream) - 1) // (B * T)))]
+        metrics = train_stage("pretrain", gpt, next_batch, val_batches, config.pretrain_steps,
+                              config.pretrain_lr, config, pretrain_dir, device)
+        M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
+                          train_config=asdict(config), metrics=metrics)
+        M.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
+        print(f"pretrain: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
+              f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
+              f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s), {metrics['wall_seconds']:.0f}s")
+
+    if "sft" in stages:
+        t_sft = time.time()
+        path = os.path.join(pretrain_dir, "model.pt")
+        if "pretrain" not in stages:
+            if not os.path.exists(path):
+                sys.exit(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
+            gpt, _ = M.load_checkpoint(path, device, tok_path)
+        print(f"sft: {M.describe(gpt, device)}")
+        train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), config.block_size)
+        val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), config.block_size)
+        pad = M.special(enc, "endoftext")
+        order = []
+
+        def next_batch():
+            if len(order) < config.sft_batch_size:  # reshuffle each epoch
+                more = list(range(len(train_rows)))
+                rng.shuffle(more)
+                order.extend(more)
+            batch = [train_rows[order.pop()] for _ in range(config.sft_batch_size)]
+            return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
+
+        val_batches = [M.pad_batch([r[0] for r in val_rows[i: i + 64]], [r[1] for r in val_rows[i: i + 64]], pad, device)
+                       for i in range(0, len(val_rows), 64)]
+        sft_dir = os.path.join(config.out, "sft")
+        metrics = train_stage("sft", gpt, next_batch, val_batches, config.sft_steps, config.sft_lr,
+                              config, sft_dir, device)
+        if config.eval_problems > 0:
+            problems = [r for _, r in M.read_jsonl(os.path.join(config.data_dir, "test.jsonl"))][: config.eval_problems]
+            t_eval = time.time()
+            ev, greedy, sampled = evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
+            metrics.update(ev)
+            metrics["eval_seconds"] = time.time() - t_eval
+            print("\n--- three held-out problems, greedy replies ---")
+            for p, r in list(zip(problems, greedy))[:3]:
+                print(f"USER: {p['prompt']}\nASSISTANT: {r}\n  -> verifier: {world.verify(p, r)} "
+                      f"(answer {p['answer']})\n")
+        metrics["wall_seconds"] = time.time() - t_sft
+        metrics["total_wall_seconds"] = time.time() - t0
+        M.save_checkpoint(os.path.join(sft_dir, "model.pt"), gpt, tok_path, stage="sft",
+                          train_config=asdict(config), metrics=metrics)
+        M.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
+        print(f"sft: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
+              f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%}")
+        if "accuracy" in metrics:
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics["style_shares"].items())
+            print(f"sft: held-out accuracy greedy {metrics['accuracy']:.1%} "
+                  f"(by operations: {', '.join(f'{k}: {v:.0%}' for k, v in metrics['accuracy_by_ops'].items())}), "
+                  f"sampled {metrics['accuracy_sampled']:.1%}; sampled styles: {shares}")
+        print(f"sft: done in {metrics['total_wall_seconds']:.0f}s -> {sft_dir}/")
+    return metrics
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    M.add_config_args(parser, SFTConfig())
+    args = parser.parse_args(argv)
+    config = M.config_from_args(SFTConfig, args)
+    print("config:", asdict(config))
+    try:
+        train(config)
+    except M.DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
