@@ -449,7 +449,7 @@ def add_config_args(parser, config):
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
         default = getattr(config, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction,

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import model as M
 from data import world
-from data.prepare import DATA_DIR, prepare
+from data.prepare import DATA_DIR, ensure_data
 
 
 def _f(default, help, group):
@@ -173,7 +173,7 @@ def evaluate_loss(model, batches):
     model.eval()
     losses = [lm_loss(model, ids, mask).item() for ids, mask in batches]
     model.train(was)
-    return sum(losses) / max(1, len(losses))
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def evaluate_answers(model, enc, problems, max_new_tokens, seed):
@@ -197,9 +197,7 @@ def train(config):
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     device = M.pick_device(config.device)
-    if not os.path.exists(os.path.join(config.data_dir, "manifest.json")):
-        print(f"sft: no data in {config.data_dir}; building it with data/prepare.py")
-    prepare(out_dir=config.data_dir, verbose=True)
+    ensure_data(config.data_dir)
     tok_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tok_path)
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
@@ -288,8 +286,7 @@ def train(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     M.add_config_args(parser, SFTConfig())
     args = parser.parse_args(argv)
     config = M.config_from_args(SFTConfig, args)

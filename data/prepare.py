@@ -104,6 +104,18 @@ def up_to_date(config, out_dir):
             and all(os.path.exists(os.path.join(out_dir, f)) for f in FILES))
 
 
+def ensure_data(out_dir=DATA_DIR):
+    """Make sure out_dir holds a complete, current build. A build made with other settings (say
+    --pretrain-mb 8) is kept; a missing or outdated one is (re)built with the defaults, announced."""
+    try:
+        with open(os.path.join(out_dir, "manifest.json")) as f:
+            built = PrepareConfig(**json.load(f)["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"data: no complete build in {out_dir}; building it now (about 10 s)")
+        built = PrepareConfig()
+    prepare(built, out_dir)
+
+
 def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     """Build all data files into out_dir unless they are already up to date for this config."""
     config = config or PrepareConfig()

@@ -1,0 +1,295 @@
+"""sft.py: the loss, the SFT mask, data validation, and end-to-end runs of both stages on a tiny
+config (seconds)."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+import sft
+from data import prepare as P
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_model(vocab_size, seed=0):
+    torch.manual_seed(seed)
+    return M.GPT(M.GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))
+
+
+def chat_batch(enc):
+    """Two conversations of different lengths, right-padded as the SFT loop pads them."""
+    convs = [[{"role": "user", "content": "Mia has 3 pens. How many pens does Mia have now?"},
+              {"role": "assistant", "content": "The answer is 3."}],
+             [{"role": "user", "content": "Ben has 2 cards. He finds 1 more cards. How many cards?"},
+              {"role": "assistant",
+               "content": "Ben starts with 2 cards.\nThen 2 + 1 = 3 cards.\nThe answer is 3."}]]
+    rendered = [M.render_chat(enc, c) for c in convs]
+    return M.pad_batch([r[0] for r in rendered], [r[1] for r in rendered], M.special(enc, "endoftext"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_lm_loss_matches_float64_brute_force(tiny_enc):
+    ids, mask = chat_batch(tiny_enc)
+    m = tiny_model(tiny_enc.n_vocab).eval()
+    with torch.no_grad():
+        got = sft.lm_loss(m, ids, mask)
+        logits = m(ids).double()  # (B, T, V); causal, so position t-1 sees only ids[:, :t]
+    total, count = 0.0, 0
+    for b in range(ids.shape[0]):
+        for t in range(1, ids.shape[1]):
+            if mask[b, t]:
+                row = [float(v) for v in logits[b, t - 1]]
+                top = max(row)
+                log_z = top + math.log(sum(math.exp(v - top) for v in row))
+                total += -(row[int(ids[b, t])] - log_z)
+                count += 1
+    assert count == int(mask[:, 1:].sum()) > 0
+    assert abs(float(got) - total / count) < 1e-5
+
+
+def test_sft_mask_changes_the_loss(tiny_enc):
+    # a refactor that silently dropped the mask would train on the prompt as well
+    ids, mask = chat_batch(tiny_enc)
+    m = tiny_model(tiny_enc.n_vocab).eval()
+    with torch.no_grad():
+        masked = float(sft.lm_loss(m, ids, mask))
+        full = float(sft.lm_loss(m, ids, torch.ones_like(mask)))
+    assert abs(masked - full) > 1e-3
+
+
+def _fixed_logits_model(shape, seed=0):
+    """A stand-in model whose logits are one leaf tensor, whatever the input: the loss's gradient
+    lands on it position by position, and changing an input id changes only the targets."""
+    logits = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+    return logits, (lambda idx: logits)
+
+
+def test_prompt_tokens_get_no_gradient(tiny_enc):
+    ids, mask = chat_batch(tiny_enc)
+    B, T = ids.shape
+    logits, fake = _fixed_logits_model((B, T - 1, tiny_enc.n_vocab))
+    sft.lm_loss(fake, ids, mask).backward()
+    per_position = logits.grad.abs().sum(-1)  # (B, T-1): logits at t-1 predict token t
+    scored = mask[:, 1:].bool()
+    assert torch.all(per_position[~scored] == 0)
+    assert torch.all(per_position[scored] > 0)
+
+
+def test_changing_an_unscored_target_leaves_the_loss_unchanged(tiny_enc):
+    ids, mask = chat_batch(tiny_enc)
+    B, T = ids.shape
+    _, fake = _fixed_logits_model((B, T - 1, tiny_enc.n_vocab))
+    base = sft.lm_loss(fake, ids, mask).item()
+    prompt_positions = [(b, t) for b in range(B) for t in range(1, T) if not mask[b, t]]
+    for b, t in prompt_positions:
+        y = ids.clone()
+        y[b, t] = (y[b, t] + 1) % tiny_enc.n_vocab
+        assert sft.lm_loss(fake, y, mask).item() == base
+    # while changing a scored (assistant) target does change it
+    b, t = next((b, t) for b in range(B) for t in range(1, T) if mask[b, t])
+    y = ids.clone()
+    y[b, t] = (y[b, t] + 1) % tiny_enc.n_vocab
+    assert sft.lm_loss(fake, y, mask).item() != base
+
+
+def test_right_padding_does_not_change_the_loss(tiny_enc):
+    # with a real model: the padding after the last reply is neither scored nor seen by any
+    # scored position (the model is causal), so its ids do not matter
+    ids, mask = chat_batch(tiny_enc)
+    m = tiny_model(tiny_enc.n_vocab).eval()
+    short = 0  # the first conversation is the shorter one: its row ends in padding
+    pads = (ids[short] == M.special(tiny_enc, "endoftext")).nonzero().flatten()[1:]  # skip BOS
+    assert len(pads) > 0 and int(pads[-1]) == ids.shape[1] - 1
+    y = ids.clone()
+    y[short, pads] = 7
+    with torch.no_grad():
+        assert torch.allclose(sft.lm_loss(m, y, mask), sft.lm_loss(m, ids, mask), atol=1e-6)
+
+
+def test_optimizer_decays_matrices_only():
+    m = tiny_model(50)
+    opt = sft.make_optimizer(m, lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data reading and validation
+
+
+def test_pretrain_stream_hand_built(tiny_enc, tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text("Mia has 3 pens.\n\n2 + 2 = 4.\n")
+    bos = M.special(tiny_enc, "endoftext")
+    expected = ([bos] + tiny_enc.encode_ordinary("Mia has 3 pens.")
+                + [bos] + tiny_enc.encode_ordinary("2 + 2 = 4."))
+    assert sft.pretrain_stream(tiny_enc, str(path)).tolist() == expected
+
+
+def _write_rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is 1."}]}
+
+
+@pytest.mark.parametrize("bad", [
+    {"prompt": "no messages"},
+    {"messages": []},
+    {"messages": "not a list"},
+    {"messages": [{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
+    {"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]},
+    {"messages": ["just a string", {"role": "assistant", "content": "y"}]},
+    {"messages": [{"role": "user", "content": "only a question"}]},
+])
+def test_sft_examples_rejects_bad_rows_with_file_and_line(tiny_enc, tmp_path, bad):
+    path = tmp_path / "sft.jsonl"
+    _write_rows(path, [GOOD, GOOD, bad, GOOD])
+    with pytest.raises(M.DataError) as e:
+        sft.sft_examples(tiny_enc, str(path), 192)
+    assert f"{path}:3" in str(e.value)
+
+
+def test_sft_examples_reports_bad_json_with_file_and_line(tiny_enc, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    _write_rows(path, [GOOD, "{not json"])
+    with pytest.raises(M.DataError, match=f"{path}:2"):
+        sft.sft_examples(tiny_enc, str(path), 192)
+
+
+def test_sft_examples_renders_and_cuts_long_rows(tiny_enc, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    _write_rows(path, [GOOD])
+    [(ids, mask)] = sft.sft_examples(tiny_enc, str(path), 192)
+    assert (ids, mask) == tuple(M.render_chat(tiny_enc, GOOD["messages"]))
+    [(ids, mask)] = sft.sft_examples(tiny_enc, str(path), 4)  # over-long rows are cut, not dropped
+    assert (ids, mask) == tuple(x[:4] for x in M.render_chat(tiny_enc, GOOD["messages"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end on a tiny config
+
+
+def tiny_sft_config(data_dir, out, **overrides):
+    # sft_lr 3e-3 (default 1e-3): with only 30 steps from a barely pretrained model, the
+    # default moves the SFT loss too little to tell learning from batch noise
+    kw = dict(n_layer=1, n_head=2, n_embd=32, block_size=192, pretrain_steps=30, sft_steps=30,
+              pretrain_batch_size=8, pretrain_seq_len=32, sft_batch_size=8, sft_lr=3e-3,
+              eval_every=10, eval_problems=10, max_new_tokens=16, data_dir=data_dir, out=out,
+              device="cpu", warmup_steps=5, log_every=5)
+    return sft.SFTConfig(**{**kw, **overrides})
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sft_out"))
+    metrics = sft.train(tiny_sft_config(tiny_data_dir, out))
+    return out, metrics
+
+
+def _log(out, stage):
+    with open(os.path.join(out, stage, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_training_losses_fall(sft_run, tiny_enc, stage):
+    out, _ = sft_run
+    log = _log(out, stage)
+    assert [r["step"] for r in log] == [0, 5, 10, 15, 20, 25, 29]  # every log_every, and the last
+    # a clear margin (about 1.3 nats in both stages here), far above the batch-to-batch noise
+    assert log[-1]["loss"] < log[0]["loss"] - 0.5, (log[0]["loss"], log[-1]["loss"])
+    # (a validation loss of exactly 0 would mean no validation batch at all: evaluate_loss
+    # averages over none as 0)
+    assert log[0]["val_loss"] > 1.0
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.3, (log[0]["val_loss"], log[-1]["val_loss"])
+    if stage == "pretrain":
+        # an untrained model is about uniform over the vocabulary: loss ln(vocab size)
+        assert abs(log[0]["loss"] - math.log(tiny_enc.n_vocab)) < 0.2
+        with open(os.path.join(out, "pretrain", "metrics.json")) as f:
+            assert json.load(f)["tokens"] == 30 * 8 * 32  # steps x windows x window length
+
+
+def test_outputs_are_written(sft_run, tiny_data_dir, tiny_enc):
+    out, metrics = sft_run
+    for stage in ("pretrain", "sft"):
+        for name in ("model.pt", "log.jsonl", "metrics.json"):
+            assert os.path.isfile(os.path.join(out, stage, name)), (stage, name)
+    with open(os.path.join(out, "sft", "metrics.json")) as f:
+        saved = json.load(f)
+    for key in ("accuracy", "accuracy_sampled", "style_shares", "tokens_per_second", "mfu",
+                "wall_seconds"):
+        assert key in saved, key
+    assert 0.0 <= saved["accuracy"] <= 1.0 and 0.0 <= saved["accuracy_sampled"] <= 1.0
+    assert sum(saved["style_shares"].values()) == pytest.approx(1.0)
+    assert saved["tokens_per_second"] > 0 and saved["mfu"] > 0
+    assert saved["accuracy"] == metrics["accuracy"]  # the file holds what train() returned
+    # the checkpoint carries the resolved config and loads into the same architecture
+    model, ckpt = M.load_checkpoint(os.path.join(out, "sft", "model.pt"),
+                                    tokenizer_path=os.path.join(tiny_data_dir, "tokenizer.json"))
+    assert ckpt["stage"] == "sft" and ckpt["train_config"]["n_embd"] == 32
+    assert model.config.n_layer == 1 and model.config.vocab_size == tiny_enc.n_vocab
+
+
+def test_sft_stage_alone_resumes_from_the_pretrained_checkpoint(sft_run, tiny_data_dir, tmp_path,
+                                                                 monkeypatch):
+    # `--stages sft` starts from out/pretrain/model.pt: its first batch (same seed, same order)
+    # must score exactly as the first SFT batch of the run that trained that checkpoint
+    out, _ = sft_run
+    shutil.copytree(os.path.join(out, "pretrain"), tmp_path / "pretrain")
+    metrics = sft.train(tiny_sft_config(tiny_data_dir, str(tmp_path), stages="sft", sft_steps=2,
+                                        eval_problems=0, log_every=1))
+    resumed_first = _log(str(tmp_path), "sft")[0]["loss"]
+    assert resumed_first == pytest.approx(_log(out, "sft")[0]["loss"], abs=1e-5)
+    assert "accuracy" not in metrics and metrics["tokens"] > 0  # eval_problems=0 skips answering
+
+
+def test_sft_stage_alone_without_checkpoint_exits(tiny_data_dir, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="no pretrained checkpoint"):
+        sft.train(tiny_sft_config(tiny_data_dir, str(tmp_path), stages="sft"))
+
+
+def test_main_reports_bad_data_file_and_line(tiny_data_dir, tmp_path, monkeypatch):
+    # the command line turns a DataError into a one-line exit message naming file and line
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    lines = (data / "sft.jsonl").read_text().splitlines(keepends=True)
+    lines[4] = '{"messages": []}\n'
+    (data / "sft.jsonl").write_text("".join(lines))
+    argv = ["--data-dir", str(data), "--out", str(tmp_path / "out"), "--device", "cpu",
+            "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--pretrain-steps", "1",
+            "--pretrain-batch-size", "2", "--pretrain-seq-len", "16", "--eval-problems", "0"]
+    with pytest.raises(SystemExit) as e:
+        sft.main(argv)
+    assert "sft.jsonl:5" in str(e.value.code) and str(data) in str(e.value.code)
+
+
+def test_train_does_not_rebuild_given_data(tiny_data_dir):
+    # `--data-dir DIR` names existing data ("built if missing"): train must use it as it is, not
+    # rebuild it because it was made with other settings than PrepareConfig's defaults (e.g. by
+    # `python data/prepare.py --pretrain-mb 8`, as prepare.py's docstring suggests).
+    before = {f: os.stat(os.path.join(tiny_data_dir, f)).st_mtime_ns for f in P.FILES}
+    sft.train(tiny_sft_config(tiny_data_dir, "unused", stages=""))  # no stage: only the data step
+    after = {f: os.stat(os.path.join(tiny_data_dir, f)).st_mtime_ns for f in P.FILES}
+    assert before == after, "sft.train rewrote an existing, complete data directory"
+
+
+def test_cli_help():
+    result = subprocess.run([sys.executable, "sft.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--device", "--out", "--seed"):
+        assert flag in result.stdout
