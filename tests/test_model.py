@@ -564,3 +564,24 @@ def test_read_jsonl_empty_file(tmp_path, content):
 def test_data_error_is_a_value_error():
     # callers that catch ValueError (e.g. argparse-style validation) still see data errors
     assert issubclass(M.DataError, ValueError)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    # RoPE's defining property: after rotating q at position s and k at position t, their dot
+    # product depends on s - t alone. Shift both positions by the same offset: same scores.
+    torch.manual_seed(0)
+    D = 8
+    q, k = torch.randn(1, 1, 1, D), torch.randn(1, 1, 1, D)
+
+    def score(s, t):
+        qs = M.apply_rope(q, *M.rope_angles(torch.tensor([[s]]), D))
+        kt = M.apply_rope(k, *M.rope_angles(torch.tensor([[t]]), D))
+        return (qs * kt).sum().item()
+
+    for s, t in [(5, 2), (9, 9), (30, 1)]:
+        assert abs(score(s, t) - score(s + 17, t + 17)) < 1e-4
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3  # and it does depend on the distance
+    # a rotation keeps the norm
+    x = torch.randn(2, 3, 4, D)
+    r = M.apply_rope(x, *M.rope_angles(torch.arange(4)[None].expand(2, 4), D))
+    assert torch.allclose(r.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
