@@ -39,13 +39,12 @@ How this departs from the paper:
    evaluation on the policy's own samples.
 """
 
-import argparse
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,47 +55,43 @@ from data import world
 from data.prepare import DATA_DIR, ensure_data
 
 
-def _f(default, help, group):
-    return field(default=default, metadata={"help": help, "group": group})
-
-
 @dataclass
 class DPOConfig:
     # the method
     # beta 0.1 (the paper's) let this 1M-parameter model erase <|end|> after "The answer is N."
     # (KL 56-60 nats/reply at lr 1e-5..3e-5) or barely move (lr 5e-6); at 0.5 the loss saturates
     # before the shared ending is eroded. Measured sweep in the README.
-    beta: float = _f(0.5, "KL strength: how far the policy may move from the reference", "dpo")
-    loss_type: str = _f("sigmoid", "which loss: sigmoid (DPO)", "dpo")
-    live_reference: bool = _f(False, "keep the reference model and run it every step instead of "
+    beta: float = M.option(0.5, "KL strength: how far the policy may move from the reference", "dpo")
+    loss_type: str = M.option("sigmoid", "which loss: sigmoid (DPO)", "dpo")
+    live_reference: bool = M.option(False, "keep the reference model and run it every step instead of "
                                      "computing its log-probs once before training", "dpo")
     # optimisation
-    lr: float = _f(5e-5, "peak learning rate (swept: see README)", "optimisation")
-    epochs: int = _f(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
-    steps: int = _f(0, "optimizer steps (0: use --epochs)", "optimisation")
-    batch_size: int = _f(32, "pairs per step (each pair is two sequences)", "optimisation")
-    warmup_steps: int = _f(10, "linear warmup steps, then constant", "optimisation")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this", "optimisation")
-    max_pairs: int = _f(3000, "use at most this many training pairs (0: all)", "optimisation")
+    lr: float = M.option(5e-5, "peak learning rate (swept: see README)", "optimisation")
+    epochs: int = M.option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
+    steps: int = M.option(0, "optimizer steps (0: use --epochs)", "optimisation")
+    batch_size: int = M.option(32, "pairs per step (each pair is two sequences)", "optimisation")
+    warmup_steps: int = M.option(10, "linear warmup steps, then constant", "optimisation")
+    grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
+    max_pairs: int = M.option(3000, "use at most this many training pairs (0: all)", "optimisation")
     # data
-    data_dir: str = _f(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
-    data: str = _f("", "training pairs, JSONL {prompt, chosen, rejected} (default: <data-dir>/prefs.jsonl)", "data")
-    test_data: str = _f("", "held-out pairs for preference accuracy (default: <data-dir>/prefs_test.jsonl)", "data")
-    eval_problems_file: str = _f("", "held-out problems for the sampling evaluation (default: <data-dir>/test.jsonl)", "data")
-    max_prompt_len: int = _f(96, "prompt tokens kept (truncated from the left)", "data")
-    max_length: int = _f(192, "prompt + response tokens kept (responses truncated from the right)", "data")
+    data_dir: str = M.option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
+    data: str = M.option("", "training pairs, JSONL {prompt, chosen, rejected} (default: <data-dir>/prefs.jsonl)", "data")
+    test_data: str = M.option("", "held-out pairs for preference accuracy (default: <data-dir>/prefs_test.jsonl)", "data")
+    eval_problems_file: str = M.option("", "held-out problems for the sampling evaluation (default: <data-dir>/test.jsonl)", "data")
+    max_prompt_len: int = M.option(96, "prompt tokens kept (truncated from the left)", "data")
+    max_length: int = M.option(192, "prompt + response tokens kept (responses truncated from the right)", "data")
     # evaluation
-    eval_problems: int = _f(500, "held-out problems sampled from reference and policy (0 = skip)", "evaluation")
-    eval_temperature: float = _f(1.0, "sampling temperature at evaluation (KL is estimated on these samples)", "evaluation")
-    max_new_tokens: int = _f(96, "longest sampled reply", "evaluation")
-    chosen_logp_warn: float = _f(5.0, "warn when the chosen log-prob falls this many nats below its start "
+    eval_problems: int = M.option(500, "held-out problems sampled from reference and policy (0 = skip)", "evaluation")
+    eval_temperature: float = M.option(1.0, "sampling temperature at evaluation (KL is estimated on these samples)", "evaluation")
+    max_new_tokens: int = M.option(96, "longest sampled reply", "evaluation")
+    chosen_logp_warn: float = M.option(5.0, "warn when the chosen log-prob falls this many nats below its start "
                                       "while the margin grows", "evaluation")
     # run
-    init: str = _f("", "checkpoint to start from (default: <out>/sft/model.pt, built if missing)", "run")
-    out: str = _f("out", "output root: writes <out>/dpo", "run")
-    device: str = _f("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = _f(1337, "random seed", "run")
-    log_every: int = _f(10, "steps between log lines", "run")
+    init: str = M.option("", "checkpoint to start from (default: <out>/sft/model.pt, built if missing)", "run")
+    out: str = M.option("out", "output root: writes <out>/dpo", "run")
+    device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = M.option(1337, "random seed", "run")
+    log_every: int = M.option(10, "steps between log lines", "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,14 +500,7 @@ def train(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    M.add_config_args(parser, DPOConfig())
-    config = M.config_from_args(DPOConfig, parser.parse_args(argv))
-    print("config:", asdict(config))
-    try:
-        train(config)
-    except M.DataError as e:
-        sys.exit(f"error: {e}")
+    M.run_cli(__doc__, DPOConfig, train, argv)
 
 
 if __name__ == "__main__":

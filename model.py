@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -460,6 +461,11 @@ def describe(model, device):
 # Small shared helpers: configs on the command line, logs, outputs
 
 
+def option(default, help, group):
+    """A config field with its --help text and argparse group (read by add_config_args)."""
+    return dataclasses.field(default=default, metadata={"help": help, "group": group})
+
+
 def add_config_args(parser, config):
     """One --kebab-case flag per dataclass field, grouped by the field's metadata 'group', with
     the metadata 'help' and the default in the help text."""
@@ -484,6 +490,19 @@ def add_config_args(parser, config):
 def config_from_args(config_cls, args):
     names = {f.name for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def run_cli(doc, config_cls, train, argv=None):
+    """The command line every stage shares: flags from the config dataclass, print the resolved
+    config, run train(config); a bad input file ends with its one-line error, exit code 1."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_config_args(parser, config_cls())
+    config = config_from_args(config_cls, parser.parse_args(argv))
+    print("config:", dataclasses.asdict(config))
+    try:
+        return train(config)
+    except DataError as e:
+        sys.exit(f"error: {e}")
 
 
 def write_json(path, obj):

@@ -24,12 +24,11 @@ How this departs from a real pipeline:
 2. SFT rows are padded to the batch's longest row (no packing): simpler, ~25% wasted compute.
 """
 
-import argparse
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -39,44 +38,40 @@ from data import world
 from data.prepare import DATA_DIR, ensure_data
 
 
-def _f(default, help, group):
-    return field(default=default, metadata={"help": help, "group": group})
-
-
 @dataclass
 class SFTConfig:
     # model
-    n_layer: int = _f(4, "transformer blocks", "model")
-    n_head: int = _f(4, "attention heads", "model")
-    n_embd: int = _f(128, "embedding width", "model")
-    block_size: int = _f(192, "longest sequence the model can take", "model")
+    n_layer: int = M.option(4, "transformer blocks", "model")
+    n_head: int = M.option(4, "attention heads", "model")
+    n_embd: int = M.option(128, "embedding width", "model")
+    block_size: int = M.option(192, "longest sequence the model can take", "model")
     # pretraining
-    pretrain_steps: int = _f(800, "pretraining optimizer steps", "pretraining")
+    pretrain_steps: int = M.option(800, "pretraining optimizer steps", "pretraining")
     # small batches, many steps: memorising the arithmetic tables takes optimizer steps more than
     # tokens (a facts-only probe learned ~5% of the facts in 400 steps of 32 x 64 tokens, ~20% in
     # 1000 steps of 8 x 64, fewer tokens in all)
-    pretrain_batch_size: int = _f(16, "windows per pretraining step", "pretraining")
-    pretrain_seq_len: int = _f(128, "tokens per pretraining window", "pretraining")
-    pretrain_lr: float = _f(3e-3, "peak learning rate (tiny models like a high one)", "pretraining")
+    pretrain_batch_size: int = M.option(16, "windows per pretraining step", "pretraining")
+    pretrain_seq_len: int = M.option(128, "tokens per pretraining window", "pretraining")
+    pretrain_lr: float = M.option(3e-3, "peak learning rate (tiny models like a high one)", "pretraining")
     # SFT
-    sft_steps: int = _f(600, "SFT optimizer steps", "sft")
-    sft_batch_size: int = _f(16, "conversations per SFT step", "sft")
-    sft_lr: float = _f(1e-3, "peak SFT learning rate", "sft")
+    sft_steps: int = M.option(600, "SFT optimizer steps", "sft")
+    sft_batch_size: int = M.option(16, "conversations per SFT step", "sft")
+    sft_lr: float = M.option(1e-3, "peak SFT learning rate", "sft")
     # shared optimisation
-    warmup_steps: int = _f(30, "linear warmup steps, then cosine decay to 10%", "optimisation")
-    weight_decay: float = _f(0.1, "AdamW weight decay on matrices (not on norms)", "optimisation")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this", "optimisation")
+    warmup_steps: int = M.option(30, "linear warmup steps, then cosine decay to 10%", "optimisation")
+    weight_decay: float = M.option(0.1, "AdamW weight decay on matrices (not on norms)", "optimisation")
+    grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
     # evaluation
-    eval_every: int = _f(200, "steps between validation losses", "evaluation")
-    eval_problems: int = _f(500, "held-out problems answered at the end (0 = skip)", "evaluation")
-    max_new_tokens: int = _f(96, "longest reply sampled at evaluation", "evaluation")
+    eval_every: int = M.option(200, "steps between validation losses", "evaluation")
+    eval_problems: int = M.option(500, "held-out problems answered at the end (0 = skip)", "evaluation")
+    max_new_tokens: int = M.option(96, "longest reply sampled at evaluation", "evaluation")
     # run
-    stages: str = _f("pretrain,sft", "which stages to run, comma-separated", "run")
-    data_dir: str = _f(DATA_DIR, "where the data files live (built if missing)", "run")
-    out: str = _f("out", "output root: writes <out>/pretrain and <out>/sft", "run")
-    device: str = _f("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = _f(1337, "random seed", "run")
-    log_every: int = _f(25, "steps between log lines", "run")
+    stages: str = M.option("pretrain,sft", "which stages to run, comma-separated", "run")
+    data_dir: str = M.option(DATA_DIR, "where the data files live (built if missing)", "run")
+    out: str = M.option("out", "output root: writes <out>/pretrain and <out>/sft", "run")
+    device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = M.option(1337, "random seed", "run")
+    log_every: int = M.option(25, "steps between log lines", "run")
 
 
 def pretrain_stream(enc, path):
@@ -289,15 +284,7 @@ def train(config):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    M.add_config_args(parser, SFTConfig())
-    args = parser.parse_args(argv)
-    config = M.config_from_args(SFTConfig, args)
-    print("config:", asdict(config))
-    try:
-        train(config)
-    except M.DataError as e:
-        sys.exit(f"error: {e}")
+    M.run_cli(__doc__, SFTConfig, train, argv)
 
 
 if __name__ == "__main__":
