@@ -32,8 +32,8 @@ How this departs from the paper:
 1. The "human" labels come from a programmatic judge (data/world.py), not people.
 2. By default the reference log-probs are computed once, before training, and the reference model
    is then freed (as TRL's precompute_ref_log_probs); --live-reference keeps it (same numbers).
-3. The learning rate suits a ~1M-parameter model (5e-5), not the 5e-7 of 7B recipes, and the
-   script's default beta is 0.5, not 0.1: at 0.1 this tiny model unlearns when to stop (README).
+3. The learning rate suits a ~1M-parameter model (2e-4), not the 5e-7 of 7B recipes, and the
+   script's default beta is 1.0, not 0.1: at 0.1 this tiny model unlearns when to stop (README).
 4. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
    chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
    evaluation on the policy's own samples.
@@ -59,14 +59,14 @@ from data.prepare import DATA_DIR, ensure_data
 class DPOConfig:
     # the method
     # beta 0.1 (the paper's) let this 1M-parameter model erase <|end|> after "The answer is N."
-    # (KL 56-60 nats/reply at lr 1e-5..3e-5) or barely move (lr 5e-6); at 0.5 the loss saturates
-    # before the shared ending is eroded. Measured sweep in the README.
-    beta: float = M.option(0.5, "KL strength: how far the policy may move from the reference", "dpo")
+    # (KL 56-60 nats/reply at lr 1e-5..3e-5) or barely move (lr 5e-6); a larger beta saturates
+    # the loss before the shared ending is eroded. Measured sweep in the README.
+    beta: float = M.option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
     loss_type: str = M.option("sigmoid", "which loss: sigmoid (DPO)", "dpo")
     live_reference: bool = M.option(False, "keep the reference model and run it every step instead of "
                                      "computing its log-probs once before training", "dpo")
     # optimisation
-    lr: float = M.option(5e-5, "peak learning rate (swept: see README)", "optimisation")
+    lr: float = M.option(2e-4, "peak learning rate (swept: see README)", "optimisation")
     epochs: int = M.option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
     steps: int = M.option(0, "optimizer steps (0: use --epochs)", "optimisation")
     batch_size: int = M.option(32, "pairs per step (each pair is two sequences)", "optimisation")
