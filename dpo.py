@@ -314,7 +314,7 @@ def ensure_init(config):
     if not os.path.exists(path):
         import sft  # only needed to build the missing stage
         print(f"dpo: no SFT checkpoint at {path}; building it now with sft.py "
-              f"(data, pretraining, SFT: about 7 minutes on a laptop CPU)")
+              f"(data, pretraining, SFT: about 8 minutes on a 2-core CPU)")
         sft.train(sft.SFTConfig(out=config.out, device=config.device, data_dir=config.data_dir))
     return path
 
@@ -358,7 +358,7 @@ def train(config):
         print(f"dpo: only {len(examples)} pairs: batch size {config.batch_size} -> {batch_size}")
 
     # policy: trainable copy of the start; reference: frozen copy (no grad, eval mode, never stepped)
-    policy, ckpt = M.load_checkpoint(init, device, tokenizer_path)
+    policy, _ = M.load_checkpoint(init, device, tokenizer_path)
     reference, _ = M.load_checkpoint(init, device, tokenizer_path)
     reference.requires_grad_(False).eval()
     policy.train()  # the model has no dropout by default; train mode for completeness

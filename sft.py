@@ -2,7 +2,7 @@
 Stage 1 and 2: pretrain a tiny GPT on the world's prose, then supervised fine-tuning (SFT) on
 conversations, with the loss on the assistant's tokens only.
 
-    python sft.py                      (data, pretraining, SFT and evaluation: ~6 min on a laptop CPU)
+    python sft.py                      (data, pretraining, SFT and evaluation: ~8 min on a 2-core CPU)
     python sft.py --stages sft         (SFT only, from out/pretrain/model.pt)
     python sft.py --help
 
