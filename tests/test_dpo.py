@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import dpo
+from helpers import tiny_gpt
 import model as M
 import sft
 
@@ -28,17 +29,6 @@ def t(values, dtype=torch.float32, **kw):
     return torch.tensor(values, dtype=dtype, **kw)
 
 
-def tiny_gpt(vocab_size, seed=0, block_size=192, n_layer=1, std=None):
-    """A tiny GPT; std widens the init so that logits are far from uniform."""
-    torch.manual_seed(seed)
-    m = M.GPT(M.GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=2,
-                          n_embd=32))
-    if std is not None:
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, std)
-    return m
 
 
 def tiny_path(tiny_data_dir, name):

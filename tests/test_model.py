@@ -17,6 +17,7 @@ from typing import Optional
 import pytest
 import torch
 
+import helpers
 import model as M
 from data import bpe
 
@@ -25,15 +26,7 @@ NO_STOP = -1  # a stop token no sampled id can equal
 
 
 def tiny_gpt(seed=0, std=0.3, vocab_size=V, block_size=32):
-    torch.manual_seed(seed)
-    m = M.GPT(M.GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2,
-                          n_embd=32))
-    if std is not None:
-        with torch.no_grad():
-            for p in m.parameters():
-                if p.dim() >= 2:
-                    p.normal_(0.0, std)
-    return m.eval()
+    return helpers.tiny_gpt(vocab_size, seed, block_size, n_layer=2, std=std).eval()
 
 
 def ragged_prompts(seed=0, lengths=(1, 6, 11, 3)):
