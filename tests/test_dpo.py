@@ -664,3 +664,18 @@ def test_cli_help():
     for flag in ("--beta", "--lr", "--epochs", "--steps", "--batch-size", "--data", "--data-dir", "--device",
                  "--out", "--seed", "--init", "--log-every"):
         assert flag in result.stdout, flag
+
+
+def test_readme_equation_map_points_at_the_right_lines():
+    # The README maps each equation to a line of dpo.py ("`code` (l. N"); a line number that
+    # drifts after an edit would send the reader to the wrong line.
+    import re
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    with open(os.path.join(ROOT, "dpo.py")) as f:
+        lines = f.read().splitlines()
+    refs = re.findall(r"`([^`]+)` \(l\. (\d+)", readme)
+    assert len(refs) >= 6
+    for code, n in refs:
+        snippet = code.split(" ...")[0]  # "chosen_logratios = ..." names the line's start
+        assert snippet in lines[int(n) - 1], (code, n, lines[int(n) - 1])
