@@ -195,10 +195,7 @@ def sequence_logprobs(model, input_ids, loss_mask, average=False):
     The mask marks the response tokens themselves; the shift by one is done here (the logits at
     t-1 predict token t). Right padding changes nothing: padded positions are masked, and a causal
     model's logits at earlier positions do not see them."""
-    with M.autocast(input_ids.device):
-        logits = model(input_ids[:, :-1])  # (B, T-1, V)
-    logps = M.token_logprobs(logits, input_ids[:, 1:])  # (B, T-1), fp32
-    mask = loss_mask[:, 1:].to(logps.dtype)  # (B, T-1)
+    logps, mask = M.shifted_logprobs(model, input_ids, loss_mask)  # (B, T-1) each, fp32
     total = (logps * mask).sum(-1)  # (B,)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
@@ -273,11 +270,13 @@ def kl_on_samples(policy, reference, enc, prompts, replies, device, batch_size=6
         KL = E_{y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]   (the reply and its <|end|>)."""
     total = 0.0
     for i in range(0, len(prompts), batch_size):
-        ex = [{"prompt": M.render_prompt(enc, p), "chosen": M.render_response(enc, r), "rejected": [0]}
-              for p, r in zip(prompts[i: i + batch_size], replies[i: i + batch_size])]
-        ids, mask = collate(ex, 0, device)
-        n = len(ex)
-        total += (sequence_logprobs(policy, ids[:n], mask[:n]) - sequence_logprobs(reference, ids[:n], mask[:n])).sum().item()
+        seqs, masks = [], []
+        for p, r in zip(prompts[i: i + batch_size], replies[i: i + batch_size]):
+            prompt_ids, reply_ids = M.render_prompt(enc, p), M.render_response(enc, r)
+            seqs.append(prompt_ids + reply_ids)
+            masks.append([0] * len(prompt_ids) + [1] * len(reply_ids))
+        ids, mask = M.pad_batch(seqs, masks, 0, device)
+        total += (sequence_logprobs(policy, ids, mask) - sequence_logprobs(reference, ids, mask)).sum().item()
     return total / max(1, len(prompts))
 
 

@@ -175,6 +175,18 @@ def token_logprobs(logits, targets):
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
+def shifted_logprobs(model, input_ids, loss_mask):
+    """The log-prob of every scored token given the ones before it: the one helper SFT, DPO and
+    RL build their losses on (each then sums or averages over the mask itself).
+    input_ids, loss_mask (B, T); loss_mask[b, t] = 1 marks token t as scored, so the shift by one
+    happens here: the logits at t-1 predict token t.
+    -> logps (B, T-1) fp32, mask (B, T-1) fp32 (position t-1 holds token t's values)."""
+    with autocast(input_ids.device):
+        logits = model(input_ids[:, :-1])  # (B, T-1, V)
+    logps = token_logprobs(logits, input_ids[:, 1:])  # (B, T-1), fp32
+    return logps, loss_mask[:, 1:].to(logps.dtype)  # (B, T-1) each
+
+
 def masked_mean(values, mask):
     """Mean of values over mask == 1; 0 (not NaN) when the mask is empty."""
     mask = mask.to(values.dtype)

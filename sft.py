@@ -104,12 +104,10 @@ def sft_examples(enc, path, block_size):
 
 
 def lm_loss(model, ids, mask):
-    """Mean next-token NLL over positions with mask == 1. ids, mask (B, T); mask[b, t] marks
-    whether token t is scored, so the shift by one happens here: logits at t-1 predict token t."""
-    with M.autocast(ids.device):
-        logits = model(ids[:, :-1])  # (B, T-1, V)
-    logp = M.token_logprobs(logits, ids[:, 1:])  # (B, T-1), fp32
-    return -M.masked_mean(logp, mask[:, 1:])  # negate: NLL = -log p
+    """Mean next-token NLL over the tokens with mask == 1, a token-level mean over the batch.
+    ids, mask (B, T); the shift by one happens in M.shifted_logprobs."""
+    logps, scored = M.shifted_logprobs(model, ids, mask)  # (B, T-1) each
+    return -M.masked_mean(logps, scored)  # negate: NLL = -log p
 
 
 def make_optimizer(model, lr, weight_decay):
