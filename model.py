@@ -1,6 +1,7 @@
 """
 The pieces every stage shares: the GPT, the tokenizer and chat template, KV-cache sampling,
-checkpoints, the device, and a few small helpers (config CLI, logging, MFU).
+checkpoints, LoRA adapters, the device, and a few small helpers (config CLI, logging, MFU).
+LoRA (Hu et al. 2021) is written out here, no peft: W' = W + (alpha / r) B A on chosen Linears.
 
 Nothing here knows about a stage or a data set. Read it first; then sft.py, dpo.py, rlvr.py.
 
@@ -175,14 +176,17 @@ def token_logprobs(logits, targets):
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
 
 
-def shifted_logprobs(model, input_ids, loss_mask):
+def shifted_logprobs(model, input_ids, loss_mask, temperature=1.0):
     """The log-prob of every scored token given the ones before it: the one helper SFT, DPO and
     RL build their losses on (each then sums or averages over the mask itself).
     input_ids, loss_mask (B, T); loss_mask[b, t] = 1 marks token t as scored, so the shift by one
-    happens here: the logits at t-1 predict token t.
+    happens here: the logits at t-1 predict token t. temperature divides the logits, as the
+    sampler does (RL scores its samples under the distribution they were drawn from).
     -> logps (B, T-1) fp32, mask (B, T-1) fp32 (position t-1 holds token t's values)."""
     with autocast(input_ids.device):
         logits = model(input_ids[:, :-1])  # (B, T-1, V)
+    if temperature != 1.0:
+        logits = logits.float() / temperature
     logps = token_logprobs(logits, input_ids[:, 1:])  # (B, T-1), fp32
     return logps, loss_mask[:, 1:].to(logps.dtype)  # (B, T-1) each
 
@@ -318,8 +322,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     if use_cache:
         caches = [KVCache(B, cfg.n_head, T_max, cfg.n_embd // cfg.n_head, device,
                           next(model.parameters()).dtype) for _ in range(cfg.n_layer)]
-    out = [[] for _ in range(B)]
-    out_logp = [[] for _ in range(B)]
+    new_logps = torch.zeros(B, max_new_tokens, device=device)  # each sampled token's log-prob
+    lengths = torch.full((B,), max_new_tokens, device=device)  # reply length, once a row stops
     done = torch.zeros(B, dtype=torch.bool, device=device)
     t = P  # slot of the next token to be written
     for step in range(max_new_tokens):
@@ -339,16 +343,21 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             logp_all = F.log_softmax(logits, -1)  # (B, V)
-            nxt = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)  # (B,)
+            # a draw from p: argmax_v p_v / E_v with E_v ~ Exp(1) independent (the exponential race,
+            # the same as Gumbel-max); several times faster than torch.multinomial on CPU
+            race = torch.empty_like(logp_all).exponential_(generator=generator)  # (B, V)
+            nxt = (logp_all.exp() / race).argmax(-1)  # (B,)
             logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
         idx[:, t] = nxt
-        for b in (~done).nonzero().flatten().tolist():
-            out[b].append(int(nxt[b]))
-            out_logp[b].append(float(logp[b]))
+        new_logps[:, step] = logp
+        lengths = torch.where(~done & (nxt == stop_token), step + 1, lengths)
         done |= nxt == stop_token
         t += 1
         if bool(done.all()):
             break
+    n = t - P  # tokens sampled per row (rows that stopped early ignore the rest)
+    out = [row[:L] for row, L in zip(idx[:, P: P + n].tolist(), lengths.clamp(max=n).tolist())]
+    out_logp = [row[:L] for row, L in zip(new_logps[:, :n].tolist(), lengths.clamp(max=n).tolist())]
     model.train(was_training)
     return out, out_logp
 
@@ -395,6 +404,8 @@ def tokenizer_fingerprint(path=TOKENIZER_PATH):
 def save_checkpoint(path, model, tokenizer_path=TOKENIZER_PATH, **extra):
     """Write {config, model weights, tokenizer reference, extra} atomically (temp file, rename),
     so an interrupted run never leaves a half-written checkpoint."""
+    if lora_layers(model):  # its lora_A/B keys would make a file load_checkpoint cannot read
+        raise ValueError("the model has LoRA adapters: merge_lora(model) first, or save_lora")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ckpt = {"config": dataclasses.asdict(model.config),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -416,6 +427,186 @@ def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
     model = GPT(GPTConfig(**ckpt["config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device), ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models")
+#
+# Train a low-rank change of chosen Linear weights instead of the weights themselves: with
+# A (r, in) and B (out, r), W' = W + (alpha / r) B A costs r * (in + out) trainable numbers per
+# layer instead of in * out. The frozen base doubles as the reference model (switch the adapters
+# off: lora_disabled), and after training B A folds into W (merge_lora): a plain GPT again.
+# Departures from the paper's reference code (microsoft/LoRA, loralib):
+#   1. No dropout on the adapter's input (loralib's lora_dropout); the GPT's own dropout is 0.
+#   2. The fused q, k, v matrix (c_attn, (3C, C)) gets one A, B: one rank-r update shared by
+#      q, k and v, where the paper gives W_q and W_v a rank-r update each.
+#   3. One rank and alpha for every adapted layer.
+
+LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"),  # q, k, v (fused) and the output projection
+                "mlp": ("mlp.c_fc", "mlp.c_proj")}
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update (LoRA eq. 3):
+
+        h = W x + b + (alpha / r) B A x,    i.e.    W' = W + (alpha / r) B A
+
+    A (r, in) is drawn as loralib draws it: kaiming-uniform with a = sqrt(5), nn.Linear's own
+    init (uniform in +-1/sqrt(in)), so A x has an ordinary layer's scale whatever r is. B (out, r)
+    starts at zero, so W' = W at step 0: the adapted policy equals its reference exactly, and
+    every DPO reward is exactly 0 at the first step. The factor alpha / r keeps the update's size
+    about the same when r changes (the paper sets alpha once and does not tune it).
+    The frozen base stays here as `weight` and `bias`, so their state_dict keys are those of the
+    Linear it replaces (blocks.0.attn.c_attn.weight); the adapters add .lora_A and .lora_B.
+    enabled = False switches the update off: the module is then exactly its base."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same tensors, now frozen
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)  # (B, T, out): the frozen base, W x + b
+        if not self.enabled:
+            return y
+        z = F.linear(x, self.lora_A)  # (B, T, r): through the bottleneck, never forming B A
+        return y + self.scale * F.linear(z, self.lora_B)  # (B, T, out)
+
+    def extra_repr(self):
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}"
+
+
+def lora_layers(model):
+    """{module name: LoRALinear} for every adapter in the model, in module order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _wrap_linears(model, names, rank, alpha):
+    """Freeze every parameter of the model, then put a LoRALinear around each named Linear."""
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters (merge_lora first to add new ones)")
+    for p in model.parameters():
+        p.requires_grad_(False)  # embeddings and LayerNorms too: only lora_A, lora_B train
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, LoRALinear(model.get_submodule(name), rank, alpha))
+    return list(names)
+
+
+def add_lora(model, rank=8, alpha=16, targets=("attn", "mlp")):
+    """Adapt `model` in place: freeze all of it and wrap the targeted Linear layers in LoRALinear.
+    targets: short names from LORA_TARGETS ("attn", "mlp") or the module-name suffixes they stand
+    for ("attn.c_attn", "mlp.c_fc", ...). The tied lm_head is never a target: it is the token
+    embedding as well. -> the adapted modules' names, e.g. ["blocks.0.attn.c_attn", ...]."""
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    known = {**LORA_TARGETS, **{s: (s,) for group in LORA_TARGETS.values() for s in group}}
+    unknown = [t for t in targets if t not in known]
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {unknown}; known: {sorted(known)}")
+    suffixes = tuple("." + s for t in targets for s in known[t])
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
+    return _wrap_linears(model, names, rank, alpha)
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Inside the block every adapter is off, so the model computes its frozen base: the
+    reference model of DPO and RL without a second copy in memory. On exit each adapter gets its
+    previous state back, also when the block raises."""
+    layers = list(lora_layers(model).values())
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, enabled in zip(layers, before):
+            m.enabled = enabled
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight, W <- W + (alpha / r) B A (whether or not it is
+    switched off at the moment), and put a plain nn.Linear back in its place. In place; -> model,
+    now a plain GPT with every parameter trainable again and a GPT's state_dict keys exactly, so
+    save_checkpoint and load_checkpoint treat it like any other checkpoint."""
+    for name, m in lora_layers(model).items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                           device=m.weight.device, dtype=m.weight.dtype)
+        linear.weight = nn.Parameter(m.weight + m.scale * (m.lora_B @ m.lora_A))  # (out, in)
+        linear.bias = m.bias
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def lora_state_dict(model):
+    """Only the adapter tensors: {"blocks.0.attn.c_attn.lora_A": (r, in), ..."lora_B": (out, r)}."""
+    return {k: v for k, v in model.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+
+
+def trainable_parameters(model):
+    """How many numbers the optimizer moves (after add_lora: the adapters' r * (in + out) each)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_lora(path, model, **extra):
+    """Write the adapters alone {rank, alpha, modules, lora tensors, extra}, atomically (temp
+    file, rename). Rank, alpha and the adapted modules are read from the model itself, so the file
+    cannot disagree with its tensors. The base model is not in the file: keep track of it (e.g.
+    base="out/sft/model.pt" in extra)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to save (add_lora first)")
+    first = next(iter(layers.values()))
+    if any((m.rank, m.alpha) != (first.rank, first.alpha) for m in layers.values()):
+        raise ValueError("save_lora records one rank and alpha; these adapters differ")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    ckpt = {"rank": first.rank, "alpha": first.alpha, "modules": list(layers),
+            "lora": {k: v.detach().cpu() for k, v in lora_state_dict(model).items()}, **extra}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def load_lora(path, model):
+    """Load an adapter file into `model`, in place: a base model first gets the adapters the file
+    records (same modules, rank, alpha); a model that has adapters must have those same ones.
+    weights_only=True, as for checkpoints. -> the file's dict. A file that does not fit the model
+    raises DataError naming the file."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "lora" not in ckpt:
+        raise DataError(f"{path}: not a LoRA adapter file (a full checkpoint? use load_checkpoint)")
+    if not lora_layers(model):
+        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        absent = [n for n in ckpt["modules"] if n not in linears]
+        if absent:
+            raise DataError(f"{path}: adapters for {absent}, which this model has no Linear for")
+        _wrap_linears(model, ckpt["modules"], ckpt["rank"], ckpt["alpha"])
+    own = lora_state_dict(model)
+    theirs = ckpt["lora"]
+    bad = [f"{k}: file {tuple(theirs[k].shape) if k in theirs else 'none'}, "
+           f"model {tuple(own[k].shape) if k in own else 'none'}"
+           for k in sorted(own.keys() | theirs.keys())
+           if k not in own or k not in theirs or own[k].shape != theirs[k].shape]
+    if bad:
+        raise DataError(f"{path}: the adapters do not fit this model (rank {ckpt['rank']} in the "
+                        f"file): " + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
+    if any(m.alpha != ckpt["alpha"] for m in lora_layers(model).values()):
+        raise DataError(f"{path}: alpha {ckpt['alpha']} in the file differs from the model's adapters")
+    model.load_state_dict(theirs, strict=False)  # strict=False: the base weights are not in the file
+    return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
