@@ -53,6 +53,8 @@ from tqdm import tqdm
 import model as M
 from data import world
 from data.prepare import DATA_DIR, ensure_data
+from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,  # noqa: F401
+                        odds_ratio_loss, paired_losses, simpo_loss)
 
 
 @dataclass
@@ -62,7 +64,17 @@ class DPOConfig:
     # (KL 56-60 nats/reply at lr 1e-5..3e-5) or barely move (lr 5e-6); a larger beta saturates
     # the loss before the shared ending is eroded. Measured sweep in the README.
     beta: float = M.option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
-    loss_type: str = M.option("sigmoid", "which loss: sigmoid (DPO)", "dpo")
+    loss_type: str = M.option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
+        PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
+    label_smoothing: float = M.option(0.0, "eps: the assumed share of wrong labels (cdpo, robust; sigmoid with eps "
+                                      "> 0 is cdpo)", "dpo")
+    simpo_beta: float = M.option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "dpo")
+    simpo_gamma: float = M.option(0.5, "SimPO's target reward margin gamma", "dpo")
+    orpo_lambda: float = M.option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "dpo")
+    kto_desirable_weight: float = M.option(1.0, "KTO's weight on desirable (good) replies", "dpo")
+    kto_undesirable_weight: float = M.option(1.0, "KTO's weight on undesirable (bad) replies", "dpo")
+    kto_desirable_share: float = M.option(1.0, "KTO on pairs: keep only this share of the desirable rows "
+                                          "(imbalanced data: then raise --kto-desirable-weight)", "dpo")
     live_reference: bool = M.option(False, "keep the reference model and run it every step instead of "
                                      "computing its log-probs once before training", "dpo")
     # optimisation
@@ -73,6 +85,8 @@ class DPOConfig:
     warmup_steps: int = M.option(10, "linear warmup steps, then constant", "optimisation")
     grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
     max_pairs: int = M.option(3000, "use at most this many training pairs (0: all)", "optimisation")
+    label_noise: float = M.option(0.0, "swap chosen and rejected in this share of the training pairs (seeded): "
+                                  "noisy labels, to compare cdpo/robust/ipo with sigmoid", "data")
     # data
     data_dir: str = M.option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
     data: str = M.option("", "training pairs, JSONL {prompt, chosen, rejected} (default: <data-dir>/prefs.jsonl)", "data")
@@ -88,6 +102,8 @@ class DPOConfig:
                                       "while the margin grows", "evaluation")
     # run
     init: str = M.option("", "checkpoint to start from (default: <out>/sft/model.pt, built if missing)", "run")
+    eval_reference: str = M.option("", "checkpoint the policy is compared with at evaluation (default: the "
+                                   "start, --init; e.g. out/sft/model.pt for ORPO from pretraining)", "run")
     out: str = M.option("out", "output root: writes <out>/dpo", "run")
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = M.option(1337, "random seed", "run")
@@ -140,6 +156,32 @@ def read_pairs(path):
     return pairs
 
 
+def read_unpaired(path):
+    """Validate TRL's unpaired (KTO) format {"prompt", "completion", "label": true|false};
+    -> list of (prompt, completion_text, label)."""
+    rows = []
+    for n, row in M.read_jsonl(path):
+        for key in ("prompt", "completion", "label"):
+            if key not in row:
+                raise M.DataError(f"{path}:{n}: missing field '{key}'")
+        if not valid_prompt(row["prompt"]) or (isinstance(row["prompt"], str) and not row["prompt"].strip()):
+            raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+        text = response_text(row["completion"])
+        if text is None or not text.strip():
+            raise M.DataError(f"{path}:{n}: 'completion' must be a non-empty string or a single assistant message")
+        if not isinstance(row["label"], bool):
+            raise M.DataError(f"{path}:{n}: 'label' must be true or false, got {row['label']!r}")
+        rows.append((row["prompt"], text, row["label"]))
+    return rows
+
+
+def flip_labels(pairs, share, rng):
+    """Label noise: swap chosen and rejected in round(share * N) pairs drawn at random.
+    -> (pairs, the set of flipped indices)."""
+    flipped = set(rng.sample(range(len(pairs)), round(share * len(pairs))))
+    return [(p, r, c) if i in flipped else (p, c, r) for i, (p, c, r) in enumerate(pairs)], flipped
+
+
 def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
     """Prompt and responses are tokenised separately and concatenated, so the response starts
     exactly at its first token (tokenising prompt + response as one string can merge tokens across
@@ -148,7 +190,7 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
     counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
               "dropped_no_response": 0}
     examples = []
-    for prompt, chosen, rejected in pairs:
+    for prompt, chosen, rejected, *label in pairs:  # KTO's rows carry a 4th item, the label
         if chosen == rejected:  # no preference to learn
             counts["dropped_identical"] += 1
             continue
@@ -167,7 +209,7 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
             if c == r:  # cut down to the same tokens: no preference left
                 counts["dropped_identical"] += 1
                 continue
-        examples.append({"prompt": p, "chosen": c, "rejected": r})
+        examples.append({"prompt": p, "chosen": c, "rejected": r, **({"label": label[0]} if label else {})})
         counts["kept"] += 1
     return examples, counts
 
@@ -207,26 +249,64 @@ def implicit_reward(policy_logps, ref_logps, beta=0.1):
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, loss_type="sigmoid"):
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None):
     """The DPO loss (eq. 7), batch mean, with the implicit rewards as detached diagnostics.
+    Every other loss_type, and label_smoothing > 0 (cDPO), is TRL's formula in dpo_family.py.
     Shape: policy_chosen_logps (B,)    log pi(y_w|x), summed over response tokens
     Shape: policy_rejected_logps (B,)  log pi(y_l|x)
     Shape: ref_chosen_logps (B,)       log pi_ref(y_w|x)
     Shape: ref_rejected_logps (B,)     log pi_ref(y_l|x)
+    Shape: chosen_lengths (B,)         response tokens of y_w (ipo and sigmoid_norm average over them)
+    Shape: rejected_lengths (B,)       response tokens of y_l
     Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,))."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # log pi(y_l)/pi_ref(y_l)
     logits = chosen_logratios - rejected_logratios  # the margin, before beta; log Z(x) cancelled
-    if loss_type == "sigmoid":
+    if loss_type == "sigmoid" and label_smoothing == 0:
         losses = -F.logsigmoid(beta * logits)  # eq. 7: -log sigmoid(beta * margin)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; known: {', '.join(LOSS_TYPES)}")
+    else:  # the rest of the family; an unknown name raises there, listing the known ones
+        losses = paired_losses(loss_type, chosen_logratios, rejected_logratios, beta, label_smoothing,
+                               chosen_lengths, rejected_lengths)
     chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach()
     rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach()
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
-LOSS_TYPES = ["sigmoid"]
+LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
+
+
+def mean_or_0(values):
+    return values.mean().item() if values.numel() else 0.0
+
+
+def batch_loss(config, logps, lengths, ref_logps, labels=None):
+    """The configured member of the family on one batch of 2B rows: the B first (chosen; for KTO
+    each row's completion), then the B second (rejected; for KTO another row's completion, which
+    only estimates KTO's reference point).
+    Shape: logps (2B,)      log pi, summed over response tokens
+    Shape: lengths (2B,)    response tokens per row
+    Shape: ref_logps (2B,)  log pi_ref (None for the reference-free simpo and orpo)
+    Shape: labels (B,)      KTO only: True where the completion is desirable
+    Returns (loss, rewards of the first rows, rewards of the second rows), rewards detached."""
+    B = len(logps) // 2
+    if config.loss_type == "simpo":
+        avg = logps / lengths  # SimPO's reward is the per-token average, scaled by beta
+        losses, chosen_rewards, rejected_rewards = simpo_loss(avg[:B], avg[B:], config.simpo_beta,
+                                                              config.simpo_gamma, config.label_smoothing)
+        return losses.mean(), chosen_rewards, rejected_rewards
+    if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
+        avg = logps / lengths
+        nll = -logps[:B].sum() / lengths[:B].sum()  # negate: NLL per chosen token
+        odds_term, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
+        return nll + odds_term, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
+    if config.loss_type == "kto":
+        good = labels
+        losses, desirable_rewards, undesirable_rewards, _ = kto_loss(
+            logps[:B][good], logps[:B][~good], ref_logps[:B][good], ref_logps[:B][~good],
+            logps[B:], ref_logps[B:], config.beta, config.kto_desirable_weight, config.kto_undesirable_weight)
+        return losses.mean(), desirable_rewards, undesirable_rewards
+    return dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], config.beta, config.loss_type,
+                    config.label_smoothing, lengths[:B], lengths[B:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,10 +314,10 @@ LOSS_TYPES = ["sigmoid"]
 
 
 @torch.no_grad()
-def reference_logprobs(reference, examples, pad_id, device, batch_size=64):
-    """log pi_ref of every example's chosen and rejected response, in one no-grad pass.
-    Examples go through sorted by length, so each batch pads little; results come back in the
-    original order. -> (chosen (N,), rejected (N,)) on the CPU."""
+def reference_logprobs(reference, examples, pad_id, device, batch_size=64, average=False):
+    """log pi_ref of every example's chosen and rejected response, in one no-grad pass (average:
+    per token). Examples go through sorted by length, so each batch pads little; results come back
+    in the original order. -> (chosen (N,), rejected (N,)) on the CPU."""
     def length(i):
         ex = examples[i]
         return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
@@ -247,7 +327,7 @@ def reference_logprobs(reference, examples, pad_id, device, batch_size=64):
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
         ids, mask = collate([examples[j] for j in idx], pad_id, device)
-        logps = sequence_logprobs(reference, ids, mask).cpu()  # (2B,): chosen rows, then rejected
+        logps = sequence_logprobs(reference, ids, mask, average).cpu()  # (2B,): chosen rows, then rejected
         chosen[idx] = logps[: len(idx)]
         rejected[idx] = logps[len(idx):]
     return chosen, rejected
@@ -255,12 +335,16 @@ def reference_logprobs(reference, examples, pad_id, device, batch_size=64):
 
 @torch.no_grad()
 def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id, device):
-    """Held-out preference accuracy (share of pairs with r_w > r_l, strictly) and mean margin."""
+    """Held-out preference accuracy (share of pairs with r_w > r_l, strictly) and mean margin.
+    With no reference (ref_chosen None: SimPO, ORPO) the reward is beta * per-token average log-prob."""
     was = policy.training
     policy.eval()
-    pc, pr = reference_logprobs(policy, examples, pad_id, device)
+    pc, pr = reference_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
     policy.train(was)
-    margins = implicit_reward(pc, ref_chosen, beta) - implicit_reward(pr, ref_rejected, beta)
+    if ref_chosen is None:
+        margins = beta * (pc - pr)
+    else:
+        margins = implicit_reward(pc, ref_chosen, beta) - implicit_reward(pr, ref_rejected, beta)
     return (margins > 0).float().mean().item(), margins.mean().item()
 
 
@@ -323,8 +407,18 @@ def train(config):
     t_all = time.time()
     device = M.pick_device(config.device)
     # validate the user's files before anything expensive
-    user_pairs = read_pairs(config.data) if config.data else None
+    user_pairs = None
+    if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
+        unpaired = config.loss_type == "kto" and "completion" in M.read_jsonl(config.data)[0][1]
+        user_pairs = read_unpaired(config.data) if unpaired else read_pairs(config.data)
+        if unpaired and config.label_noise:
+            raise M.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
+    if config.loss_type not in LOSS_TYPES + REFERENCE_FREE + ["kto"]:
+        raise ValueError(f"unknown loss_type {config.loss_type!r}; known: "
+                         f"{', '.join(LOSS_TYPES + REFERENCE_FREE + ['kto'])}")
     user_test_pairs = read_pairs(config.test_data) if config.test_data else None
+    if config.eval_reference and not os.path.exists(config.eval_reference):
+        raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)  # builds the data and the SFT model if missing
     ensure_data(config.data_dir)
     t0 = time.time()
@@ -341,9 +435,16 @@ def train(config):
 
     pairs = user_pairs if user_pairs is not None else read_pairs(data_path)
     rng.shuffle(pairs)
-    examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
     if config.max_pairs:
-        examples = examples[: config.max_pairs]
+        pairs = pairs[: config.max_pairs]
+    if config.label_noise:
+        pairs, flipped = flip_labels(pairs, config.label_noise, rng)
+        print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
+    if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
+        pairs = kto_examples(pairs, rng, config.kto_desirable_share)
+        n_good = sum(p[3] for p in pairs)
+        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows")
+    examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
     test_pairs = user_test_pairs if user_test_pairs is not None else read_pairs(test_path)
     test_examples, _ = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
     print(f"dpo: {len(examples)} training pairs ({counts['dropped_identical']} dropped as identical, "
@@ -358,34 +459,40 @@ def train(config):
 
     # policy: trainable copy of the start; reference: frozen copy (no grad, eval mode, never stepped)
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)
-    reference, _ = M.load_checkpoint(init, device, tokenizer_path)
-    reference.requires_grad_(False).eval()
     policy.train()  # the model has no dropout by default; train mode for completeness
-    print(f"dpo: start from {init} | {M.describe(policy, device)}")
+    print(f"dpo: start from {init} | {M.describe(policy, device)} | loss {config.loss_type}")
+    reference = ref_chosen = ref_rejected = test_ref_chosen = test_ref_rejected = None
+    reference_pass_seconds = live_seconds_per_step = 0.0
+    if config.loss_type in REFERENCE_FREE:
+        print(f"dpo: {config.loss_type} needs no reference model: one model in memory, no reference pass")
+    else:
+        reference, _ = M.load_checkpoint(init, device, tokenizer_path)
+        reference.requires_grad_(False).eval()
+        # reference log-probs: once for every training and held-out pair
+        t_ref = time.time()
+        ref_chosen, ref_rejected = reference_logprobs(reference, examples, pad, device)
+        reference_pass_seconds = time.time() - t_ref
+        test_ref_chosen, test_ref_rejected = reference_logprobs(reference, test_examples, pad, device)
 
-    # reference log-probs: once for every training and held-out pair
-    t_ref = time.time()
-    ref_chosen, ref_rejected = reference_logprobs(reference, examples, pad, device)
-    reference_pass_seconds = time.time() - t_ref
-    test_ref_chosen, test_ref_rejected = reference_logprobs(reference, test_examples, pad, device)
-
-    # invariants at step 0: policy == reference, so every reward is 0 and the loss is ln 2;
-    # the live reference gives the precomputed numbers (and we time it, for the comparison)
-    batch = examples[:batch_size]
-    ids, mask = collate(batch, pad, device)
-    with torch.no_grad():
-        t_live = time.time()
-        live = sequence_logprobs(reference, ids, mask).cpu()
-        live_seconds_per_step = time.time() - t_live
-        pol = sequence_logprobs(policy, ids, mask).cpu()
-    B = len(batch)
-    loss0, rc0, rr0 = dpo_loss(pol[:B], pol[B:], live[:B], live[B:], config.beta, config.loss_type)
-    assert torch.allclose(live[:B], ref_chosen[:B], atol=1e-4), "precomputed reference != live reference"
-    assert rc0.abs().max() == 0 and rr0.abs().max() == 0, "rewards must be 0 while policy == reference"
-    print(f"dpo: step-0 check: loss {loss0.item():.4f} (ln 2 = {math.log(2):.4f}), rewards 0")
-    if not config.live_reference:
-        del reference  # its log-probs are all we need from it during training
-        reference = None
+        # invariants at step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2);
+        # the live reference gives the precomputed numbers (and we time it, for the comparison)
+        batch = examples[:batch_size]
+        ids, mask = collate(batch, pad, device)
+        with torch.no_grad():
+            t_live = time.time()
+            live = sequence_logprobs(reference, ids, mask).cpu()
+            live_seconds_per_step = time.time() - t_live
+            pol = sequence_logprobs(policy, ids, mask).cpu()
+        labels = torch.tensor([ex.get("label", True) for ex in batch])
+        loss0, rc0, rr0 = batch_loss(config, pol, mask[:, 1:].sum(-1).cpu(), live, labels)
+        B0 = len(batch)
+        assert torch.allclose(live[:B0], ref_chosen[:B0], atol=1e-4), "precomputed reference != live reference"
+        assert rc0.abs().max() == 0 and rr0.abs().max() == 0, "rewards must be 0 while policy == reference"
+        ln2 = f" (ln 2 = {math.log(2):.4f})" if config.loss_type == "sigmoid" else ""
+        print(f"dpo: step-0 check: loss {loss0.item():.4f}{ln2}, rewards 0")
+        if not config.live_reference:
+            del reference  # its log-probs are all we need from it during training
+            reference = None
 
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
@@ -405,15 +512,14 @@ def train(config):
         ids, mask = collate([examples[i] for i in idx], pad, device)
         B = len(idx)
         logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
-        policy_chosen, policy_rejected = logps[:B], logps[B:]
+        ref = None
         if reference is not None:
             with torch.no_grad():
-                ref = sequence_logprobs(reference, ids, mask)
-            rc, rr = ref[:B], ref[B:]
-        else:
-            rc, rr = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
-        loss, chosen_rewards, rejected_rewards = dpo_loss(policy_chosen, policy_rejected, rc, rr,
-                                                          config.beta, config.loss_type)
+                ref = sequence_logprobs(reference, ids, mask)  # (2B,)
+        elif ref_chosen is not None:
+            ref = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
+        labels = torch.tensor([examples[i].get("label", True) for i in idx], device=device)
+        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, mask[:, 1:].sum(-1), ref, labels)
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
         opt.zero_grad(set_to_none=True)
@@ -422,17 +528,26 @@ def train(config):
         opt.step()
         tokens += ids[:, 1:].numel()
 
-        margins = chosen_rewards - rejected_rewards
-        window.append({
+        if config.loss_type == "kto":  # unpaired: compare the two groups' means; right = reward's sign
+            first, second = logps[:B][labels], logps[:B][~labels]
+            margin = mean_or_0(chosen_rewards) - mean_or_0(rejected_rewards)
+            accuracy = torch.cat([chosen_rewards > 0, rejected_rewards < 0]).float().mean().item()
+        else:
+            first, second = logps[:B], logps[B:]
+            margins = chosen_rewards - rejected_rewards
+            margin, accuracy = margins.mean().item(), (margins > 0).float().mean().item()  # strict: a tie is no win
+        record = {
             "loss": loss.item(),
-            "rewards/chosen": chosen_rewards.mean().item(),
-            "rewards/rejected": rejected_rewards.mean().item(),
-            "rewards/margins": margins.mean().item(),
-            "rewards/accuracies": (margins > 0).float().mean().item(),  # strict: a tie is not a win
-            "logps/chosen": policy_chosen.mean().item(),
-            "logps/rejected": policy_rejected.mean().item(),
-            "kl": ((policy_chosen - rc).mean().item() + (policy_rejected - rr).mean().item()) / 2,
-            "grad_norm": grad_norm.item()})
+            "rewards/chosen": mean_or_0(chosen_rewards),
+            "rewards/rejected": mean_or_0(rejected_rewards),
+            "rewards/margins": margin,
+            "rewards/accuracies": accuracy,
+            "logps/chosen": mean_or_0(first.detach()),
+            "logps/rejected": mean_or_0(second.detach()),
+            "grad_norm": grad_norm.item()}
+        if ref is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
+            record["kl"] = (logps.detach() - ref).mean().item()
+        window.append(record)
         if start_chosen_logp is None:
             start_chosen_logp = window[0]["logps/chosen"]
         if (step + 1) % config.log_every == 0 or step == steps - 1:
@@ -454,13 +569,14 @@ def train(config):
                            f"both replies are being pushed down (over-optimisation; lower lr/epochs or raise beta)")
     train_seconds = time.time() - t_train
 
-    # evaluation on held-out data the training never saw
-    if reference is None:
-        reference, _ = M.load_checkpoint(init, device, tokenizer_path)
+    # evaluation on held-out data the training never saw, against the start (or --eval-reference)
+    if config.eval_problems > 0 and (reference is None or config.eval_reference):
+        reference, _ = M.load_checkpoint(config.eval_reference or init, device, tokenizer_path)
         reference.requires_grad_(False).eval()
     policy.eval()
+    reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
     pref_acc, margin = preference_accuracy(policy, test_examples, test_ref_chosen, test_ref_rejected,
-                                           config.beta, pad, device)
+                                           reward_scale, pad, device)
     metrics = {"pref_accuracy": pref_acc, "margin": margin}
     if config.eval_problems > 0:
         problems = [r for _, r in M.read_jsonl(problems_path)][: config.eval_problems]
