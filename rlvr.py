@@ -1,0 +1,457 @@
+"""
+Reinforcement learning with verifiable rewards, GRPO-style (Shao et al. 2024, arXiv 2402.03300):
+the policy samples G replies to each prompt, a program checks each final answer, and the policy
+is pushed toward the replies that scored above their group's average. The lesson after DPO: the
+same KL anchor to a frozen reference and the same per-token log-ratios, but the signal now comes
+from the policy's own samples, online, instead of a fixed set of pairs.
+
+    python rlvr.py                 (builds data, SFT and DPO if missing, then RL: ~7 min on 2 cores)
+    python rlvr.py --init out/sft/model.pt --steps 40 --kl-coef 0
+    python rlvr.py --data my_problems.jsonl        (rows {"prompt": ..., "answer": <integer>})
+    python rlvr.py --help
+
+The objective, in the GRPO paper's notation (q a prompt, o_1..o_G the replies sampled for it from
+the policy as it was at sampling time, pi_old; |o_i| the reply's length in tokens):
+
+  reward          r_i = 1 if the verifier accepts o_i's final answer, else 0
+  advantage       A_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G)       (Dr. GRPO: no division)
+  ratio           rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
+  clipped term    min( rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps) A_i )        (PPO)
+  KL to pi_ref    D_{i,t} = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1   (k3: unbiased, >= 0)
+  J(theta) = E_q [ 1/sum_i|o_i| * sum_i sum_t ( clipped term - beta_KL * D_{i,t} ) ]
+
+and we minimise -J. Every reply token is scored: the mask is 1 on the reply's tokens (its <|end|>
+included) and 0 on prompt and padding, the convention sequence_logprobs in dpo.py uses, built on
+the same model.shifted_logprobs.
+
+How this departs from the GRPO paper:
+1. The aggregation is a token-level mean over the whole batch (DAPO, Dr. GRPO): each token weighs
+   the same, so long replies are not down-weighted; --aggregation sequence gives the paper's
+   per-reply mean, then the mean over replies.
+2. Groups whose replies all scored the same (all right or all wrong) have zero advantage: they
+   are counted and left out of the loss's normaliser instead of diluting it.
+3. With one update per batch of rollouts (--inner-steps 1, the default) the data is on-policy, so
+   pi_old is the policy itself: the ratio is exactly 1 and only its gradient acts (then the
+   clipped objective reduces to the plain policy gradient A_i * grad log pi).
+4. The reward is the verifier's 0/1 and nothing else by default (--format-reward adds a small
+   term for a well-formed final line); a reply cut off before <|end|> scores 0.
+5. The model is ~1M parameters and the problems a toy world's (data/world.py).
+"""
+
+import math
+import os
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import dpo
+import model as M
+from data import world
+from data.prepare import DATA_DIR, ensure_data
+
+
+@dataclass
+class RLVRConfig:
+    # rollouts
+    prompts_per_step: int = M.option(16, "prompts per step", "rollouts")
+    group_size: int = M.option(8, "replies sampled per prompt (G)", "rollouts")
+    temperature: float = M.option(1.0, "sampling temperature (the ratio uses the same one)", "rollouts")
+    max_new_tokens: int = M.option(96, "longest reply; a reply cut off there scores 0", "rollouts")
+    mask_truncated: bool = M.option(False, "leave replies that hit --max-new-tokens out of the loss", "rollouts")
+    format_reward: float = M.option(0.0, "extra reward for a well-formed final line (0 = verifier only)", "rollouts")
+    # the objective
+    scale_rewards: bool = M.option(True, "divide advantages by the group's std (GRPO); "
+                                   "--no-scale-rewards: only subtract the mean (Dr. GRPO)", "objective")
+    std_floor: float = M.option(0.1, "smallest std divided by, so a near-constant group cannot explode", "objective")
+    clip_eps: float = M.option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps_high]", "objective")
+    clip_eps_high: float = M.option(0.0, "upper clip eps (DAPO's clip-higher); 0 = same as --clip-eps", "objective")
+    kl_coef: float = M.option(0.02, "beta_KL: weight of the k3 KL penalty to the reference (0 = no reference pass)", "objective")
+    aggregation: str = M.option("token", "token: mean over all reply tokens of the batch; "
+                                "sequence: mean per reply, then over replies (GRPO paper)", "objective")
+    inner_steps: int = M.option(1, "mu: optimizer updates per batch of rollouts", "objective")
+    # optimisation
+    steps: int = M.option(50, "RL steps (each: sample, score, update)", "optimisation")
+    lr: float = M.option(1e-4, "peak learning rate", "optimisation")
+    warmup_steps: int = M.option(5, "linear warmup steps, then constant", "optimisation")
+    grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
+    micro_batch: int = M.option(0, "replies per forward/backward (0 = all of a step's at once); "
+                                "the same loss and gradient either way", "optimisation")
+    # data and evaluation
+    data_dir: str = M.option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
+    data: str = M.option("", "RL problems, JSONL {prompt, answer} (default: <data-dir>/rl.jsonl)", "data")
+    eval_problems_file: str = M.option("", "held-out problems (default: <data-dir>/test.jsonl)", "data")
+    eval_problems: int = M.option(300, "held-out problems for greedy accuracy and pass@k (0 = skip)", "evaluation")
+    eval_samples: int = M.option(8, "sampled replies per held-out problem for pass@k (k <= this)", "evaluation")
+    # run
+    init: str = M.option("", "checkpoint to start from (default: <out>/dpo/model.pt, built if missing)", "run")
+    out: str = M.option("out", "output root: writes <out>/rlvr", "run")
+    device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = M.option(1337, "random seed", "run")
+    log_every: int = M.option(1, "steps between log lines", "run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Problems and the reward
+
+
+def read_problems(path):
+    """Validate an RL problem file; -> list of {"prompt", "answer": int, ...} rows.
+    Any problem stops with a DataError naming the file and line."""
+    problems = []
+    for n, row in M.read_jsonl(path):
+        for key in ("prompt", "answer"):
+            if key not in row:
+                raise M.DataError(f"{path}:{n}: missing field '{key}'")
+        if not dpo.valid_prompt(row["prompt"]) or (isinstance(row["prompt"], str) and not row["prompt"].strip()):
+            raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of "
+                              f"{{role, content}} messages")
+        answer = row["answer"]
+        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):
+            answer = int(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int):
+            raise M.DataError(f"{path}:{n}: 'answer' must be an integer, got {row['answer']!r}")
+        problems.append({**row, "answer": answer})
+    return problems
+
+
+def reward(problem, reply, finished, format_weight=0.0):
+    """The verifiable reward: 1 when the reply's final answer is right, else 0.
+    The verifier (world.verify) reads only a final line `The answer is N.` stated exactly once, so
+    a reply that hedges (lists several answers, repeats the final line with other numbers) or is
+    empty scores 0; so does a reply cut off before its <|end|> (finished=False).
+    format_weight > 0 adds that much for a well-formed final line, right or wrong."""
+    if not finished:
+        return 0.0
+    well_formed = world.parse_answer(reply) is not None
+    return float(world.verify(problem, reply)) + format_weight * well_formed
+
+
+def group_advantages(rewards, scale=True, std_floor=0.1):
+    """Group-relative advantages. rewards (P, G): G replies to each of P prompts.
+        A_i = r_i - mean(r)            (Dr. GRPO)
+        A_i = (r_i - mean(r)) / std(r) (GRPO; std floored at std_floor)
+    -> advantages (P, G), has_spread (P,) bool: False where every reply scored the same (then
+    every A_i is exactly 0 and the group teaches nothing)."""
+    mean = rewards.mean(dim=1, keepdim=True)  # (P, 1)
+    advantages = rewards - mean  # (P, G), sums to 0 per group
+    has_spread = (rewards != rewards[:, :1]).any(dim=1)  # (P,)
+    if scale:
+        std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)
+        advantages = advantages / std.clamp(min=std_floor)  # (P, G)
+    return advantages * has_spread[:, None], has_spread
+
+
+def pass_at_k(n, c, k):
+    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021):
+    1 - C(n - c, k) / C(n, k), the chance that k samples drawn without replacement include a
+    correct one."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loss
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
+              kl_coef=0.0, aggregation="token", normaliser=None):
+    """The clipped GRPO objective, negated (a loss), with its diagnostics.
+    Shape: logps (N, T)      log pi_theta of each reply token (with grad), at the sampling temperature
+    Shape: old_logps (N, T)  log pi_old, the policy that sampled the replies (no grad)
+    Shape: ref_logps (N, T)  log pi_ref, the frozen reference (no grad; unused when kl_coef is 0)
+    Shape: advantages (N,)   A_i of each reply
+    Shape: mask (N, T)       1 on scored reply tokens, 0 on prompt, padding and left-out replies
+    normaliser: what the summed loss is divided by: the number of scored tokens (aggregation
+    "token") or of scored replies ("sequence"). By default this batch's own; pass the whole step's
+    when it is split into micro-batches, so the loss and gradient do not depend on the split.
+    -> (loss scalar, {"kl", "clip_fraction", "ratio"} detached, summed over the mask)."""
+    mask = mask.bool()
+    clip_eps_high = clip_eps if not clip_eps_high else clip_eps_high
+    # where(), not a product with the mask: padded positions may hold anything (even inf or NaN)
+    # and must not reach exp(). The clamp keeps exp() finite: a hard cap on the ratio at e^20 (only
+    # reachable with --inner-steps > 1), past which a token gets no gradient at all, like dual-clip PPO.
+    log_ratio = torch.where(mask, logps - old_logps, 0.0).clamp(-20, 20)  # (N, T)
+    ratio = log_ratio.exp()  # rho_{i,t}; exactly 1 when pi_old is the policy itself
+    A = advantages[:, None]  # (N, 1)
+    unclipped = ratio * A
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high) * A
+    objective = torch.min(unclipped, clipped)  # PPO's pessimistic bound: no gain from leaving the clip range
+    per_token = -objective  # negate: we minimise
+    ref_log_ratio = torch.where(mask, ref_logps - logps, 0.0).clamp(-20, 20)  # log pi_ref/pi_theta
+    kl = ref_log_ratio.exp() - ref_log_ratio - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
+    if kl_coef:
+        per_token = per_token + kl_coef * kl
+    per_token = torch.where(mask, per_token, 0.0)  # (N, T)
+    if aggregation == "token":
+        total = per_token.sum()
+        default_normaliser = mask.sum()
+    elif aggregation == "sequence":
+        lengths = mask.sum(-1)  # (N,)
+        total = (per_token.sum(-1) / lengths.clamp(min=1)).sum()
+        default_normaliser = (lengths > 0).sum()
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; known: token, sequence")
+    normaliser = default_normaliser if normaliser is None else normaliser
+    loss = total / max(1, float(normaliser))  # an empty mask gives 0, not NaN
+    with torch.no_grad():
+        # a token is clipped when the clipped branch is the smaller one and strictly so
+        clipped_now = (clipped < unclipped) & mask
+        stats = {"kl": (kl * mask).sum().item(), "clip_fraction": clipped_now.sum().item(),
+                 "ratio": (ratio * mask).sum().item(), "tokens": mask.sum().item()}
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollouts and evaluation
+
+
+def reply_batch(prompt_ids, reply_ids, pad_id, device):
+    """Prompt + reply rows with the loss mask on the reply's tokens only (set by position).
+    -> input_ids (N, T), loss_mask (N, T), right-padded to the longest row."""
+    seqs = [p + r for p, r in zip(prompt_ids, reply_ids)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, reply_ids)]
+    return M.pad_batch(seqs, masks, pad_id, device)
+
+
+def token_logprobs(model, input_ids, loss_mask, temperature=1.0):
+    """Per-token log-probs of the reply tokens at the sampling temperature, aligned with the
+    shifted mask: -> logps (N, T-1), mask (N, T-1)."""
+    return M.shifted_logprobs(model, input_ids, loss_mask, temperature)
+
+
+def rollout(policy, enc, problems, group_size, config, generator):
+    """Sample group_size replies to each problem and score them.
+    -> dict of per-reply lists (prompt_ids, reply_ids, sample_logps, finished, text) and
+    rewards (P, G)."""
+    end = M.special(enc, "end")
+    prompt_ids = [M.render_prompt(enc, p["prompt"]) for p in problems for _ in range(group_size)]
+    reply_ids, sample_logps = M.generate(policy, prompt_ids, config.max_new_tokens, end,
+                                         config.temperature, generator=generator)
+    finished = [len(r) > 0 and r[-1] == end for r in reply_ids]
+    texts = [M.decode_reply(enc, r) for r in reply_ids]
+    rewards = torch.tensor([reward(problems[i // group_size], texts[i], finished[i], config.format_reward)
+                            for i in range(len(texts))]).view(len(problems), group_size)  # (P, G)
+    return {"prompt_ids": prompt_ids, "reply_ids": reply_ids, "sample_logps": sample_logps,
+            "finished": finished, "texts": texts, "rewards": rewards}
+
+
+@torch.no_grad()
+def evaluate(model, reference, enc, problems, config, device, batch_size=128):
+    """Held-out figures: greedy verifier accuracy; pass@k for k in {1, 4, 8} (unbiased, from
+    config.eval_samples sampled replies per problem at the training temperature); the judge's
+    mean score, the mean reply length, the style shares, on the first sampled reply per problem;
+    and KL(model || reference) per reply on those samples."""
+    prompts = [p["prompt"] for p in problems]
+    greedy = M.sample_replies(model, enc, prompts, config.max_new_tokens, temperature=0.0, seed=config.seed)
+    n = config.eval_samples
+    expanded = [p for p in prompts for _ in range(n)]
+    sampled = M.sample_replies(model, enc, expanded, config.max_new_tokens, config.temperature,
+                               seed=config.seed + 1, batch_size=batch_size)
+    correct = [sum(world.verify(problems[i], sampled[i * n + j]) for j in range(n)) for i in range(len(problems))]
+    first = [sampled[i * n] for i in range(len(problems))]
+    scores = world.score_replies(problems, first)
+    metrics = {"accuracy": world.score_replies(problems, greedy)["accuracy"],
+               "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in correct) / len(problems)
+                             for k in (1, 4, 8) if k <= n},
+               "judge_score": scores["judge_score"], "mean_length": scores["mean_length"],
+               "style_shares": scores["style_shares"],
+               "kl": dpo.kl_on_samples(model, reference, enc, prompts, first, device)}
+    by_ops = {}
+    for k in sorted({p["n_ops"] for p in problems if "n_ops" in p}):
+        idx = [i for i, p in enumerate(problems) if p.get("n_ops") == k]
+        by_ops[str(k)] = sum(correct[i] for i in idx) / (n * len(idx))
+    metrics["pass_at_1_by_ops"] = by_ops
+    return metrics, greedy, first
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def ensure_init(config):
+    """The checkpoint RL starts from; the default DPO one is built (announced) when missing."""
+    if config.init:
+        if not os.path.exists(config.init):
+            raise M.DataError(f"{config.init}: no such checkpoint")
+        return config.init
+    path = os.path.join(config.out, "dpo", "model.pt")
+    if not os.path.exists(path):
+        print(f"rlvr: no DPO checkpoint at {path}; building it now with dpo.py "
+              f"(and the data and SFT model if missing: about 11 minutes on a 2-core CPU)")
+        dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir))
+    return path
+
+
+def train(config):
+    """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
+    t_all = time.time()
+    device = M.pick_device(config.device)
+    user_problems = read_problems(config.data) if config.data else None  # validate before anything expensive
+    user_eval = read_problems(config.eval_problems_file) if config.eval_problems_file else None
+    init = ensure_init(config)
+    ensure_data(config.data_dir)
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
+    enc = M.load_tokenizer(tokenizer_path)
+    pad = M.special(enc, "endoftext")
+    out_dir = os.path.join(config.out, "rlvr")
+    os.makedirs(out_dir, exist_ok=True)
+    problems = user_problems or read_problems(os.path.join(config.data_dir, "rl.jsonl"))
+    eval_problems = (user_eval or read_problems(os.path.join(config.data_dir, "test.jsonl")))[: config.eval_problems]
+    if config.aggregation not in ("token", "sequence"):
+        raise ValueError(f"unknown aggregation {config.aggregation!r}; known: token, sequence")
+
+    policy, _ = M.load_checkpoint(init, device, tokenizer_path)
+    reference, _ = M.load_checkpoint(init, device, tokenizer_path)
+    reference.requires_grad_(False).eval()
+    policy.eval()  # dropout off: the log-probs must be those the sampler saw
+    print(f"rlvr: start from {init} | {M.describe(policy, device)} | {len(problems)} RL problems, "
+          f"{len(eval_problems)} held-out")
+
+    before = None
+    if eval_problems:
+        t_eval = time.time()
+        before, _, _ = evaluate(policy, reference, enc, eval_problems, config, device)
+        print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, pass@1 {before['pass_at_k']['1']:.1%}, "
+              f"pass@8 {before['pass_at_k'].get('8', float('nan')):.1%}, judge {before['judge_score']:.2f} "
+              f"({time.time() - t_eval:.0f}s)")
+
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
+                            weight_decay=0.0, betas=(0.9, 0.95))
+    log_path = os.path.join(out_dir, "log.jsonl")
+    open(log_path, "w").close()
+    order, curve = [], []
+    sample_tokens, sample_seconds, train_tokens, train_seconds = 0, 0.0, 0, 0.0
+    bar = tqdm(range(config.steps), desc="rlvr", dynamic_ncols=True)
+    for step in bar:
+        if len(order) < config.prompts_per_step:  # a new pass over the problems: reshuffle
+            more = list(range(len(problems)))
+            rng.shuffle(more)
+            order.extend(more)
+        batch = [problems[order.pop()] for _ in range(config.prompts_per_step)]
+
+        # 1. rollouts: G replies per prompt from the current policy, scored by the verifier
+        t_sample = time.time()
+        ro = rollout(policy, enc, batch, config.group_size, config, generator)
+        sample_seconds += time.time() - t_sample
+        sample_tokens += sum(len(r) for r in ro["reply_ids"])
+
+        # 2. advantages, relative to each prompt's group
+        advantages, has_spread = group_advantages(ro["rewards"], config.scale_rewards, config.std_floor)
+        keep = has_spread.repeat_interleave(config.group_size)  # (P*G,): replies that carry signal
+        if config.mask_truncated:
+            keep &= torch.tensor(ro["finished"])
+        rows = keep.nonzero().flatten().tolist()
+
+        # 3. the update(s): per-token clipped ratios and the KL penalty, on the informative replies
+        t_train = time.time()
+        stats = {"kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0, "tokens": 0}
+        grad_norm = step_loss = clipped = 0.0
+        if rows:
+            ids, mask = reply_batch([ro["prompt_ids"][i] for i in rows], [ro["reply_ids"][i] for i in rows], pad, device)
+            adv = advantages.flatten()[rows].to(device)  # (N,)
+            mb = config.micro_batch or len(rows)
+            chunks = [slice(i, i + mb) for i in range(0, len(rows), mb)]
+            ref_logps = [None] * len(chunks)
+            if config.kl_coef:
+                with torch.no_grad():
+                    ref_logps = [token_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
+            normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
+            old_logps = [None] * len(chunks)
+            for inner in range(config.inner_steps):
+                for g in opt.param_groups:
+                    g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                opt.zero_grad(set_to_none=True)
+                for j, c in enumerate(chunks):
+                    logps, m = token_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
+                    if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
+                        old_logps[j] = logps.detach()
+                    ref = ref_logps[j] if ref_logps[j] is not None else logps.detach()
+                    loss, s = grpo_loss(logps, old_logps[j], ref, adv[c], m, config.clip_eps,
+                                        config.clip_eps_high, config.kl_coef, config.aggregation, normaliser)
+                    loss.backward()
+                    clipped += s["clip_fraction"]  # over every inner step: clipping needs mu > 1
+                    if inner == 0:  # the figures of the rollouts as sampled (ratio 1: on-policy)
+                        step_loss += loss.item()
+                        for k in stats:
+                            stats[k] += s[k]
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip).item()
+                opt.step()
+            train_tokens += ids[:, 1:].numel() * config.inner_steps
+        train_seconds += time.time() - t_train
+
+        n_tok = max(1, stats["tokens"])
+        rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
+               "accuracy": sum(r >= 1 for r in ro["rewards"].flatten().tolist()) / ro["rewards"].numel(),
+               "zero_spread_groups": 1 - has_spread.float().mean().item(),
+               "ratio": stats["ratio"] / n_tok, "clip_fraction": clipped / (n_tok * config.inner_steps),
+               "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
+               "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
+               "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
+               "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
+               "train_tokens_per_second": train_tokens / max(1e-9, train_seconds)}
+        if config.kl_coef:  # measured only when the reference runs (--kl-coef 0 skips it)
+            rec["kl"] = stats["kl"] / n_tok
+        curve.append(rec)
+        if (step + 1) % config.log_every == 0 or step == config.steps - 1:
+            M.append_jsonl(log_path, rec)
+            recent = curve[-10:]
+            bar.set_postfix(reward=f"{sum(r['reward'] for r in recent) / len(recent):.3f}",
+                            zero=f"{rec['zero_spread_groups']:.2f}", kl=f"{rec.get('kl', 0):.4f}",
+                            clip=f"{rec['clip_fraction']:.3f}", len=f"{rec['reply_length']:.0f}",
+                            sample=f"{rec['sample_tokens_per_second'] / 1e3:.1f}k",
+                            train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k")
+
+    metrics = {"steps": config.steps, "reward_curve": [r["reward"] for r in curve],
+               "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
+               "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
+               "sample_seconds": sample_seconds, "train_seconds": train_seconds}
+    if eval_problems:
+        after, greedy, sampled = evaluate(policy, reference, enc, eval_problems, config, device)
+        metrics.update({
+            "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
+            "pass_at_k": {k: {"before": before["pass_at_k"][k], "after": after["pass_at_k"][k]}
+                          for k in after["pass_at_k"]},
+            "judge_score_before": before["judge_score"], "judge_score_after": after["judge_score"],
+            "length_before": before["mean_length"], "length_after": after["mean_length"],
+            "style_shares_before": before["style_shares"], "style_shares_after": after["style_shares"],
+            "pass_at_1_by_ops_before": before["pass_at_1_by_ops"], "pass_at_1_by_ops_after": after["pass_at_1_by_ops"],
+            "kl": after["kl"]})
+        print("\n--- three held-out prompts after RL (greedy | sampled) ---")
+        for p, g, s in list(zip(eval_problems, greedy, sampled))[:3]:
+            print(f"USER: {p['prompt']}  (answer {p['answer']})\n[greedy]  {g!r}\n[sampled] {s!r}\n")
+    metrics.update({"peak_flops": M.peak_flops(device), "wall_seconds": time.time() - t0,
+                    "total_wall_seconds": time.time() - t_all})
+    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="rlvr",
+                      train_config=asdict(config), metrics=metrics)
+    M.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+
+    r = metrics["reward_curve"]
+    head, tail = r[: max(1, len(r) // 5)], r[-max(1, len(r) // 5):]
+    print(f"rlvr: reward {sum(head) / len(head):.3f} (first fifth of steps) -> {sum(tail) / len(tail):.3f} (last fifth)")
+    if eval_problems:
+        pk = metrics["pass_at_k"]
+        print(f"rlvr: held-out greedy accuracy {metrics['accuracy_before']:.1%} -> {metrics['accuracy_after']:.1%}; "
+              + ", ".join(f"pass@{k} {v['before']:.1%} -> {v['after']:.1%}" for k, v in pk.items()))
+        print(f"rlvr: judge score {metrics['judge_score_before']:.2f} -> {metrics['judge_score_after']:.2f}; "
+              f"reply length {metrics['length_before']:.0f} -> {metrics['length_after']:.0f} chars; "
+              f"KL to the start {metrics['kl']:.2f} nats/reply")
+    print(f"rlvr: sampling {metrics['sample_tokens_per_second'] / 1e3:.1f}k tok/s, training "
+          f"{metrics['train_tokens_per_second'] / 1e3:.1f}k tok/s; RL stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+    return metrics
+
+
+def main(argv=None):
+    M.run_cli(__doc__, RLVRConfig, train, argv)
+
+
+if __name__ == "__main__":
+    main()
