@@ -39,6 +39,7 @@ How this departs from the paper:
    evaluation on the policy's own samples.
 """
 
+import contextlib
 import math
 import os
 import random
@@ -75,6 +76,11 @@ class DPOConfig:
     kto_undesirable_weight: float = M.option(1.0, "KTO's weight on undesirable (bad) replies", "dpo")
     kto_desirable_share: float = M.option(1.0, "KTO on pairs: keep only this share of the desirable rows "
                                           "(imbalanced data: then raise --kto-desirable-weight)", "dpo")
+    lora_rank: int = M.option(0, "LoRA rank r (0: full fine-tuning): train W + (alpha/r) B A with W frozen; the "
+                              "reference is then the same model with its adapters off", "lora")
+    lora_alpha: float = M.option(16.0, "LoRA alpha: the update is scaled by alpha / r", "lora")
+    lora_targets: str = M.option("attn,mlp", "the layers that get adapters: attn, mlp, or module suffixes "
+                                 "(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), comma-separated", "lora")
     live_reference: bool = M.option(False, "keep the reference model and run it every step instead of "
                                      "computing its log-probs once before training", "dpo")
     # optimisation
@@ -348,10 +354,17 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     return (margins > 0).float().mean().item(), margins.mean().item()
 
 
+def reference_model(policy, reference):
+    """The reference, as a context: the frozen copy, or (reference None, with LoRA) the policy's
+    own frozen base, its adapters switched off inside the block."""
+    return contextlib.nullcontext(reference) if reference is not None else M.lora_disabled(policy)
+
+
 @torch.no_grad()
 def kl_on_samples(policy, reference, enc, prompts, replies, device, batch_size=64):
     """KL(pi || pi_ref) per reply, estimated on the policy's own samples:
-        KL = E_{y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]   (the reply and its <|end|>)."""
+        KL = E_{y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]   (the reply and its <|end|>).
+    reference None: the policy's LoRA base (see reference_model)."""
     total = 0.0
     for i in range(0, len(prompts), batch_size):
         seqs, masks = [], []
@@ -360,7 +373,9 @@ def kl_on_samples(policy, reference, enc, prompts, replies, device, batch_size=6
             seqs.append(prompt_ids + reply_ids)
             masks.append([0] * len(prompt_ids) + [1] * len(reply_ids))
         ids, mask = M.pad_batch(seqs, masks, 0, device)
-        total += (sequence_logprobs(policy, ids, mask) - sequence_logprobs(reference, ids, mask)).sum().item()
+        with reference_model(policy, reference) as ref:
+            ref_logps = sequence_logprobs(ref, ids, mask)
+        total += (sequence_logprobs(policy, ids, mask) - ref_logps).sum().item()
     return total / max(1, len(prompts))
 
 
@@ -368,7 +383,8 @@ def compare_by_sampling(policy, reference, enc, problems, config, device):
     """Sample the reference and the policy on the same held-out prompts, same settings and seed;
     the judge compares them reply by reply (a tie counts half)."""
     prompts = [p["prompt"] for p in problems]
-    ref_replies = M.sample_replies(reference, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
+    with reference_model(policy, reference) as ref:
+        ref_replies = M.sample_replies(ref, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
     pol_replies = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
     wins = 0.0
     for p, a, b in zip(problems, pol_replies, ref_replies):
@@ -461,18 +477,24 @@ def train(config):
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)
     policy.train()  # the model has no dropout by default; train mode for completeness
     print(f"dpo: start from {init} | {M.describe(policy, device)} | loss {config.loss_type}")
+    model_copies = 1  # model weights held in memory at once (the policy; + the reference copy)
+    if config.lora_rank:  # freeze the start, train adapters B A: the base is the reference
+        M.add_lora(policy, config.lora_rank, config.lora_alpha, [t.strip() for t in config.lora_targets.split(",")])
     reference = ref_chosen = ref_rejected = test_ref_chosen = test_ref_rejected = None
     reference_pass_seconds = live_seconds_per_step = 0.0
     if config.loss_type in REFERENCE_FREE:
         print(f"dpo: {config.loss_type} needs no reference model: one model in memory, no reference pass")
     else:
-        reference, _ = M.load_checkpoint(init, device, tokenizer_path)
-        reference.requires_grad_(False).eval()
+        if not config.lora_rank:
+            reference, _ = M.load_checkpoint(init, device, tokenizer_path)
+            reference.requires_grad_(False).eval()
+            model_copies = 2
         # reference log-probs: once for every training and held-out pair
         t_ref = time.time()
-        ref_chosen, ref_rejected = reference_logprobs(reference, examples, pad, device)
-        reference_pass_seconds = time.time() - t_ref
-        test_ref_chosen, test_ref_rejected = reference_logprobs(reference, test_examples, pad, device)
+        with reference_model(policy, reference) as ref_model:
+            ref_chosen, ref_rejected = reference_logprobs(ref_model, examples, pad, device)
+            reference_pass_seconds = time.time() - t_ref
+            test_ref_chosen, test_ref_rejected = reference_logprobs(ref_model, test_examples, pad, device)
 
         # invariants at step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2);
         # the live reference gives the precomputed numbers (and we time it, for the comparison)
@@ -480,7 +502,8 @@ def train(config):
         ids, mask = collate(batch, pad, device)
         with torch.no_grad():
             t_live = time.time()
-            live = sequence_logprobs(reference, ids, mask).cpu()
+            with reference_model(policy, reference) as ref_model:
+                live = sequence_logprobs(ref_model, ids, mask).cpu()
             live_seconds_per_step = time.time() - t_live
             pol = sequence_logprobs(policy, ids, mask).cpu()
         labels = torch.tensor([ex.get("label", True) for ex in batch])
@@ -493,6 +516,11 @@ def train(config):
         if not config.live_reference:
             del reference  # its log-probs are all we need from it during training
             reference = None
+    trainable = M.trainable_parameters(policy)
+    total_params = sum(p.numel() for p in policy.parameters())
+    if config.lora_rank:
+        print(f"dpo: LoRA r={config.lora_rank} on {config.lora_targets}: {trainable:,} trainable parameters, "
+              f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
 
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
@@ -513,15 +541,15 @@ def train(config):
         B = len(idx)
         logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
         ref = None
-        if reference is not None:
-            with torch.no_grad():
-                ref = sequence_logprobs(reference, ids, mask)  # (2B,)
+        if config.live_reference and ref_chosen is not None:
+            with torch.no_grad(), reference_model(policy, reference) as ref_model:
+                ref = sequence_logprobs(ref_model, ids, mask)  # (2B,)
         elif ref_chosen is not None:
             ref = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
         labels = torch.tensor([examples[i].get("label", True) for i in idx], device=device)
         loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, mask[:, 1:].sum(-1), ref, labels)
         for g in opt.param_groups:
-            g["lr"] = config.lr * min(1.0, (step + 1) / config.warmup_steps)
+            g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
@@ -570,7 +598,7 @@ def train(config):
     train_seconds = time.time() - t_train
 
     # evaluation on held-out data the training never saw, against the start (or --eval-reference)
-    if config.eval_problems > 0 and (reference is None or config.eval_reference):
+    if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
         reference, _ = M.load_checkpoint(config.eval_reference or init, device, tokenizer_path)
         reference.requires_grad_(False).eval()
     policy.eval()
@@ -594,9 +622,14 @@ def train(config):
         "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts,
         "peak_flops": M.peak_flops(device),
+        "trainable_parameters": trainable, "trainable_share": trainable / total_params,
+        "memory_mb": training_memory(total_params, trainable, model_copies),
         "wall_seconds": time.time() - t0,
         "total_wall_seconds": time.time() - t_all,
     })
+    if config.lora_rank:  # the adapters alone (small), then folded in: a plain checkpoint for the next stage
+        M.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
+        M.merge_lora(policy)
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo", train_config=asdict(config),
                       metrics=metrics)
     M.write_json(os.path.join(out_dir, "metrics.json"), metrics)
@@ -611,7 +644,28 @@ def train(config):
     print(f"dpo: {metrics['pairs_per_second']:.1f} pairs/s, {metrics['tokens_per_second'] / 1e3:.1f}k tok/s; "
           f"reference pass {reference_pass_seconds:.1f}s once vs ~{metrics['live_reference_seconds_estimate']:.1f}s "
           f"for a live reference; DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+    mem = metrics["memory_mb"]
+    print(f"dpo: memory: {trainable:,} trainable parameters ({trainable / total_params:.1%}); weights "
+          f"{mem['weights']:.1f} MB ({model_copies} {'copies' if model_copies > 1 else 'copy'}) + grads "
+          f"{mem['grads']:.1f} + AdamW {mem['optimizer']:.1f} = {mem['total']:.1f} MB; peak process {mem['peak_process']:.0f} MB")
     return metrics
+
+
+def training_memory(total_params, trainable, model_copies):
+    """What training needs for the model, in MB of fp32: every weight of each copy held at once
+    (policy, and the reference while its pass runs), a gradient per trainable weight, and AdamW's
+    two moments per trainable weight; and the process's peak resident memory (all of Python and
+    torch included, so it moves far less than the model's share)."""
+    try:
+        import resource  # POSIX only
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+        peak_mb = peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+    except ImportError:
+        peak_mb = float("nan")
+    mb = 4 / 2 ** 20
+    weights, grads, optimizer = model_copies * total_params * mb, trainable * mb, 2 * trainable * mb
+    return {"weights": weights, "grads": grads, "optimizer": optimizer,
+            "total": weights + grads + optimizer, "peak_process": peak_mb}
 
 
 def main(argv=None):
