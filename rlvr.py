@@ -5,7 +5,7 @@ is pushed toward the replies that scored above their group's average. The lesson
 same KL anchor to a frozen reference and the same per-token log-ratios, but the signal now comes
 from the policy's own samples, online, instead of a fixed set of pairs.
 
-    python rlvr.py                 (builds data, SFT and DPO if missing, then RL: ~7 min on 2 cores)
+    python rlvr.py                 (builds data, SFT and DPO if missing, then RL: ~5 min on 2 cores)
     python rlvr.py --init out/sft/model.pt --steps 40 --kl-coef 0
     python rlvr.py --data my_problems.jsonl        (rows {"prompt": ..., "answer": <integer>})
     python rlvr.py --help
@@ -88,10 +88,14 @@ class RLVRConfig:
     eval_samples: int = M.option(8, "sampled replies per held-out problem for pass@k (k <= this)", "evaluation")
     # run
     init: str = M.option("", "checkpoint to start from (default: <out>/dpo/model.pt, built if missing)", "run")
+    eval_reference: str = M.option("", "checkpoint the evaluation's KL is measured against (default: the start; "
+                                   "e.g. out/sft/model.pt to compare stages)", "run")
     out: str = M.option("out", "output root: writes <out>/rlvr", "run")
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = M.option(1337, "random seed", "run")
     log_every: int = M.option(1, "steps between log lines", "run")
+    measure_kv_cache: bool = M.option(False, "first time sampling 64 replies of 64 tokens with and without the "
+                                      "KV cache, and print the speed-up", "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +273,19 @@ def evaluate(model, reference, enc, problems, config, device, batch_size=128):
     return metrics, greedy, first
 
 
+def kv_cache_speedup(model, prompt_ids, new_tokens=64, seed=0):
+    """Seconds to sample new_tokens for every prompt with the KV cache (each step feeds one new
+    token; keys and values of the prefix are kept) and without it (each step recomputes the whole
+    prefix), from the same seed, so both draw the same tokens. -> (cached s, uncached s)."""
+    seconds = []
+    for use_cache in (True, False):
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        t = time.time()
+        M.generate(model, prompt_ids, new_tokens, stop_token=-1, generator=gen, use_cache=use_cache)  # never stops early
+        seconds.append(time.time() - t)
+    return tuple(seconds)
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 
@@ -293,6 +310,8 @@ def train(config):
     device = M.pick_device(config.device)
     user_problems = read_problems(config.data) if config.data else None  # validate before anything expensive
     user_eval = read_problems(config.eval_problems_file) if config.eval_problems_file else None
+    if config.eval_reference and not os.path.exists(config.eval_reference):
+        raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)
     ensure_data(config.data_dir)
     t0 = time.time()
@@ -316,10 +335,21 @@ def train(config):
     print(f"rlvr: start from {init} | {M.describe(policy, device)} | {len(problems)} RL problems, "
           f"{len(eval_problems)} held-out")
 
+    if config.measure_kv_cache:
+        batch = [M.render_prompt(enc, p["prompt"]) for p in problems[:64]]
+        cached, uncached = kv_cache_speedup(policy, batch)
+        print(f"rlvr: sampling 64 replies x 64 tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
+              f"recomputing the prefix: {uncached / cached:.1f}x faster")
+
+    # the evaluation's KL is against the start, or against --eval-reference (a third model, eval only)
+    kl_reference = reference
+    if config.eval_reference:
+        kl_reference, _ = M.load_checkpoint(config.eval_reference, device, tokenizer_path)
+        kl_reference.requires_grad_(False).eval()
     before = None
     if eval_problems:
         t_eval = time.time()
-        before, _, _ = evaluate(policy, reference, enc, eval_problems, config, device)
+        before, greedy, sampled = evaluate(policy, kl_reference, enc, eval_problems, config, device)
         print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, pass@1 {before['pass_at_k']['1']:.1%}, "
               f"pass@8 {before['pass_at_k'].get('8', float('nan')):.1%}, judge {before['judge_score']:.2f} "
               f"({time.time() - t_eval:.0f}s)")
@@ -415,7 +445,9 @@ def train(config):
                "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
                "sample_seconds": sample_seconds, "train_seconds": train_seconds}
     if eval_problems:
-        after, greedy, sampled = evaluate(policy, reference, enc, eval_problems, config, device)
+        after = before
+        if config.steps:  # with no step, the model is the start: no need to evaluate it twice
+            after, greedy, sampled = evaluate(policy, kl_reference, enc, eval_problems, config, device)
         metrics.update({
             "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
             "pass_at_k": {k: {"before": before["pass_at_k"][k], "after": after["pass_at_k"][k]}
@@ -424,7 +456,7 @@ def train(config):
             "length_before": before["mean_length"], "length_after": after["mean_length"],
             "style_shares_before": before["style_shares"], "style_shares_after": after["style_shares"],
             "pass_at_1_by_ops_before": before["pass_at_1_by_ops"], "pass_at_1_by_ops_after": after["pass_at_1_by_ops"],
-            "kl": after["kl"]})
+            "kl_before": before["kl"], "kl": after["kl"]})
         print("\n--- three held-out prompts after RL (greedy | sampled) ---")
         for p, g, s in list(zip(eval_problems, greedy, sampled))[:3]:
             print(f"USER: {p['prompt']}  (answer {p['answer']})\n[greedy]  {g!r}\n[sampled] {s!r}\n")
@@ -435,8 +467,9 @@ def train(config):
     M.write_json(os.path.join(out_dir, "metrics.json"), metrics)
 
     r = metrics["reward_curve"]
-    head, tail = r[: max(1, len(r) // 5)], r[-max(1, len(r) // 5):]
-    print(f"rlvr: reward {sum(head) / len(head):.3f} (first fifth of steps) -> {sum(tail) / len(tail):.3f} (last fifth)")
+    if r:
+        head, tail = r[: max(1, len(r) // 5)], r[-max(1, len(r) // 5):]
+        print(f"rlvr: reward {sum(head) / len(head):.3f} (first fifth of steps) -> {sum(tail) / len(tail):.3f} (last fifth)")
     if eval_problems:
         pk = metrics["pass_at_k"]
         print(f"rlvr: held-out greedy accuracy {metrics['accuracy_before']:.1%} -> {metrics['accuracy_after']:.1%}; "
