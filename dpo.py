@@ -405,17 +405,13 @@ def compare_by_sampling(policy, reference, enc, problems, config, device):
 
 def ensure_init(config):
     """The checkpoint DPO starts from; the default SFT one is built (announced) when missing."""
-    if config.init:
-        if not os.path.exists(config.init):
-            raise M.DataError(f"{config.init}: no such checkpoint")
-        return config.init
-    path = os.path.join(config.out, "sft", "model.pt")
-    if not os.path.exists(path):
+    def build():
         import sft  # only needed to build the missing stage
-        print(f"dpo: no SFT checkpoint at {path}; building it now with sft.py "
-              f"(data, pretraining, SFT: about 8 minutes on a 2-core CPU)")
         sft.train(sft.SFTConfig(out=config.out, device=config.device, data_dir=config.data_dir))
-    return path
+
+    path = os.path.join(config.out, "sft", "model.pt")
+    return M.previous_stage(config.init, path, build, f"dpo: no SFT checkpoint at {path}; building it now "
+                            f"with sft.py (data, pretraining, SFT: about 8 minutes on a 2-core CPU)")
 
 
 def train(config):

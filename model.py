@@ -759,6 +759,20 @@ class DataError(ValueError):
     """A bad input file: the message names the file, the line and what is wrong."""
 
 
+def previous_stage(init, default_path, build, announcement):
+    """The checkpoint a stage starts from: `init` when given (it must exist), else default_path,
+    built first by calling build() (and saying so) when it is missing, so that every stage runs on
+    a fresh clone."""
+    if init:
+        if not os.path.exists(init):
+            raise DataError(f"{init}: no such checkpoint")
+        return init
+    if not os.path.exists(default_path):
+        print(announcement)
+        build()
+    return default_path
+
+
 def read_jsonl(path):
     """Rows of a JSONL file as (line number, dict). Raises DataError naming the file and line on
     a missing file, bad JSON, a row that is not an object, or a file with no rows."""

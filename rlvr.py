@@ -292,16 +292,11 @@ def kv_cache_speedup(model, prompt_ids, new_tokens=64, seed=0):
 
 def ensure_init(config):
     """The checkpoint RL starts from; the default DPO one is built (announced) when missing."""
-    if config.init:
-        if not os.path.exists(config.init):
-            raise M.DataError(f"{config.init}: no such checkpoint")
-        return config.init
     path = os.path.join(config.out, "dpo", "model.pt")
-    if not os.path.exists(path):
-        print(f"rlvr: no DPO checkpoint at {path}; building it now with dpo.py "
-              f"(and the data and SFT model if missing: about 11 minutes on a 2-core CPU)")
-        dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir))
-    return path
+    return M.previous_stage(
+        config.init, path, lambda: dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir)),
+        f"rlvr: no DPO checkpoint at {path}; building it now with dpo.py (and the data and SFT model "
+        f"if missing: about 11 minutes on a 2-core CPU)")
 
 
 def train(config):

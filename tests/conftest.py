@@ -51,3 +51,16 @@ def tiny_data_dir(tmp_path_factory, tiny_config):
 def tiny_enc(tiny_data_dir):
     """The tokenizer trained on the tiny data, loaded the way every stage loads it."""
     return M.load_tokenizer(os.path.join(tiny_data_dir, "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_ckpt(tiny_data_dir, tmp_path_factory):
+    """A tiny SFT checkpoint (1 layer, width 32, 20 pretraining + 20 SFT steps on the tiny data):
+    the start of every DPO and RL run in the tests. Built once per session, in a few seconds."""
+    import sft
+    out = str(tmp_path_factory.mktemp("tiny_sft"))
+    sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=20, sft_steps=20,
+                            pretrain_batch_size=8, pretrain_seq_len=32, sft_batch_size=8,
+                            eval_problems=0, eval_every=100, data_dir=tiny_data_dir, out=out,
+                            device="cpu", warmup_steps=5, log_every=5))
+    return os.path.join(out, "sft", "model.pt")

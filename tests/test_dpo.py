@@ -19,7 +19,6 @@ import torch
 import dpo
 from helpers import tiny_gpt
 import model as M
-import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2 = math.log(2)
@@ -552,16 +551,6 @@ def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # End to end on a tiny config
-
-
-@pytest.fixture(scope="module")
-def tiny_sft_ckpt(tiny_data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("dpo_sft"))
-    sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=20, sft_steps=20,
-                            pretrain_batch_size=8, pretrain_seq_len=32, sft_batch_size=8,
-                            eval_problems=0, eval_every=100, data_dir=tiny_data_dir, out=out,
-                            device="cpu", warmup_steps=5, log_every=5))
-    return os.path.join(out, "sft", "model.pt")
 
 
 def tiny_dpo_config(tiny_data_dir, init, out, **overrides):

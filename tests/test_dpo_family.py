@@ -358,7 +358,6 @@ import json  # noqa: E402
 import random  # noqa: E402
 
 import model as M  # noqa: E402
-import sft  # noqa: E402
 
 ALL_LOSSES = dpo.LOSS_TYPES + dpo.REFERENCE_FREE + ["kto"]
 
@@ -405,16 +404,6 @@ def test_read_unpaired_validates_rows(tmp_path):
             dpo.read_unpaired(str(bad))
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tiny_data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("family_sft"))
-    sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=10, sft_steps=10,
-                            pretrain_batch_size=8, pretrain_seq_len=32, sft_batch_size=8,
-                            eval_problems=0, eval_every=100, data_dir=tiny_data_dir, out=out,
-                            device="cpu", warmup_steps=2, log_every=5))
-    return os.path.join(out, "sft", "model.pt")
-
-
 def family_config(tiny_data_dir, init, out, **overrides):
     kw = dict(init=init, data_dir=tiny_data_dir, steps=4, batch_size=4, lr=1e-3, warmup_steps=1,
               eval_problems=0, out=out, device="cpu", log_every=1)
@@ -422,8 +411,8 @@ def family_config(tiny_data_dir, init, out, **overrides):
 
 
 @pytest.mark.parametrize("loss_type", ALL_LOSSES)
-def test_every_loss_name_trains_a_few_steps_end_to_end(loss_type, tiny_ckpt, tiny_data_dir, tmp_path):
-    metrics = dpo.train(family_config(tiny_data_dir, tiny_ckpt, str(tmp_path), loss_type=loss_type,
+def test_every_loss_name_trains_a_few_steps_end_to_end(loss_type, tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    metrics = dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), loss_type=loss_type,
                                       label_smoothing=0.1 if loss_type in ("cdpo", "robust") else 0.0))
     assert math.isfinite(metrics["pref_accuracy"]) and math.isfinite(metrics["margin"])
     with open(os.path.join(str(tmp_path), "dpo", "log.jsonl")) as f:
@@ -433,14 +422,14 @@ def test_every_loss_name_trains_a_few_steps_end_to_end(loss_type, tiny_ckpt, tin
         assert all(math.isfinite(v) for k, v in rec.items() if isinstance(v, float)), rec
     assert ("kl" in log[0]) == (loss_type not in dpo.REFERENCE_FREE)
     # the policy moved: the saved weights differ from the start
-    start, _ = M.load_checkpoint(tiny_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
+    start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
     end, _ = M.load_checkpoint(os.path.join(str(tmp_path), "dpo", "model.pt"), "cpu",
                                os.path.join(tiny_data_dir, "tokenizer.json"))
     assert any(not torch.equal(a, b) for a, b in zip(start.state_dict().values(), end.state_dict().values()))
 
 
 @pytest.mark.parametrize("loss_type", dpo.REFERENCE_FREE)
-def test_reference_free_losses_load_one_model_and_never_run_a_reference(loss_type, tiny_ckpt, tiny_data_dir,
+def test_reference_free_losses_load_one_model_and_never_run_a_reference(loss_type, tiny_sft_ckpt, tiny_data_dir,
                                                                         tmp_path, monkeypatch):
     loaded, scored = [], []
     real_load, real_seq = M.load_checkpoint, dpo.sequence_logprobs
@@ -456,23 +445,23 @@ def test_reference_free_losses_load_one_model_and_never_run_a_reference(loss_typ
 
     monkeypatch.setattr(M, "load_checkpoint", counting_load)
     monkeypatch.setattr(dpo, "sequence_logprobs", spying_seq)
-    dpo.train(family_config(tiny_data_dir, tiny_ckpt, str(tmp_path), loss_type=loss_type))
+    dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), loss_type=loss_type))
     assert len(loaded) == 1  # the policy: no reference copy in memory
     assert scored and all(m is loaded[0] for m in scored)  # every log-prob came from the policy
 
 
-def test_kto_reads_trls_unpaired_format(tiny_ckpt, tiny_data_dir, tmp_path):
+def test_kto_reads_trls_unpaired_format(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     rows = dpo.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:40]
     path = tmp_path / "kto.jsonl"
     with open(path, "w") as f:
         for prompt, chosen, rejected in rows:
             f.write(json.dumps({"prompt": prompt, "completion": chosen, "label": True}) + "\n")
             f.write(json.dumps({"prompt": prompt, "completion": rejected, "label": False}) + "\n")
-    metrics = dpo.train(family_config(tiny_data_dir, tiny_ckpt, str(tmp_path / "out"), loss_type="kto",
+    metrics = dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), loss_type="kto",
                                       data=str(path), steps=2))
     assert metrics["pairs"] == 80  # 80 unpaired rows
 
 
-def test_unknown_loss_type_is_refused_before_training(tiny_ckpt, tiny_data_dir, tmp_path):
+def test_unknown_loss_type_is_refused_before_training(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="known: sigmoid, cdpo"):
-        dpo.train(family_config(tiny_data_dir, tiny_ckpt, str(tmp_path), loss_type="nope"))
+        dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), loss_type="nope"))

@@ -303,20 +303,9 @@ def test_load_lora_refuses_a_file_that_does_not_fit(tmp_path, tiny_data_dir):
 import json  # noqa: E402
 
 import dpo  # noqa: E402
-import sft  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_sft(tiny_data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("lora_sft"))
-    sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=20, sft_steps=20,
-                            pretrain_batch_size=8, pretrain_seq_len=32, sft_batch_size=8,
-                            eval_problems=0, eval_every=100, data_dir=tiny_data_dir, out=out,
-                            device="cpu", warmup_steps=5, log_every=5))
-    return os.path.join(out, "sft", "model.pt")
-
-
-def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy(tiny_sft, tiny_data_dir,
+def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy(tiny_sft_ckpt, tiny_data_dir,
                                                                                  tmp_path, monkeypatch):
     loaded = []
     real_load = M.load_checkpoint
@@ -327,11 +316,11 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
 
     monkeypatch.setattr(M, "load_checkpoint", counting_load)
     out = str(tmp_path)
-    config = dpo.DPOConfig(init=tiny_sft, data_dir=tiny_data_dir, steps=30, batch_size=8, lr=3e-3,
+    config = dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, steps=30, batch_size=8, lr=3e-3,
                            warmup_steps=5, eval_problems=4, max_new_tokens=8, out=out, device="cpu",
                            log_every=1, lora_rank=4, lora_alpha=8.0)
     metrics = dpo.train(config)
-    assert loaded == [tiny_sft]  # one copy of the weights: no reference model, not even to evaluate
+    assert loaded == [tiny_sft_ckpt]  # one copy of the weights: no reference model, not even to evaluate
 
     with open(os.path.join(out, "dpo", "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
@@ -341,7 +330,7 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
     # the held-out accuracy starts at 0 (no pair ranked strictly while policy == base) and rises
     assert metrics["pref_accuracy"] >= 0.6 and metrics["margin"] > 0
     # r (in + out) per adapted Linear, counted from the start checkpoint's own layers
-    start_model, _ = real_load(tiny_sft, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
+    start_model, _ = real_load(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
     targets = [m for n, m in start_model.named_modules()
                if isinstance(m, nn.Linear) and n.endswith(TARGET_SUFFIXES)]
     assert metrics["trainable_parameters"] == sum(4 * (m.in_features + m.out_features) for m in targets)
@@ -349,22 +338,22 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
     # model.pt is the merged policy: base + adapters from adapter.pt, a plain checkpoint
     tok = os.path.join(tiny_data_dir, "tokenizer.json")
     merged, _ = real_load(os.path.join(out, "dpo", "model.pt"), "cpu", tok)
-    base, _ = real_load(tiny_sft, "cpu", tok)
+    base, _ = real_load(tiny_sft_ckpt, "cpu", tok)
     M.load_lora(os.path.join(out, "dpo", "adapter.pt"), base)
     x = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(merged.eval()(x), base.eval()(x), atol=1e-5)
         with M.lora_disabled(base):  # and with the adapters off, the untouched SFT weights
-            start, _ = real_load(tiny_sft, "cpu", tok)
+            start, _ = real_load(tiny_sft_ckpt, "cpu", tok)
             assert torch.equal(base(x), start.eval()(x))
 
 
-def test_lora_and_full_reference_log_probs_agree(tiny_sft, tiny_data_dir, tmp_path):
+def test_lora_and_full_reference_log_probs_agree(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     # the reference pass with adapters off equals the one through a separately loaded base
     runs = {}
     for rank in (0, 4):
         out = str(tmp_path / f"r{rank}")
-        dpo.train(dpo.DPOConfig(init=tiny_sft, data_dir=tiny_data_dir, steps=1, batch_size=4, eval_problems=0,
+        dpo.train(dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, steps=1, batch_size=4, eval_problems=0,
                                 out=out, device="cpu", log_every=1, lora_rank=rank))
         with open(os.path.join(out, "dpo", "log.jsonl")) as f:
             runs[rank] = json.loads(f.readline())

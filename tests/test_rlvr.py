@@ -21,7 +21,6 @@ import torch
 from helpers import tiny_gpt
 import model as M
 import rlvr
-import sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -758,16 +757,6 @@ def test_zero_warmup_steps_trains(tiny_data_dir, tiny_init_ckpt, tmp_path, monke
 
 # ----------------------------------------------------------------------------------------------
 # End to end on a tiny SFT checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_sft_ckpt(tiny_data_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("rlvr_sft"))
-    sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=10, sft_steps=10,
-                            pretrain_batch_size=8, pretrain_seq_len=32, sft_batch_size=8,
-                            eval_problems=0, eval_every=100, data_dir=tiny_data_dir, out=out,
-                            device="cpu", warmup_steps=2, log_every=5))
-    return os.path.join(out, "sft", "model.pt")
 
 
 def test_tiny_end_to_end_run(tiny_sft_ckpt, tiny_data_dir, tmp_path):
