@@ -6,6 +6,8 @@ sampling during training.
     python dpo.py                 (builds data and the SFT model if missing, then DPO: ~3 min)
     python dpo.py --beta 0.1 --lr 1e-5 --epochs 2
     python dpo.py --data my_pairs.jsonl     (any TRL-style {"prompt", "chosen", "rejected"} file)
+    python dpo.py --loss-type ipo           (the family: cdpo, robust, hinge, ipo, simpo, orpo, kto, ...)
+    python dpo.py --lora-rank 16 --lr 1e-3  (LoRA: the frozen start is the reference, one model in memory)
     python dpo.py --help
 
 The derivation, in the paper's notation (equation numbers are the paper's):
@@ -37,6 +39,9 @@ How this departs from the paper:
 4. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
    chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
    evaluation on the policy's own samples.
+
+The family (--loss-type) lives in dpo_family.py, one equation each; this file computes plain DPO
+(eq. 7) itself, and batch_loss below picks the member the config names.
 """
 
 import contextlib
@@ -104,6 +109,9 @@ class DPOConfig:
     eval_problems: int = M.option(500, "held-out problems sampled from reference and policy (0 = skip)", "evaluation")
     eval_temperature: float = M.option(1.0, "sampling temperature at evaluation (KL is estimated on these samples)", "evaluation")
     max_new_tokens: int = M.option(96, "longest sampled reply", "evaluation")
+    eval_every: int = M.option(0, "every N steps, sample --eval-every-problems held-out problems from the policy "
+                               "and log their judge score and accuracy (0 = off)", "evaluation")
+    eval_every_problems: int = M.option(100, "held-out problems per --eval-every evaluation", "evaluation")
     chosen_logp_warn: float = M.option(5.0, "warn when the chosen log-prob falls this many nats below its start "
                                       "while the margin grows", "evaluation")
     # run
@@ -379,6 +387,17 @@ def kl_on_samples(policy, reference, enc, prompts, replies, device, batch_size=6
     return total / max(1, len(prompts))
 
 
+def judge_during_training(policy, enc, problems, config):
+    """The policy's replies to a few held-out problems, sampled as at evaluation, judged."""
+    was = policy.training
+    policy.eval()
+    replies = M.sample_replies(policy, enc, [p["prompt"] for p in problems], config.max_new_tokens,
+                               config.eval_temperature, config.seed)
+    policy.train(was)
+    scores = world.score_replies(problems, replies)
+    return {"judge_score": scores["judge_score"], "accuracy": scores["accuracy"], "length": scores["mean_length"]}
+
+
 def compare_by_sampling(policy, reference, enc, problems, config, device):
     """Sample the reference and the policy on the same held-out prompts, same settings and seed;
     the judge compares them reply by reply (a tie counts half)."""
@@ -525,7 +544,8 @@ def train(config):
     open(log_path, "w").close()
     order, window, warning_step = [], [], None
     start_chosen_logp = None
-    tokens, t_train = 0, time.time()
+    tracked = [r for _, r in M.read_jsonl(problems_path)][: config.eval_every_problems] if config.eval_every else []
+    tokens, t_train, eval_seconds = 0, time.time(), 0.0
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
         if len(order) < batch_size:  # a new epoch: reshuffle
@@ -574,9 +594,14 @@ def train(config):
         window.append(record)
         if start_chosen_logp is None:
             start_chosen_logp = window[0]["logps/chosen"]
-        if (step + 1) % config.log_every == 0 or step == steps - 1:
+        eval_due = config.eval_every and (step + 1) % config.eval_every == 0
+        if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
             rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            elapsed = time.time() - t_train
+            if eval_due:  # the held-out judge score while training (not counted as training time)
+                t_eval = time.time()
+                rec.update(judge_during_training(policy, enc, tracked, config))
+                eval_seconds += time.time() - t_eval
+            elapsed = time.time() - t_train - eval_seconds
             rec.update(step=step, lr=opt.param_groups[0]["lr"], pairs_per_second=(step + 1) * B / elapsed,
                        tokens_per_second=tokens / elapsed)
             M.append_jsonl(log_path, rec)
@@ -591,7 +616,7 @@ def train(config):
                 tqdm.write(f"warning: step {step}: the chosen log-prob fell from {start_chosen_logp:.1f} to "
                            f"{rec['logps/chosen']:.1f} while the margin grew to {rec['rewards/margins']:.2f}: "
                            f"both replies are being pushed down (over-optimisation; lower lr/epochs or raise beta)")
-    train_seconds = time.time() - t_train
+    train_seconds = time.time() - t_train - eval_seconds
 
     # evaluation on held-out data the training never saw, against the start (or --eval-reference)
     if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):

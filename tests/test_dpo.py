@@ -668,3 +668,20 @@ def test_readme_equation_map_points_at_the_right_lines():
     for code, n in refs:
         snippet = code.split(" ...")[0]  # "chosen_logratios = ..." names the line's start
         assert snippet in lines[int(n) - 1], (code, n, lines[int(n) - 1])
+
+
+def test_eval_every_logs_the_held_out_judge_score_of_the_policy_at_that_step(tiny_sft_ckpt, tiny_data_dir,
+                                                                              tmp_path):
+    from data import world
+    out = str(tmp_path)
+    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=4, log_every=4, eval_every=2,
+                              eval_every_problems=6, eval_problems=0))
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 3]  # a line at every evaluation, and at the last step
+    assert all("judge_score" in r and "accuracy" in r for r in log)
+    # the last one is the saved policy's: sample the same problems with the same seed, judge
+    tok = tiny_path(tiny_data_dir, "tokenizer.json")
+    policy, _ = M.load_checkpoint(os.path.join(out, "dpo", "model.pt"), "cpu", tok)
+    problems = [r for _, r in M.read_jsonl(tiny_path(tiny_data_dir, "test.jsonl"))][:6]
+    replies = M.sample_replies(policy, M.load_tokenizer(tok), [p["prompt"] for p in problems], 16, 1.0, 1337)
+    assert log[-1]["judge_score"] == pytest.approx(sum(world.judge(p, r) for p, r in zip(problems, replies)) / 6)
