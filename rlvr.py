@@ -75,6 +75,8 @@ class RLVRConfig:
     inner_steps: int = M.option(1, "mu: optimizer updates per batch of rollouts", "objective")
     # optimisation
     steps: int = M.option(50, "RL steps (each: sample, score, update)", "optimisation")
+    max_seconds: float = M.option(0.0, "stop after the step that passes this many seconds of sampling and "
+                                  "training (0 = run every step): a wall-clock budget", "optimisation")
     lr: float = M.option(1e-4, "peak learning rate", "optimisation")
     warmup_steps: int = M.option(5, "linear warmup steps, then constant", "optimisation")
     grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
@@ -357,6 +359,9 @@ def train(config):
     sample_tokens, sample_seconds, train_tokens, train_seconds = 0, 0.0, 0, 0.0
     bar = tqdm(range(config.steps), desc="rlvr", dynamic_ncols=True)
     for step in bar:
+        if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
+            tqdm.write(f"rlvr: time budget of {config.max_seconds:.0f}s spent after {step} steps")
+            break
         if len(order) < config.prompts_per_step:  # a new pass over the problems: reshuffle
             more = list(range(len(problems)))
             rng.shuffle(more)
@@ -435,13 +440,14 @@ def train(config):
                             sample=f"{rec['sample_tokens_per_second'] / 1e3:.1f}k",
                             train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k")
 
-    metrics = {"steps": config.steps, "reward_curve": [r["reward"] for r in curve],
+    metrics = {"steps": len(curve), "samples": len(curve) * config.prompts_per_step * config.group_size,
+               "reward_curve": [r["reward"] for r in curve],
                "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
                "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
                "sample_seconds": sample_seconds, "train_seconds": train_seconds}
     if eval_problems:
         after = before
-        if config.steps:  # with no step, the model is the start: no need to evaluate it twice
+        if curve:  # with no step, the model is the start: no need to evaluate it twice
             after, greedy, sampled = evaluate(policy, kl_reference, enc, eval_problems, config, device)
         metrics.update({
             "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],

@@ -1,0 +1,102 @@
+"""
+Does DPO make replies longer? DPO from the same SFT checkpoint on three versions of the same
+preference pairs: the default; "biased", where every chosen reply gets filler lines, so that
+longer is systematically preferred; and "balanced", where the shorter reply of every pair is
+padded with the same filler until it is as long as the other, so that length says nothing. The
+judge's labels do not change: the filler has no style and no arithmetic, and correctness and style
+decide every pair by margins the filler's length cannot reach. (A terse reply is one line, and a
+filler line would make it another style, so terse replies are never padded, and the balanced set
+leaves out the pairs whose shorter reply is terse.) A fourth run trains on the biased
+pairs with sigmoid_norm, DPO on per-token average log-ratios, which length cannot inflate.
+
+    python experiments/length_bias.py           (~14 min on a 2-core CPU)
+    python experiments/length_bias.py --quick   (seconds: a tiny world, for tests)
+"""
+
+import json
+import os
+import random
+
+import common
+from data import world
+
+FILLER = ["Let me write that out clearly.", "Here is how I worked it out in my head."]
+EVAL_PROBLEMS = 300
+
+
+def pad(reply, lines):
+    """The reply with filler lines inserted before its final line (which must stay last)."""
+    head, _, final = reply.rpartition("\n")
+    return "\n".join(([head] if head else []) + lines + [final])
+
+
+def paddable(reply):
+    """Filler keeps every style but terse, whose one line is the style."""
+    return world.classify_style(reply) != "terse"
+
+
+def biased(rows):
+    """Every chosen reply gets the filler (but terse ones): longer is preferred more often."""
+    return [{**r, "chosen": pad(r["chosen"], FILLER)} if paddable(r["chosen"]) else r for r in rows]
+
+
+def balanced(rows, rng):
+    """The shorter reply of each pair gets filler lines until it is at least as long as the other:
+    after this, length no longer tells chosen from rejected. Pairs whose shorter reply is terse
+    are left out: it cannot be padded without becoming another style."""
+    out = []
+    for r in rows:
+        short, long_ = ("chosen", "rejected") if len(r["chosen"]) < len(r["rejected"]) else ("rejected", "chosen")
+        if not paddable(r[short]):
+            continue
+        lines = []
+        while len(pad(r[short], lines)) < len(r[long_]):
+            lines.append(rng.choice(FILLER))
+        out.append({**r, short: pad(r[short], lines)})
+    return out
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def length_gap(rows):
+    """Mean characters by which chosen is longer than rejected."""
+    return sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)
+
+
+def main(argv=None):
+    args = common.parse_args(__doc__, argv)
+    s = common.setup("length_bias", args)
+    rows = [r for _, r in common.M.read_jsonl(os.path.join(s["data_dir"], "prefs.jsonl"))]
+    sets = {"default": rows, "biased": biased(rows), "balanced": balanced(rows, random.Random(0))}
+    runs = [("default", "sigmoid"), ("biased", "sigmoid"), ("balanced", "sigmoid"), ("biased", "sigmoid_norm")]
+    out = []
+    for data, loss_type in runs:
+        path = os.path.join(s["dir"], f"prefs_{data}.jsonl")
+        write_jsonl(path, sets[data])
+        overrides = {} if s["quick"] else {"eval_problems": EVAL_PROBLEMS}
+        m = common.dpo.train(common.dpo_config(s, f"{data}_{loss_type}", data=path, loss_type=loss_type, **overrides))
+        out.append({"data": data, "loss_type": loss_type, "pairs": len(sets[data]),
+                    "chosen_minus_rejected_chars": length_gap(sets[data]),
+                    "len_ref": m["length_ref"], "len_policy": m["length_policy"], "win_rate": m["win_rate"],
+                    "judge_score": m["judge_score_policy"], "accuracy": m["accuracy_policy"], "kl": m["kl"]})
+    common.write_results(s, {"rows": out}, ["data", "loss_type", "pairs", "chosen_minus_rejected_chars", "len_ref",
+                                            "len_policy", "win_rate", "judge_score", "accuracy", "kl"],
+                         "DPO on length-biased, length-balanced and default pairs (reply lengths in characters)")
+
+    def draw(plt):
+        labels = [f"{r['data']}\n{r['loss_type']}" for r in out]
+        plt.bar(labels, [r["len_policy"] for r in out], label="policy")
+        plt.axhline(out[0]["len_ref"], color="black", linestyle="--", label="SFT reference")
+        plt.ylabel("mean reply length (characters)")
+        plt.legend()
+
+    common.plot(s, draw)
+    return out
+
+
+if __name__ == "__main__":
+    main()

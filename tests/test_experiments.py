@@ -1,0 +1,174 @@
+"""experiments/: each experiment's --quick run end to end (a tiny world, seconds each), the data the
+length-bias experiment builds, that the beta sweep really passes each beta to the loss, the plot
+with and without matplotlib, and that a stage called from Python gives what its command line gives.
+"""
+
+import builtins
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+import beta_sweep  # noqa: E402
+import common  # noqa: E402
+import dpo  # noqa: E402
+import ipo_vs_dpo  # noqa: E402
+import length_bias  # noqa: E402
+import model as M  # noqa: E402
+import offline_vs_online  # noqa: E402
+import overtraining  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("experiments"))
+
+
+def results(out, name):
+    with open(os.path.join(out, "experiments", name, "results.json")) as f:
+        return json.load(f)
+
+
+def finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def test_beta_sweep_quick_passes_each_beta_to_the_loss(out, monkeypatch):
+    seen = []
+    real = dpo.dpo_loss
+
+    def spy(*args, **kw):
+        seen.append(args[4] if len(args) > 4 else kw["beta"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(dpo, "dpo_loss", spy)
+    beta_sweep.main(["--quick", "--out", out])
+    assert sorted(set(seen)) == sorted(beta_sweep.BETAS)
+    r = results(out, "beta_sweep")
+    assert [row["beta"] for row in r["rows"]] == beta_sweep.BETAS
+    for row in r["rows"]:
+        for key in ("beta", "kl", "win_rate", "pref_accuracy", "accuracy"):
+            assert finite(row[key]), (key, row)
+    assert os.path.exists(os.path.join(out, "experiments", "beta_sweep", "results.md"))
+
+
+def test_overtraining_quick(out):
+    overtraining.main(["--quick", "--out", out])
+    r = results(out, "overtraining")
+    for key in ("chosen_logp_start", "chosen_logp_end", "margin_start", "margin_end", "judge_score_best",
+                "judge_score_end"):
+        assert finite(r[key]), key
+    assert "warning_step" in r and r["curve"] and all(finite(c["margin"]) for c in r["curve"])
+    # the curve is the run's own log, step by step
+    log = common.read_log(os.path.join(out, "experiments", "overtraining", "sigmoid", "dpo", "log.jsonl"))
+    assert [c["chosen_logp"] for c in r["curve"]] == [x["logps/chosen"] for x in log]
+
+
+def test_ipo_vs_dpo_quick(out):
+    ipo_vs_dpo.main(["--quick", "--out", out])
+    r = results(out, "ipo_vs_dpo")
+    assert [row["loss_type"] for row in r["rows"]] == ["sigmoid", "ipo"]
+    for row in r["rows"]:
+        for key in ("margin_end", "judge_score_end", "kl"):
+            assert finite(row[key]), key
+
+
+def test_length_bias_quick(out):
+    length_bias.main(["--quick", "--out", out])
+    r = results(out, "length_bias")
+    assert [row["data"] for row in r["rows"]] == ["default", "biased", "balanced", "biased"]
+    for row in r["rows"]:
+        for key in ("len_policy", "len_ref", "win_rate"):
+            assert finite(row[key]), key
+
+
+def test_offline_vs_online_quick(out):
+    offline_vs_online.main(["--quick", "--out", out])
+    r = results(out, "offline_vs_online")
+    assert [row["method"].split()[0] for row in r["rows"]] == ["SFT", "DPO", "RLVR"]
+    for row in r["rows"]:
+        for key in ("accuracy", "pass_at_8", "judge_score", "kl", "wall_seconds"):
+            assert finite(row[key]), key
+    assert r["rows"][2]["samples"] > 0
+
+
+def test_length_biased_data_is_biased_and_the_balanced_data_is_not(tiny_data_dir):
+    rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
+    gap = length_bias.length_gap(rows)
+    padded = sum(length_bias.paddable(r["chosen"]) for r in rows) / len(rows)
+    filler = len("\n".join(length_bias.FILLER)) + 1  # the lines and the newline before them
+    assert padded > 0.5
+    assert length_bias.length_gap(length_bias.biased(rows)) == pytest.approx(gap + padded * filler)
+    balanced = length_bias.balanced(rows, random.Random(0))
+    longest_line = max(len(f) for f in length_bias.FILLER) + 1
+    kept = [a for a in rows if length_bias.paddable(min(a["chosen"], a["rejected"], key=len))]
+    assert len(balanced) == len(kept) > len(rows) / 2
+    for a, b in zip(kept, balanced):  # filler only, only on the shorter reply, up to the longer one
+        assert (b["chosen"] == a["chosen"]) or (b["rejected"] == a["rejected"])
+        assert 0 <= max(len(b["chosen"]), len(b["rejected"])) - min(len(b["chosen"]), len(b["rejected"])) \
+            <= longest_line
+    assert abs(length_bias.length_gap(balanced)) < longest_line / 2
+
+
+def test_filler_keeps_the_judges_labels(tiny_data_dir):
+    from data import world
+    rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
+    kept = [a for a in rows if length_bias.paddable(min(a["chosen"], a["rejected"], key=len))]
+    for old, new in ((rows, length_bias.biased(rows)), (kept, length_bias.balanced(rows, random.Random(0)))):
+        for a, b in zip(old, new):
+            for key in ("chosen", "rejected"):  # style and stated answer unchanged: the judge agrees
+                assert world.classify_style(b[key]) == world.classify_style(a[key])
+                assert world.parse_answer(b[key]) == world.parse_answer(a[key])
+
+
+def test_plot_without_matplotlib_says_how_and_still_writes_results(tmp_path, monkeypatch, capsys):
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    s = {"dir": str(tmp_path), "quick": True}
+    common.write_results(s, {"rows": [{"a": 1.0}]}, ["a"], "t")
+    assert common.plot(s, lambda plt: plt.plot([0, 1], [0, 1])) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "results.json") and os.path.exists(tmp_path / "results.md")
+    assert not os.path.exists(tmp_path / "plot.png")
+
+
+def test_plot_with_matplotlib_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")  # CI installs it; requirements.txt does not
+    path = common.plot({"dir": str(tmp_path), "quick": True}, lambda plt: plt.plot([0, 1], [0, 1]))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_spearman_hand_worked():
+    assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1
+    assert common.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # d = 0, 1, 1: 1 - 6*2/(3*8)
+
+
+def test_stage_from_python_equals_the_command_line(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    flags = dict(init=tiny_sft_ckpt, data_dir=tiny_data_dir, steps=3, batch_size=4, eval_problems=4,
+                 max_new_tokens=8, device="cpu")
+    in_process = dpo.train(dpo.DPOConfig(**flags, out=str(tmp_path / "py")))
+    argv = [sys.executable, "dpo.py", "--out", str(tmp_path / "cli")]
+    for k, v in flags.items():
+        argv += ["--" + k.replace("_", "-"), str(v)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "cli" / "dpo" / "metrics.json") as f:
+        cli = json.load(f)
+    for key in ("pref_accuracy", "margin", "win_rate", "judge_score_policy", "judge_score_ref", "accuracy_policy",
+                "kl", "steps", "pairs"):
+        assert cli[key] == pytest.approx(in_process[key], abs=1e-6), key
