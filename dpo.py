@@ -662,9 +662,11 @@ def train(config):
               f"{metrics['judge_score_ref']:.2f} -> {metrics['judge_score_policy']:.2f}; verifier accuracy "
               f"{metrics['accuracy_ref']:.1%} -> {metrics['accuracy_policy']:.1%}; KL {metrics['kl']:.2f} nats/reply")
         print("dpo: styles (reference -> policy): " + ", ".join(f"{s} {sr[s]:.0%}->{sp[s]:.0%}" for s in sp))
+    reference_note = ("no reference pass" if ref_chosen is None else
+                      f"reference pass {reference_pass_seconds:.1f}s once vs ~"
+                      f"{metrics['live_reference_seconds_estimate']:.1f}s for a live reference")
     print(f"dpo: {metrics['pairs_per_second']:.1f} pairs/s, {metrics['tokens_per_second'] / 1e3:.1f}k tok/s; "
-          f"reference pass {reference_pass_seconds:.1f}s once vs ~{metrics['live_reference_seconds_estimate']:.1f}s "
-          f"for a live reference; DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+          f"{reference_note}; DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
     mem = metrics["memory_mb"]
     print(f"dpo: memory: {trainable:,} trainable parameters ({trainable / total_params:.1%}); weights "
           f"{mem['weights']:.1f} MB ({model_copies} {'copies' if model_copies > 1 else 'copy'}) + grads "

@@ -13,8 +13,8 @@ import os
 
 import common
 
-SETTINGS = dict(beta=0.1, max_pairs=1000, epochs=6, log_every=5, eval_every=20, eval_every_problems=100,
-                eval_problems=300)
+SETTINGS = dict(beta=0.1, max_pairs=1000, epochs=6, log_every=5, eval_every=20, eval_every_problems=80,
+                eval_problems=200)
 
 
 def run(s, name, **overrides):
