@@ -33,8 +33,9 @@ def main(argv=None):
         plt.plot([r["kl"] for r in rows], [r["win_rate"] for r in rows], "o-")
         for r in rows:
             plt.annotate(f"beta {r['beta']}", (r["kl"], r["win_rate"]), textcoords="offset points", xytext=(4, 4))
-        plt.xscale("log")
-        plt.xlabel("KL(policy || reference), nats per reply (log scale)")
+        if all(r["kl"] > 0 for r in rows):  # KL spans orders of magnitude (a sample estimate can dip below 0)
+            plt.xscale("log")
+        plt.xlabel("KL(policy || reference), nats per reply")
         plt.ylabel("judge win rate over the SFT reference")
         plt.title("The reward-KL frontier, one point per beta")
 
