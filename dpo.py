@@ -145,28 +145,36 @@ def valid_prompt(value):
         isinstance(m, dict) and m.get("role") in M.ROLES and isinstance(m.get("content"), str) for m in value)
 
 
+def check_row(path, n, row, keys):
+    """The checks every data file shares (preference, unpaired and RL rows): the fields are
+    there, and the prompt is something the chat template can render."""
+    for key in keys:
+        if key not in row:
+            raise M.DataError(f"{path}:{n}: missing field '{key}'")
+    if isinstance(row["prompt"], str) and not row["prompt"].strip():
+        raise M.DataError(f"{path}:{n}: 'prompt' must be non-empty text ('prompt' is empty)")
+    if not valid_prompt(row["prompt"]):
+        raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+
+
+def checked_response(path, n, row, key):
+    """row[key] as text (a string or one assistant message), or a DataError naming file and line."""
+    text = response_text(row[key])
+    if text is None:
+        raise M.DataError(f"{path}:{n}: '{key}' must be a string or a single assistant message")
+    if not text.strip():
+        raise M.DataError(f"{path}:{n}: '{key}' must be non-empty text ('{key}' is empty)")
+    return text
+
+
 def read_pairs(path):
     """Validate a preference file; -> list of (prompt, chosen_text, rejected_text).
     Any problem stops with a DataError naming the file and line."""
     pairs = []
     for n, row in M.read_jsonl(path):
-        for key in ("prompt", "chosen", "rejected"):
-            if key not in row:
-                raise M.DataError(f"{path}:{n}: missing field '{key}'")
-        if not valid_prompt(row["prompt"]):
-            raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of "
-                              f"{{role, content}} messages")
-        if isinstance(row["prompt"], str) and not row["prompt"].strip():
-            raise M.DataError(f"{path}:{n}: 'prompt' is empty")
-        texts = []
-        for key in ("chosen", "rejected"):
-            text = response_text(row[key])
-            if text is None:
-                raise M.DataError(f"{path}:{n}: '{key}' must be a string or a single assistant message")
-            if not text.strip():
-                raise M.DataError(f"{path}:{n}: '{key}' is empty")
-            texts.append(text)
-        pairs.append((row["prompt"], texts[0], texts[1]))
+        check_row(path, n, row, ("prompt", "chosen", "rejected"))
+        pairs.append((row["prompt"], checked_response(path, n, row, "chosen"),
+                      checked_response(path, n, row, "rejected")))
     return pairs
 
 
@@ -175,14 +183,8 @@ def read_unpaired(path):
     -> list of (prompt, completion_text, label)."""
     rows = []
     for n, row in M.read_jsonl(path):
-        for key in ("prompt", "completion", "label"):
-            if key not in row:
-                raise M.DataError(f"{path}:{n}: missing field '{key}'")
-        if not valid_prompt(row["prompt"]) or (isinstance(row["prompt"], str) and not row["prompt"].strip()):
-            raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
-        text = response_text(row["completion"])
-        if text is None or not text.strip():
-            raise M.DataError(f"{path}:{n}: 'completion' must be a non-empty string or a single assistant message")
+        check_row(path, n, row, ("prompt", "completion", "label"))
+        text = checked_response(path, n, row, "completion")
         if not isinstance(row["label"], bool):
             raise M.DataError(f"{path}:{n}: 'label' must be true or false, got {row['label']!r}")
         rows.append((row["prompt"], text, row["label"]))
@@ -232,12 +234,9 @@ def collate(examples, pad_id, device):
     """B pairs -> one batch of 2B rows, chosen rows first, then rejected, so both go through the
     model in one forward pass. loss_mask is 1 exactly on response positions (set by position, never
     by token id). -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
-    seqs, masks = [], []
-    for key in ("chosen", "rejected"):
-        for ex in examples:
-            seqs.append(ex["prompt"] + ex[key])
-            masks.append([0] * len(ex["prompt"]) + [1] * len(ex[key]))
-    return M.pad_batch(seqs, masks, pad_id, device)
+    prompts = [ex["prompt"] for ex in examples] * 2
+    responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
+    return M.prompt_response_batch(prompts, responses, pad_id, device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,12 +374,9 @@ def kl_on_samples(policy, reference, enc, prompts, replies, device, batch_size=6
     reference None: the policy's LoRA base (see reference_model)."""
     total = 0.0
     for i in range(0, len(prompts), batch_size):
-        seqs, masks = [], []
-        for p, r in zip(prompts[i: i + batch_size], replies[i: i + batch_size]):
-            prompt_ids, reply_ids = M.render_prompt(enc, p), M.render_response(enc, r)
-            seqs.append(prompt_ids + reply_ids)
-            masks.append([0] * len(prompt_ids) + [1] * len(reply_ids))
-        ids, mask = M.pad_batch(seqs, masks, 0, device)
+        ids, mask = M.prompt_response_batch([M.render_prompt(enc, p) for p in prompts[i: i + batch_size]],
+                                            [M.render_response(enc, r) for r in replies[i: i + batch_size]],
+                                            0, device)
         with reference_model(policy, reference) as ref:
             ref_logps = sequence_logprobs(ref, ids, mask)
         total += (sequence_logprobs(policy, ids, mask) - ref_logps).sum().item()

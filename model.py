@@ -740,6 +740,15 @@ def pad_batch(seqs, masks, pad_id, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
+def prompt_response_batch(prompt_ids, response_ids, pad_id, device="cpu"):
+    """Rows prompt + response, right-padded, with the loss mask on the response's tokens only
+    (set by position, never by token id): the batch DPO, RL and their evaluations score.
+    -> input_ids (N, T), loss_mask (N, T)."""
+    seqs = [p + r for p, r in zip(prompt_ids, response_ids)]
+    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, response_ids)]
+    return pad_batch(seqs, masks, pad_id, device)
+
+
 def sample_replies(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0,
                    batch_size=128):
     """Reply texts for a list of prompts (strings or conversations), in batches.

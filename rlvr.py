@@ -109,12 +109,7 @@ def read_problems(path):
     Any problem stops with a DataError naming the file and line."""
     problems = []
     for n, row in M.read_jsonl(path):
-        for key in ("prompt", "answer"):
-            if key not in row:
-                raise M.DataError(f"{path}:{n}: missing field '{key}'")
-        if not dpo.valid_prompt(row["prompt"]) or (isinstance(row["prompt"], str) and not row["prompt"].strip()):
-            raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of "
-                              f"{{role, content}} messages")
+        dpo.check_row(path, n, row, ("prompt", "answer"))
         answer = row["answer"]
         if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):
             answer = int(answer)
@@ -214,14 +209,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
 
 # ----------------------------------------------------------------------------------------------
 # Rollouts and evaluation
-
-
-def reply_batch(prompt_ids, reply_ids, pad_id, device):
-    """Prompt + reply rows with the loss mask on the reply's tokens only (set by position).
-    -> input_ids (N, T), loss_mask (N, T), right-padded to the longest row."""
-    seqs = [p + r for p, r in zip(prompt_ids, reply_ids)]
-    masks = [[0] * len(p) + [1] * len(r) for p, r in zip(prompt_ids, reply_ids)]
-    return M.pad_batch(seqs, masks, pad_id, device)
 
 
 def token_logprobs(model, input_ids, loss_mask, temperature=1.0):
@@ -386,7 +373,7 @@ def train(config):
         stats = {"kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0, "tokens": 0}
         grad_norm = step_loss = clipped = 0.0
         if rows:
-            ids, mask = reply_batch([ro["prompt_ids"][i] for i in rows], [ro["reply_ids"][i] for i in rows], pad, device)
+            ids, mask = M.prompt_response_batch([ro["prompt_ids"][i] for i in rows], [ro["reply_ids"][i] for i in rows], pad, device)
             adv = advantages.flatten()[rows].to(device)  # (N,)
             mb = config.micro_batch or len(rows)
             chunks = [slice(i, i + mb) for i in range(0, len(rows), mb)]

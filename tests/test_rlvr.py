@@ -58,7 +58,7 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
     config = rlvr.RLVRConfig(max_new_tokens=12, temperature=temperature)
     ro = rlvr.rollout(model, tiny_enc, problems, 2, config, torch.Generator().manual_seed(0))
     assert len({len(p) for p in ro["prompt_ids"]}) == 3  # prompts of different lengths, one batch
-    ids, mask = rlvr.reply_batch(ro["prompt_ids"], ro["reply_ids"], pad_id(tiny_enc), "cpu")
+    ids, mask = M.prompt_response_batch(ro["prompt_ids"], ro["reply_ids"], pad_id(tiny_enc), "cpu")
     with torch.no_grad():
         logps, m = rlvr.token_logprobs(model, ids, mask, temperature)
     forced = masked_rows(logps, m)
@@ -79,7 +79,7 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
 
 def test_sampler_logprobs_match_with_replies_of_different_lengths(tiny_enc):
     # rollout always stops at <|end|>, which a random model rarely samples; stopping at a token it
-    # samples often gives replies of different lengths (right padding in reply_batch)
+    # samples often gives replies of different lengths (right padding in model.prompt_response_batch)
     model = tiny_gpt(tiny_enc.n_vocab, seed=12, n_layer=2, std=0.1).eval()
     prompt_ids = [M.render_prompt(tiny_enc, p) for p in PROMPTS for _ in range(3)]
     with torch.no_grad():
@@ -87,7 +87,7 @@ def test_sampler_logprobs_match_with_replies_of_different_lengths(tiny_enc):
     stop = int(first.argmax())
     replies, sampled = M.generate(model, prompt_ids, 10, stop, 0.8, generator=torch.Generator().manual_seed(1))
     assert len({len(r) for r in replies}) > 1 and any(r[-1] == stop for r in replies)
-    ids, mask = rlvr.reply_batch(prompt_ids, replies, pad_id(tiny_enc), "cpu")
+    ids, mask = M.prompt_response_batch(prompt_ids, replies, pad_id(tiny_enc), "cpu")
     with torch.no_grad():
         logps, m = rlvr.token_logprobs(model, ids, mask, 0.8)
     for s, f in zip(sampled, masked_rows(logps, m)):
@@ -130,7 +130,7 @@ def test_reply_mask_covers_the_reply_and_its_end_token_and_nothing_else(tiny_enc
     replies = [M.render_response(enc, "The answer is 2."),
                M.render_response(enc, "3 + 5 = 8.\nThe answer is 8.")]
     assert all(r[-1] == end and end not in r[:-1] for r in replies)
-    ids, mask = rlvr.reply_batch(prompts, replies, pad_id(enc), "cpu")
+    ids, mask = M.prompt_response_batch(prompts, replies, pad_id(enc), "cpu")
     T = max(len(p) + len(r) for p, r in zip(prompts, replies))
     assert ids.shape == mask.shape == (2, T)
     for b, (p, r) in enumerate(zip(prompts, replies)):
@@ -450,7 +450,7 @@ def random_replies(enc, n, seed):
 def test_micro_batches_give_the_same_loss_and_gradient_as_one_batch(tiny_enc, aggregation):
     model = tiny_gpt(tiny_enc.n_vocab, seed=21, n_layer=2, std=0.05)
     prompts, replies = random_replies(tiny_enc, 7, seed=3)
-    ids, mask = rlvr.reply_batch(prompts, replies, pad_id(tiny_enc), "cpu")
+    ids, mask = M.prompt_response_batch(prompts, replies, pad_id(tiny_enc), "cpu")
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
         logps0, m = rlvr.token_logprobs(model, ids, mask, 0.8)
@@ -492,7 +492,7 @@ def test_one_update_raises_the_rewarded_reply_over_the_unrewarded_one(tiny_enc):
     rewards = torch.tensor([[rlvr.reward(PROBLEM, "1 + 2 = 3.\nThe answer is 3.", True),
                              rlvr.reward(PROBLEM, "The answer is 4.", True)]])
     assert rewards.tolist() == [[1.0, 0.0]]
-    ids, mask = rlvr.reply_batch([prompt, prompt], replies, pad_id(enc), "cpu")
+    ids, mask = M.prompt_response_batch([prompt, prompt], replies, pad_id(enc), "cpu")
 
     def reply_logps():
         with torch.no_grad():
