@@ -50,7 +50,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +74,7 @@ class DPOConfig:
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
     label_smoothing: float = M.option(0.0, "eps: the assumed share of wrong labels (cdpo, robust; sigmoid with eps "
                                       "> 0 is cdpo)", "dpo")
+    rpo_alpha: float = M.option(0.0, "RPO: add alpha * the chosen replies' NLL per token to the paired loss", "dpo")
     simpo_beta: float = M.option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "dpo")
     simpo_gamma: float = M.option(0.5, "SimPO's target reward margin gamma", "dpo")
     orpo_lambda: float = M.option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "dpo")
@@ -202,11 +203,11 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
     """Prompt and responses are tokenised separately and concatenated, so the response starts
     exactly at its first token (tokenising prompt + response as one string can merge tokens across
     the boundary). Every response ends with <|end|>, which is scored like any response token.
-    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists."""
+    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists (and "row")."""
     counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
               "dropped_no_response": 0}
     examples = []
-    for prompt, chosen, rejected, *label in pairs:  # KTO's rows carry a 4th item, the label
+    for row, (prompt, chosen, rejected, *label) in enumerate(pairs):  # KTO's rows carry a 4th item, the label
         if chosen == rejected:  # no preference to learn
             counts["dropped_identical"] += 1
             continue
@@ -225,7 +226,8 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
             if c == r:  # cut down to the same tokens: no preference left
                 counts["dropped_identical"] += 1
                 continue
-        examples.append({"prompt": p, "chosen": c, "rejected": r, **({"label": label[0]} if label else {})})
+        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # row: its index in pairs
+                         **({"label": label[0]} if label else {})})
         counts["kept"] += 1
     return examples, counts
 
@@ -318,8 +320,11 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
             logps[:B][good], logps[:B][~good], ref_logps[:B][good], ref_logps[:B][~good],
             logps[B:], ref_logps[B:], config.beta, config.kto_desirable_weight, config.kto_undesirable_weight)
         return losses.mean(), desirable_rewards, undesirable_rewards
-    return dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], config.beta, config.loss_type,
-                    config.label_smoothing, lengths[:B], lengths[B:])
+    loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], config.beta,
+                                                      config.loss_type, config.label_smoothing, lengths[:B], lengths[B:])
+    if config.rpo_alpha:  # RPO: + alpha * NLL of the chosen replies, per token (negate: NLL = -logp)
+        loss = loss + config.rpo_alpha * (-logps[:B].sum() / lengths[:B].sum())
+    return loss, chosen_rewards, rejected_rewards
 
 
 # ----------------------------------------------------------------------------------------------
@@ -358,7 +363,21 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
         margins = beta * (pc - pr)
     else:
         margins = implicit_reward(pc, ref_chosen, beta) - implicit_reward(pr, ref_rejected, beta)
-    return (margins > 0).float().mean().item(), margins.mean().item()
+    return (margins > 0).float().mean().item(), margins.mean().item(), margins
+
+
+def accuracy_by_pair_kind(pairs, examples, margins):
+    """Preference accuracy split by what separates the two replies: "style" pairs state the same
+    final answer (the judge decides by style, then length), "answer" pairs state different ones (one
+    or both wrong: ordering them needs the arithmetic). Pairs whose replies state no parseable answer
+    (not this world's data) are left out. -> {kind: (accuracy, pairs)}"""
+    right = {"style": [], "answer": []}
+    for ex, m in zip(examples, margins.tolist()):
+        _, chosen, rejected = pairs[ex["row"]][:3]
+        a, b = world.parse_answer(chosen), world.parse_answer(rejected)
+        if a is not None and b is not None:
+            right["style" if a == b else "answer"].append(m > 0)
+    return {k: (sum(v) / len(v), len(v)) for k, v in right.items() if v}
 
 
 def reference_model(policy, reference):
@@ -401,6 +420,9 @@ def compare_by_sampling(policy, reference, enc, problems, config, device):
     with reference_model(policy, reference) as ref:
         ref_replies = M.sample_replies(ref, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
     pol_replies = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
+    with reference_model(policy, reference) as ref:  # greedy too: what DPO did to the model's best answer
+        ref_greedy = M.sample_replies(ref, enc, prompts, config.max_new_tokens, 0.0, config.seed)
+    pol_greedy = M.sample_replies(policy, enc, prompts, config.max_new_tokens, 0.0, config.seed)
     wins = 0.0
     for p, a, b in zip(problems, pol_replies, ref_replies):
         ja, jb = world.judge(p, a), world.judge(p, b)
@@ -409,6 +431,8 @@ def compare_by_sampling(policy, reference, enc, problems, config, device):
     return {"win_rate": wins / len(problems),
             "judge_score_policy": pol["judge_score"], "judge_score_ref": ref["judge_score"],
             "accuracy_policy": pol["accuracy"], "accuracy_ref": ref["accuracy"],
+            "greedy_accuracy_policy": world.score_replies(problems, pol_greedy)["accuracy"],
+            "greedy_accuracy_ref": world.score_replies(problems, ref_greedy)["accuracy"],
             "style_shares_policy": pol["style_shares"], "style_shares_ref": ref["style_shares"],
             "length_policy": pol["mean_length"], "length_ref": ref["mean_length"],
             "kl": kl_on_samples(policy, reference, enc, prompts, pol_replies, device)}, ref_replies, pol_replies
@@ -443,6 +467,9 @@ def train(config):
     if config.loss_type not in LOSS_TYPES + REFERENCE_FREE + ["kto"]:
         raise ValueError(f"unknown loss_type {config.loss_type!r}; known: "
                          f"{', '.join(LOSS_TYPES + REFERENCE_FREE + ['kto'])}")
+    if config.rpo_alpha and config.loss_type not in LOSS_TYPES:
+        raise ValueError(f"--rpo-alpha adds an NLL term to the paired losses; {config.loss_type} has its own loss "
+                         f"(orpo already includes the NLL): use --rpo-alpha 0")
     user_test_pairs = read_pairs(config.test_data) if config.test_data else None
     if config.eval_reference and not os.path.exists(config.eval_reference):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
@@ -518,7 +545,9 @@ def train(config):
             live_seconds_per_step = time.time() - t_live
             pol = sequence_logprobs(policy, ids, mask).cpu()
         labels = torch.tensor([ex.get("label", True) for ex in batch])
-        loss0, rc0, rr0 = batch_loss(config, pol, mask[:, 1:].sum(-1).cpu(), live, labels)
+        # (without RPO's NLL term, which is not 0 at step 0)
+        loss0, rc0, rr0 = batch_loss(replace(config, rpo_alpha=0.0), pol, mask[:, 1:].sum(-1).cpu(),
+                                     live, labels)
         B0 = len(batch)
         assert torch.allclose(live[:B0], ref_chosen[:B0], atol=1e-4), "precomputed reference != live reference"
         assert rc0.abs().max() == 0 and rr0.abs().max() == 0, "rewards must be 0 while policy == reference"
@@ -620,9 +649,11 @@ def train(config):
         reference.requires_grad_(False).eval()
     policy.eval()
     reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
-    pref_acc, margin = preference_accuracy(policy, test_examples, test_ref_chosen, test_ref_rejected,
-                                           reward_scale, pad, device)
-    metrics = {"pref_accuracy": pref_acc, "margin": margin}
+    pref_acc, margin, margins = preference_accuracy(policy, test_examples, test_ref_chosen, test_ref_rejected,
+                                                    reward_scale, pad, device)
+    by_kind = accuracy_by_pair_kind(test_pairs, test_examples, margins)
+    metrics = {"pref_accuracy": pref_acc, "margin": margin,
+               "pref_accuracy_by_kind": {k: acc for k, (acc, _) in by_kind.items()}}
     if config.eval_problems > 0:
         problems = [r for _, r in M.read_jsonl(problems_path)][: config.eval_problems]
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
@@ -651,12 +682,15 @@ def train(config):
                       metrics=metrics)
     M.write_json(os.path.join(out_dir, "metrics.json"), metrics)
 
-    print(f"dpo: held-out preference accuracy {pref_acc:.1%} (margin {margin:.2f})")
+    print(f"dpo: held-out preference accuracy {pref_acc:.1%} (margin {margin:.2f})" + "".join(
+        f"; {acc:.1%} of the {n} {kind} pairs" for kind, (acc, n) in by_kind.items()))
     if "win_rate" in metrics:
         sp, sr = metrics["style_shares_policy"], metrics["style_shares_ref"]
         print(f"dpo: judge win rate of policy over reference {metrics['win_rate']:.1%}; judge score "
               f"{metrics['judge_score_ref']:.2f} -> {metrics['judge_score_policy']:.2f}; verifier accuracy "
-              f"{metrics['accuracy_ref']:.1%} -> {metrics['accuracy_policy']:.1%}; KL {metrics['kl']:.2f} nats/reply")
+              f"{metrics['accuracy_ref']:.1%} -> {metrics['accuracy_policy']:.1%} sampled, "
+              f"{metrics['greedy_accuracy_ref']:.1%} -> {metrics['greedy_accuracy_policy']:.1%} greedy; "
+              f"KL {metrics['kl']:.2f} nats/reply")
         print("dpo: styles (reference -> policy): " + ", ".join(f"{s} {sr[s]:.0%}->{sp[s]:.0%}" for s in sp))
     reference_note = ("no reference pass" if ref_chosen is None else
                       f"reference pass {reference_pass_seconds:.1f}s once vs ~"

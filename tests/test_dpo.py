@@ -135,6 +135,33 @@ def test_partition_function_cancels():
     assert torch.allclose(c1 - c0, 0.3 * shift) and torch.allclose(r1 - r0, 0.3 * shift)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.0])
+def test_rpo_adds_alpha_times_the_chosen_nll_per_token(alpha):
+    # batch_loss with rpo_alpha: eq. 7 plus alpha * (-sum of chosen log-probs / chosen tokens),
+    # written out here by hand from the same numbers
+    pc, pr = [-12.5, -3.25, -40.0], [-11.0, -9.5, -38.0]
+    rc, rr = [-12.0, -4.0, -41.5], [-13.0, -9.0, -37.0]
+    chosen_tokens, rejected_tokens = [10, 3, 25], [9, 7, 30]
+    beta = 0.5
+    logps = t(pc + pr, dtype=torch.float64, requires_grad=True)
+    lengths = t(chosen_tokens + rejected_tokens, dtype=torch.float64)
+    config = dpo.DPOConfig(beta=beta, rpo_alpha=alpha)
+    loss, chosen_r, rejected_r = dpo.batch_loss(config, logps, lengths, t(rc + rr, dtype=torch.float64))
+    dpo_part = sum(math.log1p(math.exp(-beta * ((a - c) - (b - d)))) for a, b, c, d in zip(pc, pr, rc, rr)) / 3
+    nll_per_token = -sum(pc) / sum(chosen_tokens)
+    assert loss.item() == pytest.approx(dpo_part + alpha * nll_per_token, rel=1e-12)
+    # the rewards stay DPO's: the NLL term changes the loss, not the implicit reward
+    assert chosen_r.tolist() == pytest.approx([beta * (a - c) for a, c in zip(pc, rc)], abs=1e-12)
+    assert rejected_r.tolist() == pytest.approx([beta * (b - d) for b, d in zip(pr, rr)], abs=1e-12)
+    # its gradient: -alpha / (chosen tokens) on every chosen row, nothing on the rejected rows
+    loss.backward()
+    with_rpo = logps.grad.clone()
+    logps.grad = None
+    dpo.batch_loss(dpo.DPOConfig(beta=beta), logps, lengths, t(rc + rr, dtype=torch.float64))[0].backward()
+    extra = (with_rpo - logps.grad).tolist()
+    assert extra == pytest.approx([-alpha / sum(chosen_tokens)] * 3 + [0.0] * 3, abs=1e-12)
+
+
 def test_unknown_loss_type_lists_the_known_ones():
     x = t([-1.0])
     with pytest.raises(ValueError) as e:
@@ -427,7 +454,7 @@ def test_tokenize_pairs_drops_truncates_and_counts(tiny_enc):
     # identical responses: dropped and counted
     ex, counts = dpo.tokenize_pairs(enc, [(short, reply_a, reply_a), (short, reply_a, reply_b)], 96, 192)
     assert counts["dropped_identical"] == 1 and counts["kept"] == 1 and len(ex) == 1
-    assert ex[0] == {"prompt": full_short, "chosen": a, "rejected": b}
+    assert ex[0] == {"prompt": full_short, "chosen": a, "rejected": b, "row": 1}  # row: its index in the input
 
     # a long prompt keeps its end (what the reply answers), counted
     ex, counts = dpo.tokenize_pairs(enc, [(long_prompt, reply_a, reply_b)], 20, 192)
@@ -567,6 +594,22 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def test_accuracy_by_pair_kind_splits_style_pairs_from_answer_pairs(tiny_enc):
+    step = "Step by step:\nMia starts with 3 pens.\nThe answer is 3."
+    pairs = [("q1", step, "The answer is 3."),                       # same answer: style
+             ("q2", "The answer is 3.", "The answer is 4."),         # different answers
+             ("q3", "I like pens.", "The answer is 4."),             # no answer stated: left out
+             ("q4", step, "Ugh.\nThe answer is 3."),                 # same answer: style
+             ("q5", "The answer is 7.", "The answer is 7.")]         # identical: dropped before scoring
+    examples, counts = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
+    assert counts["dropped_identical"] == 1 and [ex["row"] for ex in examples] == [0, 1, 2, 3]
+    margins = t([0.5, -0.25, 3.0, -1.0])  # right, wrong, (unscored), wrong
+    got = dpo.accuracy_by_pair_kind(pairs, examples, margins)
+    assert got == {"style": (0.5, 2), "answer": (0.0, 1)}
+    assert dpo.accuracy_by_pair_kind(pairs, examples, t([0.0, 2.0, 1.0, 1.0])) == {"style": (0.5, 2),
+                                                                                      "answer": (1.0, 1)}
+
+
 def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, tiny_data_dir, tiny_enc,
                                                                  tmp_path):
     # step 0, computed here: the SFT model scored against itself ranks no pair strictly (acc 0)
@@ -575,7 +618,7 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     test_ex, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl")),
                                     96, 192)
     rc, rr = dpo.reference_logprobs(start.eval(), test_ex, pad_id(tiny_enc), "cpu")
-    acc0, margin0 = dpo.preference_accuracy(start, test_ex, rc, rr, 0.1, pad_id(tiny_enc), "cpu")
+    acc0, margin0, _ = dpo.preference_accuracy(start, test_ex, rc, rr, 0.1, pad_id(tiny_enc), "cpu")
     assert acc0 == 0.0 and margin0 == 0.0
 
     out = str(tmp_path)
@@ -587,7 +630,8 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
         saved = json.load(f)
     for key in ("pref_accuracy", "margin", "win_rate", "judge_score_policy", "judge_score_ref",
                 "accuracy_policy", "accuracy_ref", "style_shares_policy", "style_shares_ref", "kl",
-                "pairs_per_second", "tokens_per_second", "wall_seconds"):
+                "pairs_per_second", "tokens_per_second", "wall_seconds", "greedy_accuracy_policy",
+                "greedy_accuracy_ref", "pref_accuracy_by_kind"):
         assert key in saved, key
     assert saved["pref_accuracy"] == metrics["pref_accuracy"]
     assert 0.0 <= saved["win_rate"] <= 1.0 and saved["pairs_per_second"] > 0

@@ -465,3 +465,9 @@ def test_kto_reads_trls_unpaired_format(tiny_sft_ckpt, tiny_data_dir, tmp_path):
 def test_unknown_loss_type_is_refused_before_training(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="known: sigmoid, cdpo"):
         dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), loss_type="nope"))
+
+
+@pytest.mark.parametrize("loss_type", dpo.REFERENCE_FREE + ["kto"])
+def test_rpo_alpha_is_refused_where_it_would_be_ignored(loss_type, tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--rpo-alpha"):
+        dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), loss_type=loss_type, rpo_alpha=1.0))
