@@ -8,6 +8,7 @@ sampling during training.
     python dpo.py --data my_pairs.jsonl     (any TRL-style {"prompt", "chosen", "rejected"} file)
     python dpo.py --loss-type ipo           (the family: cdpo, robust, hinge, ipo, simpo, orpo, kto, ...)
     python dpo.py --lora-rank 16 --lr 1e-3  (LoRA: the frozen start is the reference, one model in memory)
+    python dpo.py --rpo-alpha 1 --beta 0.5  (RPO: DPO + the chosen reply's NLL; see README's comparison)
     python dpo.py --help
 
 The derivation, in the paper's notation (equation numbers are the paper's):
@@ -36,7 +37,10 @@ How this departs from the paper:
    is then freed (as TRL's precompute_ref_log_probs); --live-reference keeps it (same numbers).
 3. The learning rate suits a ~1M-parameter model (2e-4), not the 5e-7 of 7B recipes, and the
    script's default beta is 1.0, not 0.1: at 0.1 this tiny model unlearns when to stop (README).
-4. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
+4. Optional (--rpo-alpha, off by default): RPO (Pang et al. 2024, arXiv 2404.19733) adds
+   alpha * the NLL of the chosen reply per token to eq. 7, so the chosen reply's likelihood is held
+   up while the margin grows; on this model it keeps more of the SFT model's accuracy (README).
+5. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
    chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
    evaluation on the policy's own samples.
 
