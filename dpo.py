@@ -471,6 +471,8 @@ def train(config):
     if config.loss_type not in LOSS_TYPES + REFERENCE_FREE + ["kto"]:
         raise ValueError(f"unknown loss_type {config.loss_type!r}; known: "
                          f"{', '.join(LOSS_TYPES + REFERENCE_FREE + ['kto'])}")
+    if config.rpo_alpha < 0:
+        raise ValueError(f"--rpo-alpha must be >= 0 (the weight of an NLL term), got {config.rpo_alpha}")
     if config.rpo_alpha and config.loss_type not in LOSS_TYPES:
         raise ValueError(f"--rpo-alpha adds an NLL term to the paired losses; {config.loss_type} has its own loss "
                          f"(orpo already includes the NLL): use --rpo-alpha 0")

@@ -471,3 +471,8 @@ def test_unknown_loss_type_is_refused_before_training(tiny_sft_ckpt, tiny_data_d
 def test_rpo_alpha_is_refused_where_it_would_be_ignored(loss_type, tiny_sft_ckpt, tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="--rpo-alpha"):
         dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), loss_type=loss_type, rpo_alpha=1.0))
+
+
+def test_a_negative_rpo_alpha_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    with pytest.raises(ValueError, match="--rpo-alpha must be >= 0"):
+        dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), rpo_alpha=-0.5))
