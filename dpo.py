@@ -38,8 +38,9 @@ How this departs from the paper:
 3. The learning rate suits a ~1M-parameter model (2e-4), not the 5e-7 of 7B recipes, and the
    script's default beta is 1.0, not 0.1: at 0.1 this tiny model unlearns when to stop (README).
 4. Optional (--rpo-alpha, off by default): RPO (Pang et al. 2024, arXiv 2404.19733) adds
-   alpha * the NLL of the chosen reply per token to eq. 7, so the chosen reply's likelihood is held
-   up while the margin grows; on this model it keeps more of the SFT model's accuracy (README).
+   alpha * the NLL of the chosen replies to eq. 7, so the chosen reply's likelihood is held up while
+   the margin grows; on this model it keeps more of the SFT model's accuracy (README). The NLL is
+   one mean over the batch's chosen tokens (as TRL's rpo_alpha); the paper averages per reply.
 5. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
    chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
    evaluation on the policy's own samples.
@@ -230,7 +231,7 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
             if c == r:  # cut down to the same tokens: no preference left
                 counts["dropped_identical"] += 1
                 continue
-        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # row: its index in pairs
+        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # evaluation reads the row's text
                          **({"label": label[0]} if label else {})})
         counts["kept"] += 1
     return examples, counts
@@ -294,6 +295,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
 
 
+def chosen_nll(policy_chosen_logps, chosen_lengths):
+    """The SFT loss on the chosen replies, one mean over all their tokens (as TRL; the RPO paper
+    averages per reply first): NLL = -sum log pi(y_w|x) / sum |y_w|  (negate: NLL = -logp).
+    Shape: policy_chosen_logps (B,)  log pi(y_w|x), summed over response tokens
+    Shape: chosen_lengths (B,)       response tokens of y_w
+    Returns a scalar; an empty mask gives 0, not NaN."""
+    return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+
+
 def mean_or_0(values):
     return values.mean().item() if values.numel() else 0.0
 
@@ -306,6 +316,7 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
     Shape: lengths (2B,)    response tokens per row
     Shape: ref_logps (2B,)  log pi_ref (None for the reference-free simpo and orpo)
     Shape: labels (B,)      KTO only: True where the completion is desirable
+    With config.rpo_alpha > 0 a paired loss gets RPO's term: L = L_DPO + alpha * NLL(y_w).
     Returns (loss, rewards of the first rows, rewards of the second rows), rewards detached."""
     B = len(logps) // 2
     if config.loss_type == "simpo":
@@ -315,9 +326,8 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
         return losses.mean(), chosen_rewards, rejected_rewards
     if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
         avg = logps / lengths
-        nll = -logps[:B].sum() / lengths[:B].sum()  # negate: NLL per chosen token
         odds_term, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
-        return nll + odds_term, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
+        return chosen_nll(logps[:B], lengths[:B]) + odds_term, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
     if config.loss_type == "kto":
         good = labels
         losses, desirable_rewards, undesirable_rewards, _ = kto_loss(
@@ -326,8 +336,8 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
         return losses.mean(), desirable_rewards, undesirable_rewards
     loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], config.beta,
                                                       config.loss_type, config.label_smoothing, lengths[:B], lengths[B:])
-    if config.rpo_alpha:  # RPO: + alpha * NLL of the chosen replies, per token (negate: NLL = -logp)
-        loss = loss + config.rpo_alpha * (-logps[:B].sum() / lengths[:B].sum())
+    if config.rpo_alpha:  # RPO: L_DPO + alpha * NLL(y_w), holding the chosen reply's likelihood up
+        loss = loss + config.rpo_alpha * chosen_nll(logps[:B], lengths[:B])
     return loss, chosen_rewards, rejected_rewards
 
 
@@ -357,8 +367,9 @@ def reference_logprobs(reference, examples, pad_id, device, batch_size=64, avera
 
 @torch.no_grad()
 def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id, device):
-    """Held-out preference accuracy (share of pairs with r_w > r_l, strictly) and mean margin.
-    With no reference (ref_chosen None: SimPO, ORPO) the reward is beta * per-token average log-prob."""
+    """Held-out preference accuracy (share of pairs with r_w > r_l, strictly), mean margin, and the
+    margins r_w - r_l themselves, (N,) on the CPU. With no reference (ref_chosen None: SimPO, ORPO)
+    the reward is beta * per-token average log-prob."""
     was = policy.training
     policy.eval()
     pc, pr = reference_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
@@ -370,18 +381,33 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     return (margins > 0).float().mean().item(), margins.mean().item(), margins
 
 
-def accuracy_by_pair_kind(pairs, examples, margins):
-    """Preference accuracy split by what separates the two replies: "style" pairs state the same
-    final answer (the judge decides by style, then length), "answer" pairs state different ones (one
-    or both wrong: ordering them needs the arithmetic). Pairs whose replies state no parseable answer
-    (not this world's data) are left out. -> {kind: (accuracy, pairs)}"""
-    right = {"style": [], "answer": []}
-    for ex, m in zip(examples, margins.tolist()):
-        _, chosen, rejected = pairs[ex["row"]][:3]
-        a, b = world.parse_answer(chosen), world.parse_answer(rejected)
-        if a is not None and b is not None:
-            right["style" if a == b else "answer"].append(m > 0)
-    return {k: (sum(v) / len(v), len(v)) for k, v in right.items() if v}
+def accuracy_by_pair_kind(pairs, examples, margins, answers=None):
+    """Held-out preference accuracy split by what separates the two replies, which says what the
+    implicit reward has learned to see:
+      "style"            both state the same final answer: the judge orders them by style, then length
+      "correct_vs_wrong" one states the right answer (answers[row] known): ordering it takes arithmetic
+      "both_wrong"       different answers, neither right: the judge orders them by style again
+      "answer"           different answers, the right one unknown (a file without an integer "answer")
+    Pairs whose replies state no parseable answer (not this world's data) are left out. Replies are
+    read whole, as written in the file (the default length budget truncates none of this world's).
+    Shape: margins (N,)  r_w - r_l per example, in the order of examples
+    -> {kind: (accuracy, pairs)}"""
+    right = {}
+    for example, margin in zip(examples, margins.tolist()):
+        _, chosen, rejected = pairs[example["row"]][:3]
+        stated = world.parse_answer(chosen), world.parse_answer(rejected)
+        if None in stated:
+            continue
+        answer = answers[example["row"]] if answers else None
+        answer = answer if isinstance(answer, int) and not isinstance(answer, bool) else None
+        if stated[0] == stated[1]:
+            kind = "style"
+        elif answer is None:
+            kind = "answer"
+        else:
+            kind = "correct_vs_wrong" if answer in stated else "both_wrong"
+        right.setdefault(kind, []).append(margin > 0)
+    return {kind: (sum(v) / len(v), len(v)) for kind, v in right.items()}
 
 
 def reference_model(policy, reference):
@@ -419,7 +445,8 @@ def judge_during_training(policy, enc, problems, config):
 
 def compare_by_sampling(policy, reference, enc, problems, config, device):
     """Sample the reference and the policy on the same held-out prompts, same settings and seed;
-    the judge compares them reply by reply (a tie counts half)."""
+    the judge compares them reply by reply (a tie counts half). Greedy replies of both are scored
+    too: sampling shows the style a model favours, greedy its best answer."""
     prompts = [p["prompt"] for p in problems]
     with reference_model(policy, reference) as ref:
         ref_replies = M.sample_replies(ref, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
@@ -622,6 +649,8 @@ def train(config):
             "grad_norm": grad_norm.item()}
         if ref is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
             record["kl"] = (logps.detach() - ref).mean().item()
+        if config.rpo_alpha:  # loss includes alpha * this: logged apart, so losses compare with plain DPO's
+            record["nll_loss"] = chosen_nll(first.detach(), mask[:B, 1:].sum(-1)).item()
         window.append(record)
         if start_chosen_logp is None:
             start_chosen_logp = window[0]["logps/chosen"]
@@ -657,9 +686,10 @@ def train(config):
     reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
     pref_acc, margin, margins = preference_accuracy(policy, test_examples, test_ref_chosen, test_ref_rejected,
                                                     reward_scale, pad, device)
-    by_kind = accuracy_by_pair_kind(test_pairs, test_examples, margins)
+    answers = [row.get("answer") for _, row in M.read_jsonl(test_path)]  # this world's pairs carry one
+    by_kind = accuracy_by_pair_kind(test_pairs, test_examples, margins, answers)
     metrics = {"pref_accuracy": pref_acc, "margin": margin,
-               "pref_accuracy_by_kind": {k: acc for k, (acc, _) in by_kind.items()}}
+               "pref_accuracy_by_kind": {k: {"accuracy": acc, "pairs": n} for k, (acc, n) in by_kind.items()}}
     if config.eval_problems > 0:
         problems = [r for _, r in M.read_jsonl(problems_path)][: config.eval_problems]
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)

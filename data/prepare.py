@@ -7,7 +7,7 @@ Build every data file the pipeline reads, deterministically from a seed.
 Writes into data/ (or --out):
     pretrain.txt, pretrain_val.txt   stories and arithmetic facts, one document per line
     sft.jsonl, sft_val.jsonl         {"messages": [user, assistant]} in the four reply styles
-    prefs.jsonl, prefs_test.jsonl    {"prompt", "chosen", "rejected"}: the judge picks chosen
+    prefs.jsonl, prefs_test.jsonl    {"prompt", "chosen", "rejected", "answer"}: the judge picks chosen
     rl.jsonl                         {"prompt", "answer"}: problems for the RL stage
     test.jsonl                       held-out problems {"prompt", "answer", "n_ops", ...}
     tokenizer.tiktoken, tokenizer.json, manifest.json
@@ -31,7 +31,7 @@ from data import bpe, world  # noqa: E402
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "sft_val.jsonl", "prefs.jsonl",
          "prefs_test.jsonl", "rl.jsonl", "test.jsonl", "tokenizer.tiktoken", "tokenizer.json"]
-VERSION = 3  # bump when the generator changes, so old data is rebuilt
+VERSION = 4  # bump when the generator changes, so old data is rebuilt
 
 
 @dataclass
@@ -65,7 +65,8 @@ def make_pair(rng, problem):
         return None
     j1, j2 = world.judge(problem, r1), world.judge(problem, r2)
     chosen, rejected = (r1, r2) if j1 > j2 else (r2, r1)
-    return {"prompt": problem["prompt"], "chosen": chosen, "rejected": rejected}
+    # "answer" is for evaluation (which pairs set a right reply against a wrong one); training ignores it
+    return {"prompt": problem["prompt"], "chosen": chosen, "rejected": rejected, "answer": problem["answer"]}
 
 
 def make_pairs(rng, problems):

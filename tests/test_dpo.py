@@ -596,18 +596,77 @@ def read_log(out):
 
 def test_accuracy_by_pair_kind_splits_style_pairs_from_answer_pairs(tiny_enc):
     step = "Step by step:\nMia starts with 3 pens.\nThe answer is 3."
-    pairs = [("q1", step, "The answer is 3."),                       # same answer: style
-             ("q2", "The answer is 3.", "The answer is 4."),         # different answers
+    pairs = [("q0", "The answer is 7.", "The answer is 7."),         # identical: dropped before scoring
+             ("q1", step, "The answer is 3."),                       # same answer: style
+             ("q2", "The answer is 3.", "The answer is 4."),         # right against wrong (answer 3)
              ("q3", "I like pens.", "The answer is 4."),             # no answer stated: left out
              ("q4", step, "Ugh.\nThe answer is 3."),                 # same answer: style
-             ("q5", "The answer is 7.", "The answer is 7.")]         # identical: dropped before scoring
+             ("q5", "The answer is 5.", "Ugh.\nThe answer is 6.")]   # both wrong (answer 3)
+    answers = [7, 3, 3, 4, 3, 3]
     examples, counts = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
-    assert counts["dropped_identical"] == 1 and [ex["row"] for ex in examples] == [0, 1, 2, 3]
-    margins = t([0.5, -0.25, 3.0, -1.0])  # right, wrong, (unscored), wrong
-    got = dpo.accuracy_by_pair_kind(pairs, examples, margins)
-    assert got == {"style": (0.5, 2), "answer": (0.0, 1)}
-    assert dpo.accuracy_by_pair_kind(pairs, examples, t([0.0, 2.0, 1.0, 1.0])) == {"style": (0.5, 2),
-                                                                                      "answer": (1.0, 1)}
+    # examples no longer line up with pairs: the row index is what finds each example's text
+    assert counts["dropped_identical"] == 1 and [ex["row"] for ex in examples] == [1, 2, 3, 4, 5]
+    margins = t([0.5, -0.25, 3.0, -1.0, 2.0])  # right, wrong, (unscored), wrong, right
+    got = dpo.accuracy_by_pair_kind(pairs, examples, margins, answers)
+    assert got == {"style": (0.5, 2), "correct_vs_wrong": (0.0, 1), "both_wrong": (1.0, 1)}
+    # without the answers, the two kinds of answer pairs are one
+    assert dpo.accuracy_by_pair_kind(pairs, examples, margins) == {"style": (0.5, 2), "answer": (0.5, 2)}
+    # a tie is no win, as in preference_accuracy
+    assert dpo.accuracy_by_pair_kind(pairs, examples, t([0.0, 2.0, 1.0, 1.0, 0.0]), answers) == {
+        "style": (0.5, 2), "correct_vs_wrong": (1.0, 1), "both_wrong": (0.0, 1)}
+
+
+def test_chosen_nll_is_the_mean_over_chosen_tokens_and_0_when_empty():
+    assert dpo.chosen_nll(t([-6.0, -2.0]), t([3, 1])).item() == pytest.approx(2.0)
+    assert dpo.chosen_nll(t([]), t([])).item() == 0.0
+
+
+def test_rpo_run_logs_dpo_loss_plus_alpha_times_the_chosen_nll(tiny_sft_ckpt, tiny_data_dir, tiny_enc, tmp_path):
+    # a 4-pair file and a batch of 4: step 0's batch is the whole file, in some order; at step 0 the
+    # DPO part is ln 2 exactly, so the logged loss is ln 2 + alpha * NLL of the start model on the
+    # file's chosen replies, computed here with a plain forward pass and log_softmax
+    with open(tiny_path(tiny_data_dir, "prefs.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:4]
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    alpha = 0.7
+    out = str(tmp_path / "out")
+    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, data=str(path), steps=1, batch_size=4,
+                              log_every=1, eval_problems=0, rpo_alpha=alpha))
+    start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
+    start.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            prompt, reply = M.render_prompt(tiny_enc, r["prompt"]), M.render_response(tiny_enc, r["chosen"])
+            ids = torch.tensor([prompt + reply])
+            logits = start(ids)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            logp = torch.log_softmax(logits[0].double(), -1)
+            total += sum(logp[len(prompt) + i - 1, tok].item() for i, tok in enumerate(reply))
+            tokens += len(reply)
+    (rec,) = read_log(out)
+    assert rec["nll_loss"] == pytest.approx(-total / tokens, rel=1e-4)
+    assert rec["loss"] == pytest.approx(LN2 + alpha * (-total / tokens), rel=1e-4)
+
+
+def test_greedy_accuracy_scores_the_temperature_0_replies(tiny_sft_ckpt, tiny_data_dir, tiny_enc, monkeypatch):
+    # a stand-in sampler that answers right only when greedy (T=0): the greedy figures must be 1
+    # and the sampled ones 0, for the reference and for the policy
+    problems = [{"prompt": f"Ben has {n} cards. How many cards?", "answer": n} for n in (2, 5, 7)]
+    calls = []
+
+    def fake_sample(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0, batch_size=128):
+        calls.append(temperature)
+        return [f"The answer is {p['answer'] + (temperature > 0)}." for p in problems]
+
+    monkeypatch.setattr(M, "sample_replies", fake_sample)
+    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
+    config = dpo.DPOConfig(eval_temperature=1.0, max_new_tokens=16)
+    metrics, _, _ = dpo.compare_by_sampling(model, model, tiny_enc, problems, config, "cpu")
+    assert sorted(calls) == [0.0, 0.0, 1.0, 1.0]
+    assert metrics["greedy_accuracy_policy"] == metrics["greedy_accuracy_ref"] == 1.0
+    assert metrics["accuracy_policy"] == metrics["accuracy_ref"] == 0.0
 
 
 def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, tiny_data_dir, tiny_enc,

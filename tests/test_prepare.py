@@ -174,7 +174,13 @@ def test_row_counts_and_formats(tiny_data_dir, tiny_config):
     for name, n in (("prefs.jsonl", c.n_prefs), ("prefs_test.jsonl", c.n_prefs_test)):
         rows = _read(tiny_data_dir, name)
         assert 0.9 * n <= len(rows) <= n
-        assert all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
+        assert all(set(r) == {"prompt", "chosen", "rejected", "answer"} for r in rows)
+        # the answer is the problem's: a right reply is never the rejected one of a pair with a wrong chosen
+        for r in rows:
+            right = [world.parse_answer(r[k]) == r["answer"] for k in ("chosen", "rejected")]
+            assert right[0] or not right[1], r
+        # 90% of pairs have a right chosen reply (all but the both-wrong tenth)
+        assert sum(world.parse_answer(r["chosen"]) == r["answer"] for r in rows) >= 0.8 * len(rows)
 
 
 def test_rebuild_is_byte_identical(tiny_data_dir, tiny_config, tmp_path):
