@@ -327,15 +327,17 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
     if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
         avg = logps / lengths
         odds_term, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
-        return chosen_nll(logps[:B], lengths[:B]) + odds_term, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
+        loss = chosen_nll(logps[:B], lengths[:B]) + odds_term
+        return loss, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
     if config.loss_type == "kto":
         good = labels
         losses, desirable_rewards, undesirable_rewards, _ = kto_loss(
             logps[:B][good], logps[:B][~good], ref_logps[:B][good], ref_logps[:B][~good],
             logps[B:], ref_logps[B:], config.beta, config.kto_desirable_weight, config.kto_undesirable_weight)
         return losses.mean(), desirable_rewards, undesirable_rewards
-    loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], config.beta,
-                                                      config.loss_type, config.label_smoothing, lengths[:B], lengths[B:])
+    loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:],
+                                                      config.beta, config.loss_type, config.label_smoothing,
+                                                      lengths[:B], lengths[B:])
     if config.rpo_alpha:  # RPO: L_DPO + alpha * NLL(y_w), holding the chosen reply's likelihood up
         loss = loss + config.rpo_alpha * chosen_nll(logps[:B], lengths[:B])
     return loss, chosen_rewards, rejected_rewards
@@ -450,9 +452,8 @@ def compare_by_sampling(policy, reference, enc, problems, config, device):
     prompts = [p["prompt"] for p in problems]
     with reference_model(policy, reference) as ref:
         ref_replies = M.sample_replies(ref, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
-    pol_replies = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
-    with reference_model(policy, reference) as ref:  # greedy too: what DPO did to the model's best answer
         ref_greedy = M.sample_replies(ref, enc, prompts, config.max_new_tokens, 0.0, config.seed)
+    pol_replies = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
     pol_greedy = M.sample_replies(policy, enc, prompts, config.max_new_tokens, 0.0, config.seed)
     wins = 0.0
     for p, a, b in zip(problems, pol_replies, ref_replies):
