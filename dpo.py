@@ -622,7 +622,8 @@ def train(config):
         elif ref_chosen is not None:
             ref = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
         labels = torch.tensor([examples[i].get("label", True) for i in idx], device=device)
-        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, mask[:, 1:].sum(-1), ref, labels)
+        lengths = mask[:, 1:].sum(-1)  # (2B,) response tokens per row
+        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref, labels)
         for g in opt.param_groups:
             g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
         opt.zero_grad(set_to_none=True)
@@ -651,7 +652,7 @@ def train(config):
         if ref is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
             record["kl"] = (logps.detach() - ref).mean().item()
         if config.rpo_alpha:  # loss includes alpha * this: logged apart, so losses compare with plain DPO's
-            record["nll_loss"] = chosen_nll(first.detach(), mask[:B, 1:].sum(-1)).item()
+            record["nll_loss"] = chosen_nll(first.detach(), lengths[:B]).item()
         window.append(record)
         if start_chosen_logp is None:
             start_chosen_logp = window[0]["logps/chosen"]
