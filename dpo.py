@@ -692,6 +692,11 @@ def train(config):
     by_kind = accuracy_by_pair_kind(test_pairs, test_examples, margins, answers)
     metrics = {"pref_accuracy": pref_acc, "margin": margin,
                "pref_accuracy_by_kind": {k: {"accuracy": acc, "pairs": n} for k, (acc, n) in by_kind.items()}}
+    if test_ref_chosen is not None:  # the baseline: what the start's own likelihood orders, before any training
+        ref_by_kind = accuracy_by_pair_kind(test_pairs, test_examples, test_ref_chosen - test_ref_rejected, answers)
+        metrics["ref_likelihood_accuracy"] = (test_ref_chosen > test_ref_rejected).float().mean().item()
+        metrics["ref_likelihood_accuracy_by_kind"] = {k: {"accuracy": acc, "pairs": n}
+                                                      for k, (acc, n) in ref_by_kind.items()}
     if config.eval_problems > 0:
         problems = [r for _, r in M.read_jsonl(problems_path)][: config.eval_problems]
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
@@ -722,6 +727,10 @@ def train(config):
 
     print(f"dpo: held-out preference accuracy {pref_acc:.1%} (margin {margin:.2f})" + "".join(
         f"; {acc:.1%} of the {n} {kind} pairs" for kind, (acc, n) in by_kind.items()))
+    if "ref_likelihood_accuracy" in metrics:
+        print(f"dpo: baseline, the reference's likelihood log pi_ref(chosen) > log pi_ref(rejected): "
+              f"{metrics['ref_likelihood_accuracy']:.1%}" + "".join(
+                  f"; {acc:.1%} of the {kind} pairs" for kind, (acc, n) in ref_by_kind.items()))
     if "win_rate" in metrics:
         sp, sr = metrics["style_shares_policy"], metrics["style_shares_ref"]
         print(f"dpo: judge win rate of policy over reference {metrics['win_rate']:.1%}; judge score "

@@ -694,6 +694,24 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
         assert key in saved, key
     assert saved["pref_accuracy"] == metrics["pref_accuracy"]
     assert 0.0 <= saved["win_rate"] <= 1.0 and saved["pairs_per_second"] > 0
+    # the likelihood baseline, brute force: log pi_ref(chosen) > log pi_ref(rejected), one pair at a
+    # time, in float64, from the start checkpoint (which training must not have touched)
+    test_pairs = dpo.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl"))
+    answers = [row["answer"] for _, row in M.read_jsonl(tiny_path(tiny_data_dir, "prefs_test.jsonl"))]
+    gaps = []
+    with torch.no_grad():
+        for ex in test_ex:
+            total = []
+            for reply in (ex["chosen"], ex["rejected"]):
+                logits = start(torch.tensor([ex["prompt"] + reply]))
+                logp = torch.log_softmax((logits[0] if isinstance(logits, tuple) else logits)[0].double(), -1)
+                total.append(sum(logp[len(ex["prompt"]) + i - 1, tok].item() for i, tok in enumerate(reply)))
+            gaps.append(total[0] - total[1])
+    assert min(abs(g) for g in gaps) > 1e-4  # no near-tie that float32 could flip
+    assert saved["ref_likelihood_accuracy"] == pytest.approx(sum(g > 0 for g in gaps) / len(gaps))
+    by_kind = dpo.accuracy_by_pair_kind(test_pairs, test_ex, torch.tensor(gaps), answers)
+    assert saved["ref_likelihood_accuracy_by_kind"] == {k: {"accuracy": pytest.approx(a), "pairs": n}
+                                                        for k, (a, n) in by_kind.items()}
     log = read_log(out)
     assert [r["step"] for r in log] == [4, 9, 14, 19, 24, 29]
     for rec in log:
