@@ -678,7 +678,10 @@ def add_config_args(parser, config):
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
         default = getattr(config, f.name)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help text may say what an empty default means instead
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             groups[group_name].add_argument(flag, action=argparse.BooleanOptionalAction,
@@ -697,14 +700,14 @@ def config_from_args(config_cls, args):
 
 def run_cli(doc, config_cls, train, argv=None):
     """The command line every stage shares: flags from the config dataclass, print the resolved
-    config, run train(config); a bad input file ends with its one-line error, exit code 1."""
+    config, run train(config); a bad input file or flag ends with its one-line error, exit code 1."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_config_args(parser, config_cls())
     config = config_from_args(config_cls, parser.parse_args(argv))
     print("config:", dataclasses.asdict(config))
     try:
         return train(config)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -750,22 +753,30 @@ def prompt_response_batch(prompt_ids, response_ids, pad_id, device="cpu"):
 
 
 def sample_replies(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0,
-                   batch_size=128):
+                   batch_size=128, return_ids=False):
     """Reply texts for a list of prompts (strings or conversations), in batches.
-    The same seed and settings give the same replies, so two models are compared on equal terms."""
+    The same seed and settings give the same replies, so two models are compared on equal terms.
+    return_ids: -> (texts, ids), ids the sampled tokens themselves (with the <|end|> that stopped
+    the reply; none for a reply cut at max_new_tokens), which is what a log-prob must score:
+    decoding and re-encoding need not give back the same tokens."""
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    replies = []
+    replies, reply_ids = [], []
     for i in range(0, len(prompts), batch_size):
         ids = [render_prompt(enc, p) for p in prompts[i: i + batch_size]]
         out, _ = generate(model, ids, max_new_tokens, special(enc, "end"), temperature,
                           generator=gen)
         replies += [decode_reply(enc, o) for o in out]
-    return replies
+        reply_ids += out
+    return (replies, reply_ids) if return_ids else replies
 
 
 class DataError(ValueError):
     """A bad input file: the message names the file, the line and what is wrong."""
+
+
+class ConfigError(ValueError):
+    """A bad flag value: the message names the flag and what is wrong."""
 
 
 def previous_stage(init, default_path, build, announcement):
@@ -784,12 +795,17 @@ def previous_stage(init, default_path, build, announcement):
 
 def read_jsonl(path):
     """Rows of a JSONL file as (line number, dict). Raises DataError naming the file and line on
-    a missing file, bad JSON, a row that is not an object, or a file with no rows."""
+    a missing file, bytes that are not UTF-8, bad JSON, a row that is not an object, or a file with
+    no rows."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{path}:{n}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:

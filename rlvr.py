@@ -41,7 +41,6 @@ How this departs from the GRPO paper:
 import math
 import os
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -102,21 +101,6 @@ class RLVRConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Problems and the reward
-
-
-def read_problems(path):
-    """Validate an RL problem file; -> list of {"prompt", "answer": int, ...} rows.
-    Any problem stops with a DataError naming the file and line."""
-    problems = []
-    for n, row in M.read_jsonl(path):
-        dpo.check_row(path, n, row, ("prompt", "answer"))
-        answer = row["answer"]
-        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):
-            answer = int(answer)
-        if isinstance(answer, bool) or not isinstance(answer, int):
-            raise M.DataError(f"{path}:{n}: 'answer' must be an integer, got {row['answer']!r}")
-        problems.append({**row, "answer": answer})
-    return problems
 
 
 def reward(problem, reply, finished, format_weight=0.0):
@@ -243,8 +227,8 @@ def evaluate(model, reference, enc, problems, config, device, batch_size=128):
     greedy = M.sample_replies(model, enc, prompts, config.max_new_tokens, temperature=0.0, seed=config.seed)
     n = config.eval_samples
     expanded = [p for p in prompts for _ in range(n)]
-    sampled = M.sample_replies(model, enc, expanded, config.max_new_tokens, config.temperature,
-                               seed=config.seed + 1, batch_size=batch_size)
+    sampled, sampled_ids = M.sample_replies(model, enc, expanded, config.max_new_tokens, config.temperature,
+                                            seed=config.seed + 1, batch_size=batch_size, return_ids=True)
     correct = [sum(world.verify(problems[i], sampled[i * n + j]) for j in range(n)) for i in range(len(problems))]
     first = [sampled[i * n] for i in range(len(problems))]
     scores = world.score_replies(problems, first)
@@ -253,7 +237,7 @@ def evaluate(model, reference, enc, problems, config, device, batch_size=128):
                              for k in (1, 4, 8) if k <= n},
                "judge_score": scores["judge_score"], "mean_length": scores["mean_length"],
                "style_shares": scores["style_shares"],
-               "kl": dpo.kl_on_samples(model, reference, enc, prompts, first, device)}
+               "kl": dpo.kl_on_samples(model, reference, enc, prompts, sampled_ids[::n], device)}
     by_ops = {}
     for k in sorted({p["n_ops"] for p in problems if "n_ops" in p}):
         idx = [i for i, p in enumerate(problems) if p.get("n_ops") == k]
@@ -292,8 +276,10 @@ def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
     device = M.pick_device(config.device)
-    user_problems = read_problems(config.data) if config.data else None  # validate before anything expensive
-    user_eval = read_problems(config.eval_problems_file) if config.eval_problems_file else None
+    if config.aggregation not in ("token", "sequence"):
+        raise M.ConfigError(f"--aggregation {config.aggregation!r} is unknown; known: token, sequence")
+    user_problems = dpo.read_problems(config.data) if config.data else None  # validate before anything expensive
+    user_eval = dpo.read_problems(config.eval_problems_file) if config.eval_problems_file else None
     if config.eval_reference and not os.path.exists(config.eval_reference):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)
@@ -307,10 +293,9 @@ def train(config):
     pad = M.special(enc, "endoftext")
     out_dir = os.path.join(config.out, "rlvr")
     os.makedirs(out_dir, exist_ok=True)
-    problems = user_problems or read_problems(os.path.join(config.data_dir, "rl.jsonl"))
-    eval_problems = (user_eval or read_problems(os.path.join(config.data_dir, "test.jsonl")))[: config.eval_problems]
-    if config.aggregation not in ("token", "sequence"):
-        raise ValueError(f"unknown aggregation {config.aggregation!r}; known: token, sequence")
+    problems = user_problems or dpo.read_problems(os.path.join(config.data_dir, "rl.jsonl"))
+    eval_problems = user_eval or dpo.read_problems(os.path.join(config.data_dir, "test.jsonl"))
+    eval_problems = eval_problems[: config.eval_problems]
 
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)
     reference, _ = M.load_checkpoint(init, device, tokenizer_path)

@@ -82,7 +82,7 @@ def test_larger_margin_lowers_the_loss_and_swapping_raises_it():
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5, 2.0])
-def test_loss_and_rewards_match_the_formula_in_float64(beta):
+def test_loss_and_rewards_match_the_formula_in_python_floats(beta):
     pc = [-12.5, -3.25, -40.0, -7.0]
     pr = [-11.0, -9.5, -38.0, -7.0]
     rc = [-12.0, -4.0, -41.5, -6.0]
@@ -94,10 +94,7 @@ def test_loss_and_rewards_match_the_formula_in_float64(beta):
     def neg_log_sigmoid(x):
         return math.log1p(math.exp(-x)) if x >= 0 else -x + math.log1p(math.exp(x))
 
-    per = [-math.log(1.0 / (1.0 + math.exp(-beta * ((a - c) - (b - d)))))
-           for a, b, c, d in zip(pc, pr, rc, rr)]
-    assert per == pytest.approx([neg_log_sigmoid(beta * ((a - c) - (b - d)))
-                                 for a, b, c, d in zip(pc, pr, rc, rr)], rel=1e-12)
+    per = [neg_log_sigmoid(beta * ((a - c) - (b - d))) for a, b, c, d in zip(pc, pr, rc, rr)]
     assert loss.item() == pytest.approx(sum(per) / len(per), rel=1e-6)
     assert chosen_r.tolist() == pytest.approx([beta * (a - c) for a, c in zip(pc, rc)], abs=1e-5)
     assert rejected_r.tolist() == pytest.approx([beta * (b - d) for b, d in zip(pr, rr)], abs=1e-5)
@@ -557,6 +554,43 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     assert not out.exists()  # nothing was built or written
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--loss-type", "nope"], "--loss-type 'nope' is unknown"),
+    (["--rpo-alpha", "-1"], "--rpo-alpha must be >= 0"),
+    (["--loss-type", "simpo", "--rpo-alpha", "1"], "simpo has its own loss"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--steps", "-3"], "--steps must be >= 0"),
+    (["--epochs", "0"], "leaves nothing to train"),
+    (["--label-noise", "1.5"], "--label-noise is a share"),
+    (["--label-smoothing", "0.5"], "--label-smoothing is the assumed share"),
+    (["--log-every", "0"], "--log-every must be > 0"),
+    (["--eval-problems-file", "{d}/problems.jsonl"], "{d}/problems.jsonl:2: missing field 'answer'"),
+    (["--eval-problems-file", "{d}/answers.jsonl"], "{d}/answers.jsonl:1: 'answer' must be an integer"),
+    (["--data", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not UTF-8 text"),
+])
+def test_main_reports_bad_flags_and_files_in_one_line_before_building_anything(tmp_path, flags, message):
+    (tmp_path / "problems.jsonl").write_text('{"prompt": "Ben has 2 cards.", "answer": 2}\n{"prompt": "Ana?"}\n')
+    (tmp_path / "answers.jsonl").write_text('{"prompt": "Ben has 2 cards.", "answer": "two"}\n')
+    latin1 = '{"prompt": "Zoë"}\n'.encode("latin-1")  # not UTF-8
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1)
+    flags, message = [f.format(d=tmp_path) for f in flags], message.format(d=tmp_path)
+    out = tmp_path / "out"  # holds no SFT checkpoint: a run that got past the checks would build one
+    with pytest.raises(SystemExit) as e:
+        dpo.main([*flags, "--out", str(out), "--device", "cpu"])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg
+    assert message in msg, msg
+    assert not out.exists()  # nothing was built or written
+
+
+def test_max_length_beyond_the_models_context_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    block = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))[0].config.block_size
+    with pytest.raises(M.ConfigError, match=f"--max-length {block + 1} is longer than the model's context"):
+        dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), max_length=block + 1))
+    assert not (tmp_path / "dpo" / "model.pt").exists()
+
+
 def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
     rows = [GOOD, {"prompt": "Ava has 5 pens. She gives away 2. How many pens?",
                    "chosen": "Step by step:\n5 - 2 = 3.\nThe answer is 3.",
@@ -656,9 +690,11 @@ def test_greedy_accuracy_scores_the_temperature_0_replies(tiny_sft_ckpt, tiny_da
     problems = [{"prompt": f"Ben has {n} cards. How many cards?", "answer": n} for n in (2, 5, 7)]
     calls = []
 
-    def fake_sample(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0, batch_size=128):
+    def fake_sample(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0, batch_size=128,
+                    return_ids=False):
         calls.append(temperature)
-        return [f"The answer is {p['answer'] + (temperature > 0)}." for p in problems]
+        texts = [f"The answer is {p['answer'] + (temperature > 0)}." for p in problems]
+        return (texts, [M.render_response(enc, x) for x in texts]) if return_ids else texts
 
     monkeypatch.setattr(M, "sample_replies", fake_sample)
     model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
@@ -682,8 +718,9 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
 
     out = str(tmp_path)
     metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out))
-    assert metrics["pref_accuracy"] > acc0
+    # after: above chance, and above what the start's own likelihood orders (checked below)
     assert metrics["pref_accuracy"] >= 0.6, metrics["pref_accuracy"]
+    assert metrics["pref_accuracy"] > metrics["ref_likelihood_accuracy"]
     assert metrics["margin"] > 0
     with open(os.path.join(out, "dpo", "metrics.json")) as f:
         saved = json.load(f)
@@ -750,30 +787,17 @@ def test_data_dir_alone_supplies_tokenizer_and_default_files(tiny_sft_ckpt, tiny
     M.load_checkpoint(os.path.join(out, "dpo", "model.pt"), "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
 
 
-def test_a_batch_larger_than_the_data_still_trains(tiny_sft_ckpt, tiny_data_dir, tmp_path):
-    # BUG (dpo.train, the batch loop): with fewer pairs than --batch-size, the epoch refill
-    # (`if len(order) < config.batch_size: order.extend(...)`) adds len(examples) < batch_size
-    # indices once, then `order.pop()` runs batch_size times: IndexError: pop from empty list.
-    # The batch must wrap around (refill until full), or the run stop with a one-line DataError.
+def test_a_batch_larger_than_the_data_still_trains(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
+    # with fewer pairs than --batch-size, the batch shrinks to the data (and says so) rather than
+    # popping indices from an epoch that has too few
     with open(tiny_path(tiny_data_dir, "prefs.jsonl")) as f:
         rows = [json.loads(line) for line in f][:3]
     path = tmp_path / "few.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    try:
-        metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"),
-                                            data=str(path), steps=2, batch_size=8, eval_problems=0))
-    except M.DataError:
-        return  # a clear refusal is fine too
-    assert metrics["steps"] == 2
-
-
-def test_cli_help():
-    result = subprocess.run([sys.executable, "dpo.py", "--help"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for flag in ("--beta", "--lr", "--epochs", "--steps", "--batch-size", "--data", "--data-dir", "--device",
-                 "--out", "--seed", "--init", "--log-every"):
-        assert flag in result.stdout, flag
+    metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"),
+                                        data=str(path), steps=2, batch_size=8, eval_problems=0))
+    assert metrics["steps"] == 2 and metrics["pairs"] == 3
+    assert "only 3 pairs: batch size 8 -> 3" in capsys.readouterr().out
 
 
 def test_readme_equation_map_points_at_the_right_lines():
@@ -789,6 +813,8 @@ def test_readme_equation_map_points_at_the_right_lines():
     for code, n in refs:
         snippet = code.split(" ...")[0]  # "chosen_logratios = ..." names the line's start
         assert snippet in lines[int(n) - 1], (code, n, lines[int(n) - 1])
+    (n,) = re.findall(r"the training log computes it at l\. (\d+)", readme)
+    assert "(margins > 0)" in lines[int(n) - 1], (n, lines[int(n) - 1])
 
 
 def test_eval_every_logs_the_held_out_judge_score_of_the_policy_at_that_step(tiny_sft_ckpt, tiny_data_dir,
@@ -806,3 +832,24 @@ def test_eval_every_logs_the_held_out_judge_score_of_the_policy_at_that_step(tin
     problems = [r for _, r in M.read_jsonl(tiny_path(tiny_data_dir, "test.jsonl"))][:6]
     replies = M.sample_replies(policy, M.load_tokenizer(tok), [p["prompt"] for p in problems], 16, 1.0, 1337)
     assert log[-1]["judge_score"] == pytest.approx(sum(world.judge(p, r) for p, r in zip(problems, replies)) / 6)
+
+
+def test_kl_on_samples_scores_exactly_the_sampled_tokens(tiny_enc):
+    # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)] over the tokens that were sampled:
+    # a reply cut at the length cap has no <|end|> to score, and one that stopped has its own.
+    # Brute force: one position at a time, float64, for two different models.
+    policy, reference = tiny_gpt(tiny_enc.n_vocab, seed=1, std=0.3), tiny_gpt(tiny_enc.n_vocab, seed=2, std=0.3)
+    prompts = ["Ben has 3 cards. He gets 2 more. How many cards?", "Ana has 7 pens.", "Why?", "Count: 1 2 3"]
+    _, reply_ids = M.sample_replies(policy, tiny_enc, prompts, max_new_tokens=5, temperature=1.0, seed=4,
+                                    return_ids=True)
+    end = M.special(tiny_enc, "end")
+    assert any(end not in r for r in reply_ids)  # the cut-off case is exercised
+    total = 0.0
+    with torch.no_grad():
+        for prompt, reply in zip(prompts, reply_ids):
+            p = M.render_prompt(tiny_enc, prompt)
+            for model, sign in ((policy, 1.0), (reference, -1.0)):
+                logp = torch.log_softmax(model(torch.tensor([p + reply]))[0].double(), -1)
+                total += sign * sum(logp[len(p) + i - 1, tok].item() for i, tok in enumerate(reply))
+    got = dpo.kl_on_samples(policy, reference, tiny_enc, prompts, reply_ids, "cpu", batch_size=3)
+    assert got == pytest.approx(total / len(prompts), rel=1e-4, abs=1e-5)

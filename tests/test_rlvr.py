@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+import dpo
 from helpers import tiny_gpt
 import model as M
 import rlvr
@@ -545,7 +546,7 @@ def test_read_problems_accepts_good_rows(tmp_path):
             {"prompt": [{"role": "user", "content": "Finn?"}], "answer": 0}]
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    got = rlvr.read_problems(str(path))
+    got = dpo.read_problems(str(path))
     assert [p["answer"] for p in got] == [2, 12, -4, 0]
     assert all(type(p["answer"]) is int for p in got)
     assert [p["prompt"] for p in got] == [r["prompt"] for r in rows] and got[1]["n_ops"] == 2
@@ -556,17 +557,17 @@ def test_read_problems_names_file_line_and_problem(tmp_path, bad, message):
     path = tmp_path / "rl.jsonl"
     write_with_bad_line(path, bad)  # a good row, a blank line, then the bad row at line 3
     with pytest.raises(M.DataError) as e:
-        rlvr.read_problems(str(path))
+        dpo.read_problems(str(path))
     assert f"{path}:3:" in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_read_problems_missing_and_empty_files(tmp_path):
     with pytest.raises(M.DataError, match="no such file") as e:
-        rlvr.read_problems(str(tmp_path / "nope.jsonl"))
+        dpo.read_problems(str(tmp_path / "nope.jsonl"))
     assert str(tmp_path / "nope.jsonl") in str(e.value)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(M.DataError, match="no rows") as e:
-        rlvr.read_problems(str(tmp_path / "empty.jsonl"))
+        dpo.read_problems(str(tmp_path / "empty.jsonl"))
     assert str(tmp_path / "empty.jsonl") in str(e.value)
 
 
@@ -577,7 +578,7 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
     path = tmp_path / "rl.jsonl"
     write_with_bad_line(path, json.dumps({"prompt": "Ben?", "answer": answer}))
     with pytest.raises(M.DataError) as e:
-        rlvr.read_problems(str(path))
+        dpo.read_problems(str(path))
     assert f"{path}:3:" in str(e.value)
 
 

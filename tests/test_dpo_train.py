@@ -1,0 +1,219 @@
+"""dpo.train() from the outside: the command line lists every flag, the reference model is frozen and
+never stepped (and, when its log-probs are precomputed, freed before the first step), the
+over-optimisation warning fires exactly when its condition first holds in the log, and the sampling
+evaluation of a model against an identical copy of itself is a perfect tie.
+
+Each run is a few steps of the tiny SFT checkpoint from conftest.py, on the CPU, seeded.
+"""
+
+import gc
+import json
+import re
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+
+import dpo
+import model as M
+from test_dpo import ROOT, read_log, tiny_dpo_config, tiny_path
+
+
+def recording_loader(monkeypatch, record):
+    """Patch dpo.M.load_checkpoint so that record(model) sees every model train() loads."""
+    original = M.load_checkpoint
+
+    def load(*args, **kwargs):
+        model, ckpt = original(*args, **kwargs)
+        record(model)
+        return model, ckpt
+
+    monkeypatch.setattr(dpo.M, "load_checkpoint", load)
+
+
+def test_cli_help_lists_every_flag():
+    result = subprocess.run([sys.executable, "dpo.py", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # argparse puts each option at the start of its own indented line in the options list; taking
+    # whole option names from there means --data is not found inside --data-dir, nor --steps in the
+    # help text of --epochs ("ignored when --steps is set")
+    lines = result.stdout.splitlines()
+    options = {}  # option name -> its help text (the option line and its continuation lines)
+    current = None
+    for line in lines:
+        m = re.match(r"^\s+(--[a-z][a-z-]*)\b(?![a-z-])", line)
+        if m:
+            current = m.group(1)
+            options[current] = line
+            for extra in re.findall(r", (--[a-z][a-z-]*)", line):  # --live-reference, --no-live-reference
+                options[extra] = line
+        elif current and line.startswith(" " * 10) and line.strip():
+            options[current] += " " + line.strip()
+        else:
+            current = None
+    wanted = {"--beta", "--lr", "--epochs", "--steps", "--batch-size", "--data", "--data-dir", "--test-data",
+              "--device", "--out", "--seed", "--init", "--log-every", "--loss-type", "--rpo-alpha",
+              "--live-reference"}
+    assert wanted <= set(options), sorted(wanted - set(options))
+    for flag in sorted(wanted):
+        assert "(default:" in options[flag], (flag, options[flag])
+
+
+def test_train_freezes_the_reference_and_steps_only_the_policy(tiny_sft_ckpt, tiny_data_dir, tmp_path,
+                                                               monkeypatch):
+    loaded = []
+    recording_loader(monkeypatch, loaded.append)
+    optimised = []  # the parameter lists train() hands to AdamW
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            optimised.append(params)
+            super().__init__(params, *args, **kwargs)
+
+    monkeypatch.setattr(dpo.torch.optim, "AdamW", RecordingAdamW)
+    # live_reference: the reference is kept and run at every step, so it must survive all of them
+    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), steps=4, batch_size=4,
+                              eval_problems=0, live_reference=True, lr=1e-3, warmup_steps=1))
+    assert len(loaded) == 2 and loaded[0] is not loaded[1]
+    policy, reference = loaded
+    start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
+    start_sd = start.state_dict()
+
+    ref_params = list(reference.parameters())
+    assert ref_params and all(not p.requires_grad and p.grad is None for p in ref_params)
+    assert not reference.training and not any(m.training for m in reference.modules())
+    ref_sd = reference.state_dict()
+    assert ref_sd.keys() == start_sd.keys()
+    for k in start_sd:
+        assert torch.equal(ref_sd[k], start_sd[k]), k
+    # the policy did move: some weight differs from the checkpoint's
+    assert any(not torch.equal(v, start_sd[k]) for k, v in policy.state_dict().items())
+
+    assert len(optimised) == 1
+    given = {id(p) for p in optimised[0]}
+    assert not given & {id(p) for p in ref_params}
+    assert given == {id(p) for p in policy.parameters()}
+
+
+def test_precomputed_reference_is_freed_before_training(tiny_sft_ckpt, tiny_data_dir, tmp_path, monkeypatch):
+    refs = []  # weak references only: a strong one here would keep the reference alive by itself
+    recording_loader(monkeypatch, lambda model: refs.append(weakref.ref(model)))
+    alive = []  # at each batch_loss call: is the reference (the second model loaded) still alive?
+    original = dpo.batch_loss
+
+    def batch_loss(*args, **kwargs):
+        gc.collect()  # a cycle holding the reference would still count as freed once collected
+        alive.append(refs[1]() is not None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dpo, "batch_loss", batch_loss)
+    steps = 3
+    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), steps=steps, batch_size=4,
+                              eval_problems=0))
+    assert len(refs) == 2  # policy, reference; nothing reloaded with eval_problems=0
+    # the first call is the step-0 check, which runs the reference: alive there shows the weakref
+    # tracks the right object (a dead one from the start would make the rest pass vacuously)
+    assert len(alive) == 1 + steps and alive[0]
+    assert alive[1:] == [False] * steps, alive
+
+
+def test_warning_fires_when_the_chosen_logprob_falls_while_the_margin_grows(tiny_sft_ckpt, tiny_data_dir,
+                                                                           tmp_path, capsys, monkeypatch):
+    # The chosen log-prob must really fall, not just look lower on a batch of longer replies: four
+    # pairs and a batch of four make every step score the same pairs. Each rejected reply is its
+    # chosen one said three times: the shared first copy cancels in the margin, and pushing the
+    # repeats down drags the chosen reply's tokens down with them (measured: -193 -> -244 nats in
+    # 12 steps at lr 3e-3, beta 0.1, the margin positive from step 1).
+    with open(tiny_path(tiny_data_dir, "prefs.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:4]
+    path = tmp_path / "repeats.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["chosen"],
+                                        "rejected": " ".join([r["chosen"]] * 3)}) + "\n" for r in rows))
+    steps = 8
+    # log_every=1: each logged record is one step's own numbers (no averaging window). The warning's
+    # condition, the chosen replies' fall below the reference (= the start) on the same replies,
+    #   -rewards/chosen / beta > threshold  and  rewards/margins > 0,
+    # can then be evaluated exactly on the log; with the same pairs at every step the fall is also
+    # the drop of logps/chosen from step 0 (where policy == reference), which checks it independently
+    threshold = 20.0  # crossed a few steps in, so the step it names is not trivially the first
+
+    def run(warn, name):
+        out = str(tmp_path / name)
+        metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, data=str(path), steps=steps,
+                                            batch_size=4, eval_problems=0, lr=3e-3, beta=0.1, warmup_steps=1,
+                                            log_every=1, chosen_logp_warn=warn))
+        return metrics, read_log(out), capsys.readouterr().out
+
+    def fall(r):
+        return -r["rewards/chosen"] / 0.1
+
+    def first_warning(log, warn):
+        return next((r["step"] for r in log if fall(r) > warn and r["rewards/margins"] > 0), None)
+
+    metrics, log, out = run(threshold, "warn")
+    assert [r["step"] for r in log] == list(range(steps))
+    for r in log:
+        assert fall(r) == pytest.approx(log[0]["logps/chosen"] - r["logps/chosen"], abs=1e-2)
+    step = metrics["warning_step"]
+    assert step is not None and step > 1 and step == first_warning(log, threshold)
+    # the step before did not yet qualify; at the step, the chosen reply had fallen past the threshold
+    assert fall(log[step - 1]) <= threshold
+    assert fall(log[step]) > threshold and log[step]["rewards/margins"] > 0
+    lines = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: step {step}: the chosen log-prob fell")
+
+    metrics, log, out = run(1e9, "quiet")
+    assert metrics["warning_step"] is None and first_warning(log, 1e9) is None
+    assert "warning:" not in out
+
+    # the margin clause: the same training (the loss is untouched, so the same log-probs), with
+    # batch_loss reporting the two rewards swapped, so that the logged margin is never positive
+    original = dpo.batch_loss
+
+    def swapped_rewards(*args, **kwargs):
+        loss, chosen_rewards, rejected_rewards = original(*args, **kwargs)
+        return loss, rejected_rewards, chosen_rewards
+
+    monkeypatch.setattr(dpo, "batch_loss", swapped_rewards)
+    metrics, swapped, out = run(threshold, "swapped")
+    assert [r["logps/chosen"] for r in swapped] == [r["logps/chosen"] for r in log]  # fell just as far
+    assert all(r["rewards/margins"] <= 0 for r in swapped)
+    assert metrics["warning_step"] is None and "warning:" not in out
+
+
+def test_win_rate_and_kl_when_policy_equals_reference(tiny_sft_ckpt, tiny_data_dir, tiny_enc):
+    tok = tiny_path(tiny_data_dir, "tokenizer.json")
+    policy, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
+    reference, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)  # equal weights, separate tensors
+    policy.eval()
+    reference.requires_grad_(False).eval()
+    with open(tiny_path(tiny_data_dir, "test.jsonl")) as f:
+        problems = [json.loads(line) for line in f][:6]
+    config = dpo.DPOConfig(max_new_tokens=16, eval_temperature=1.0, seed=3)
+    metrics, ref_replies, pol_replies = dpo.compare_by_sampling(policy, reference, tiny_enc, problems,
+                                                                config, "cpu")[:3]
+    # same weights, same seed: the same sampled replies, so every judged comparison is a tie
+    assert pol_replies == ref_replies
+    assert metrics["win_rate"] == 0.5
+    assert abs(metrics["kl"]) < 1e-6
+    for key in ("accuracy", "greedy_accuracy", "judge_score", "style_shares", "length"):
+        assert metrics[f"{key}_policy"] == metrics[f"{key}_ref"], key
+
+
+def test_no_warning_when_only_the_batches_reply_lengths_differ(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
+    # A summed log-prob is lower for a longer reply: comparing one batch's chosen log-prob with another
+    # batch's would read a batch of longer replies as a fall. At a learning rate too small to move
+    # anything, the chosen replies fell nowhere (measured on the same replies), so no warning.
+    out = str(tmp_path)
+    metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=12, batch_size=4, lr=1e-7,
+                                        warmup_steps=1, log_every=1, eval_problems=0, chosen_logp_warn=0.5))
+    log = read_log(out)
+    # what a batch-to-batch comparison would have flagged: a later batch's chosen log-prob more than
+    # the threshold below the first one's, with a positive margin
+    assert any(r["logps/chosen"] < log[0]["logps/chosen"] - 0.5 and r["rewards/margins"] > 0 for r in log)
+    assert all(-r["rewards/chosen"] / 1.0 < 0.01 for r in log)  # beta 1.0 (the default): nothing fell
+    assert metrics["warning_step"] is None and "warning:" not in capsys.readouterr().out
