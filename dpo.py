@@ -507,24 +507,19 @@ def ensure_init(config):
 
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
-    def need(ok, message):
-        if not ok:
-            raise M.ConfigError(message)
-
     known = LOSS_TYPES + REFERENCE_FREE + ["kto"]
-    need(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
-    need(config.rpo_alpha >= 0, f"--rpo-alpha must be >= 0 (the weight of an NLL term), got {config.rpo_alpha}")
-    need(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the paired "
-         f"losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
-    for flag in ("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens"):
-        need(getattr(config, flag) > 0, f"--{flag.replace('_', '-')} must be > 0, got {getattr(config, flag)}")
-    for flag in ("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps"):
-        need(getattr(config, flag) >= 0, f"--{flag.replace('_', '-')} must be >= 0, got {getattr(config, flag)}")
-    need(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
-    need(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got {config.label_noise}")
-    need(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in [0, 0.5), "
-         f"got {config.label_smoothing}")
-    need(config.log_every > 0, f"--log-every must be > 0, got {config.log_every}")
+    M.require(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
+    M.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
+                                    "log_every", "eval_every_problems"),
+                  non_negative=("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps",
+                                "rpo_alpha"))
+    M.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
+              f"paired losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
+    M.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
+    M.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
+              f"{config.label_noise}")
+    M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
+              f"[0, 0.5), got {config.label_smoothing}")
 
 
 def train(config):

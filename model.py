@@ -779,6 +779,21 @@ class ConfigError(ValueError):
     """A bad flag value: the message names the flag and what is wrong."""
 
 
+def require(ok, message):
+    """A flag check: raise ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)
+
+
+def check_flags(config, positive=(), non_negative=()):
+    """Numeric flags that cannot work (a batch of 0, a negative step count) stop with a one-line
+    ConfigError naming the flag, before anything is built."""
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            value = getattr(config, name)
+            require(ok(value), f"--{name.replace('_', '-')} must be {want}, got {value}")
+
+
 def previous_stage(init, default_path, build, announcement):
     """The checkpoint a stage starts from: `init` when given (it must exist), else default_path,
     built first by calling build() (and saying so) when it is missing, so that every stage runs on

@@ -276,8 +276,14 @@ def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
     device = M.pick_device(config.device)
-    if config.aggregation not in ("token", "sequence"):
-        raise M.ConfigError(f"--aggregation {config.aggregation!r} is unknown; known: token, sequence")
+    M.require(config.aggregation in ("token", "sequence"), f"--aggregation {config.aggregation!r} is unknown; "
+              f"known: token, sequence")
+    M.check_flags(config, positive=("prompts_per_step", "temperature", "max_new_tokens", "lr", "eval_samples",
+                                    "inner_steps", "log_every", "std_floor"),
+                  non_negative=("steps", "max_seconds", "warmup_steps", "micro_batch", "eval_problems", "kl_coef",
+                                "clip_eps", "clip_eps_high", "format_reward"))
+    M.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
+              f"to the same prompt), got {config.group_size}")
     user_problems = dpo.read_problems(config.data) if config.data else None  # validate before anything expensive
     user_eval = dpo.read_problems(config.eval_problems_file) if config.eval_problems_file else None
     if config.eval_reference and not os.path.exists(config.eval_reference):

@@ -66,7 +66,7 @@ class SFTConfig:
     eval_problems: int = M.option(500, "held-out problems answered at the end (0 = skip)", "evaluation")
     max_new_tokens: int = M.option(96, "longest reply sampled at evaluation", "evaluation")
     # run
-    stages: str = M.option("pretrain,sft", "which stages to run, comma-separated", "run")
+    stages: str = M.option("pretrain,sft", "which stages to run, comma-separated (empty: only build the data)", "run")
     data_dir: str = M.option(DATA_DIR, "where the data files live (built if missing)", "run")
     out: str = M.option("out", "output root: writes <out>/pretrain and <out>/sft", "run")
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
@@ -187,16 +187,32 @@ def evaluate_answers(model, enc, problems, max_new_tokens, seed):
             "judge_score_sampled": s["judge_score"]}, greedy, sampled
 
 
+def check_config(config):
+    """Flag values that cannot work stop here, before anything is built (ConfigError)."""
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    M.require(set(stages) <= {"pretrain", "sft"}, f"--stages {config.stages!r}: name pretrain, sft or both, "
+              f"comma-separated")
+    M.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
+                                    "pretrain_seq_len", "pretrain_lr", "sft_batch_size", "sft_lr", "max_new_tokens",
+                                    "eval_every", "log_every"),
+                  non_negative=("pretrain_steps", "sft_steps", "warmup_steps", "weight_decay", "eval_problems"))
+    M.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
+              f"{config.n_head} (each head gets n_embd / n_head dimensions)")
+    M.require(config.pretrain_seq_len <= config.block_size, f"--pretrain-seq-len {config.pretrain_seq_len} is "
+              f"longer than the model's context, --block-size {config.block_size}")
+    return stages
+
+
 def train(config):
     """Run the stages in config.stages; returns the metrics of the last one."""
     t0 = time.time()
+    stages = check_config(config)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     device = M.pick_device(config.device)
     ensure_data(config.data_dir)
     tok_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tok_path)
-    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
     pretrain_dir = os.path.join(config.out, "pretrain")
     metrics = {}
 

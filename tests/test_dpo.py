@@ -556,7 +556,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
 
 @pytest.mark.parametrize("flags,message", [
     (["--loss-type", "nope"], "--loss-type 'nope' is unknown"),
-    (["--rpo-alpha", "-1"], "--rpo-alpha must be >= 0"),
+    (["--rpo-alpha", "-1"], "--rpo-alpha must be >= 0, got -1.0"),
     (["--loss-type", "simpo", "--rpo-alpha", "1"], "simpo has its own loss"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--beta", "0"], "--beta must be > 0"),

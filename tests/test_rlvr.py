@@ -582,6 +582,22 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
     assert f"{path}:3:" in str(e.value)
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--aggregation", "mean"], "--aggregation 'mean' is unknown"),
+    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
+    (["--eval-samples", "0"], "--eval-samples must be > 0, got 0"),
+])
+def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
+    out = tmp_path / "out"  # holds no checkpoint: a run that got past the checks would build one
+    with pytest.raises(SystemExit) as e:
+        rlvr.main([*flags, "--out", str(out), "--device", "cpu"])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith(f"error: {message}") and "\n" not in msg
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "not_json", "bad_answer", "missing_prompt", "empty_file"])
 def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, case):
     path = tmp_path / "rl.jsonl"

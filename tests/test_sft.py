@@ -293,3 +293,20 @@ def test_cli_help():
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--device", "--out", "--seed"):
         assert flag in result.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--stages", "pretrian"], "--stages 'pretrian': name pretrain, sft or both"),
+    (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be a multiple of --n-head 4"),
+    (["--pretrain-seq-len", "500"], "--pretrain-seq-len 500 is longer than the model's context, --block-size 192"),
+    (["--sft-batch-size", "0"], "--sft-batch-size must be > 0, got 0"),
+    (["--pretrain-steps", "-1"], "--pretrain-steps must be >= 0, got -1"),
+])
+def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
+    # a typo in --stages used to run no stage at all, silently
+    out, data = tmp_path / "out", tmp_path / "data"  # neither exists: a run past the checks would build them
+    with pytest.raises(SystemExit) as e:
+        sft.main([*flags, "--out", str(out), "--data-dir", str(data), "--device", "cpu"])
+    msg = e.value.code
+    assert isinstance(msg, str) and msg.startswith(f"error: {message}") and "\n" not in msg
+    assert not out.exists() and not data.exists()
