@@ -115,7 +115,9 @@ class DPOConfig:
     max_length: int = M.option(192, "prompt + response tokens kept (responses truncated from the right)", "data")
     # evaluation
     eval_problems: int = M.option(500, "held-out problems sampled from reference and policy (0 = skip)", "evaluation")
-    eval_temperature: float = M.option(1.0, "sampling temperature at evaluation (KL is estimated on these samples)", "evaluation")
+    eval_temperature: float = M.option(1.0, "sampling temperature at evaluation; KL is estimated on these "
+                                       "samples, exactly at T=1 (at another T they come from the tempered policy)",
+                                       "evaluation")
     max_new_tokens: int = M.option(96, "longest sampled reply", "evaluation")
     eval_every: int = M.option(0, "every N steps, sample --eval-every-problems held-out problems from the policy "
                                "and log their judge score and accuracy (0 = off)", "evaluation")
@@ -516,6 +518,9 @@ def check_config(config):
     M.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
               f"paired losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
     M.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
+    M.require(config.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
+    if config.lora_rank:
+        M.lora_suffixes([t.strip() for t in config.lora_targets.split(",")])
     M.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
@@ -654,7 +659,7 @@ def train(config):
     peak = M.peak_flops(device)
 
     def flops_per_token(T):  # the policy's forward and backward, plus a live reference's forward (a third)
-        return M.flops_per_token(policy, T) * (4 / 3 if config.live_reference else 1)
+        return M.flops_per_token(policy, T) * (4 / 3 if config.live_reference and ref_chosen is not None else 1)
 
     tokens, t_train, eval_seconds = 0, time.time(), 0.0
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
@@ -727,7 +732,7 @@ def train(config):
             # the early warning: the margin grows by pushing the chosen reply down too. With a reference
             # the fall is measured on the same replies, log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta
             # (a sum over a reply's tokens varies with its length: batches are not comparable); without
-            # one (simpo, orpo), against the first logged batch
+            # one (simpo, orpo), against the first step's batch
             fall = (-rec["rewards/chosen"] / config.beta if ref_chosen is not None
                     else start_chosen_logp - rec["logps/chosen"])
             if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:

@@ -367,14 +367,19 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
 
 
 def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu."""
+    """'auto' picks cuda, then mps, then cpu; a named device must exist here (else ConfigError)."""
+    mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    require(device is not None and device.type in ("cpu", "cuda", "mps"),
+            f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+    require(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: no CUDA device on this machine")
+    require(device.type != "mps" or mps, f"--device {name}: no Apple MPS device on this machine")
+    return device
 
 
 def autocast(device):
@@ -507,14 +512,19 @@ def add_lora(model, rank=8, alpha=16, targets=("attn", "mlp")):
     targets: short names from LORA_TARGETS ("attn", "mlp") or the module-name suffixes they stand
     for ("attn.c_attn", "mlp.c_fc", ...). The tied lm_head is never a target: it is the token
     embedding as well. -> the adapted modules' names, e.g. ["blocks.0.attn.c_attn", ...]."""
+    suffixes = lora_suffixes(targets)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
+    return _wrap_linears(model, names, rank, alpha)
+
+
+def lora_suffixes(targets):
+    """LoRA targets (short names or module suffixes, see add_lora) -> the module-name suffixes they
+    stand for; an unknown one is a ConfigError (a flag value: checked before anything is built)."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     known = {**LORA_TARGETS, **{s: (s,) for group in LORA_TARGETS.values() for s in group}}
     unknown = [t for t in targets if t not in known]
-    if unknown:
-        raise ValueError(f"unknown LoRA targets {unknown}; known: {sorted(known)}")
-    suffixes = tuple("." + s for t in targets for s in known[t])
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
-    return _wrap_linears(model, names, rank, alpha)
+    require(not unknown, f"unknown LoRA targets {unknown}; known: {sorted(known)}")
+    return tuple("." + s for t in targets for s in known[t])
 
 
 @contextlib.contextmanager

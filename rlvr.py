@@ -272,10 +272,8 @@ def ensure_init(config):
         f"if missing: about 11 minutes on a 2-core CPU)")
 
 
-def train(config):
-    """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
-    t_all = time.time()
-    device = M.pick_device(config.device)
+def check_config(config):
+    """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
     M.require(config.aggregation in ("token", "sequence"), f"--aggregation {config.aggregation!r} is unknown; "
               f"known: token, sequence")
     M.check_flags(config, positive=("prompts_per_step", "temperature", "max_new_tokens", "lr", "eval_samples",
@@ -284,6 +282,13 @@ def train(config):
                                 "clip_eps", "clip_eps_high", "format_reward"))
     M.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
               f"to the same prompt), got {config.group_size}")
+
+
+def train(config):
+    """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
+    t_all = time.time()
+    check_config(config)
+    device = M.pick_device(config.device)
     user_problems = dpo.read_problems(config.data) if config.data else None  # validate before anything expensive
     user_eval = dpo.read_problems(config.eval_problems_file) if config.eval_problems_file else None
     if config.eval_reference and not os.path.exists(config.eval_reference):

@@ -195,7 +195,11 @@ def check_config(config):
     M.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
                                     "pretrain_seq_len", "pretrain_lr", "sft_batch_size", "sft_lr", "max_new_tokens",
                                     "eval_every", "log_every"),
-                  non_negative=("pretrain_steps", "sft_steps", "warmup_steps", "weight_decay", "eval_problems"))
+                  non_negative=("warmup_steps", "weight_decay", "eval_problems"))
+    M.require(config.pretrain_steps > 0 or "pretrain" not in stages, f"--pretrain-steps must be > 0, got "
+              f"{config.pretrain_steps} (leave the stage out with --stages sft)")
+    M.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
+              f"(leave the stage out with --stages pretrain)")
     M.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
               f"{config.n_head} (each head gets n_embd / n_head dimensions)")
     M.require(config.pretrain_seq_len <= config.block_size, f"--pretrain-seq-len {config.pretrain_seq_len} is "

@@ -9,7 +9,6 @@ in well under a minute on a busy 2-core CPU.
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -565,6 +564,11 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--label-noise", "1.5"], "--label-noise is a share"),
     (["--label-smoothing", "0.5"], "--label-smoothing is the assumed share"),
     (["--log-every", "0"], "--log-every must be > 0"),
+    (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+    (["--lora-rank", "4", "--lora-targets", "attn,mpl"], "unknown LoRA targets ['mpl']"),
+    (["--device", "cuad"], "--device 'cuad': expected auto, cpu, cuda, cuda:N or mps"),
+    pytest.param(["--device", "cuda"], "--device cuda: no CUDA device on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     (["--eval-problems-file", "{d}/problems.jsonl"], "{d}/problems.jsonl:2: missing field 'answer'"),
     (["--eval-problems-file", "{d}/answers.jsonl"], "{d}/answers.jsonl:1: 'answer' must be an integer"),
     (["--data", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not UTF-8 text"),
@@ -577,7 +581,7 @@ def test_main_reports_bad_flags_and_files_in_one_line_before_building_anything(t
     flags, message = [f.format(d=tmp_path) for f in flags], message.format(d=tmp_path)
     out = tmp_path / "out"  # holds no SFT checkpoint: a run that got past the checks would build one
     with pytest.raises(SystemExit) as e:
-        dpo.main([*flags, "--out", str(out), "--device", "cpu"])
+        dpo.main(["--device", "cpu", "--out", str(out), *flags])  # the flags under test come last, and win
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg
     assert message in msg, msg
@@ -843,7 +847,8 @@ def test_kl_on_samples_scores_exactly_the_sampled_tokens(tiny_enc):
     _, reply_ids = M.sample_replies(policy, tiny_enc, prompts, max_new_tokens=5, temperature=1.0, seed=4,
                                     return_ids=True)
     end = M.special(tiny_enc, "end")
-    assert any(end not in r for r in reply_ids)  # the cut-off case is exercised
+    assert all(end not in r for r in reply_ids)  # cut at the cap (an untrained model rarely stops) ...
+    reply_ids[1] = reply_ids[1][:2] + [end]  # ... and one that stopped, as generate returns it
     total = 0.0
     with torch.no_grad():
         for prompt, reply in zip(prompts, reply_ids):

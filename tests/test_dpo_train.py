@@ -182,6 +182,7 @@ def test_warning_fires_when_the_chosen_logprob_falls_while_the_margin_grows(tiny
     metrics, swapped, out = run(threshold, "swapped")
     assert [r["logps/chosen"] for r in swapped] == [r["logps/chosen"] for r in log]  # fell just as far
     assert all(r["rewards/margins"] <= 0 for r in swapped)
+    assert any(-r["rewards/rejected"] / 0.1 > threshold for r in swapped)  # the chosen replies did fall that far
     assert metrics["warning_step"] is None and "warning:" not in out
 
 

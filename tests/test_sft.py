@@ -300,7 +300,7 @@ def test_cli_help():
     (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be a multiple of --n-head 4"),
     (["--pretrain-seq-len", "500"], "--pretrain-seq-len 500 is longer than the model's context, --block-size 192"),
     (["--sft-batch-size", "0"], "--sft-batch-size must be > 0, got 0"),
-    (["--pretrain-steps", "-1"], "--pretrain-steps must be >= 0, got -1"),
+    (["--pretrain-steps", "0"], "--pretrain-steps must be > 0, got 0"),
 ])
 def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
     # a typo in --stages used to run no stage at all, silently
