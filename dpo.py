@@ -138,13 +138,15 @@ class DPOConfig:
 # Data: validated rows -> token ids with exact prompt/response boundaries
 
 
-def response_text(value):
-    """A response as text: a string, or TRL's conversational form [{"role": "assistant", ...}]."""
+def split_reply(value):
+    """A response as (the messages before it, its text): a string (no messages before it), or TRL's
+    conversational form, {role, content} messages that end with the assistant's reply: one message,
+    [{"role": "assistant", ...}], or the whole conversation, [{"role": "user", ...}, {"role":
+    "assistant", ...}] (TRL's implicit prompt, and the "-trl-style" sets). -> None when neither."""
     if isinstance(value, str):
-        return value
-    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
-            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
-        return value[0]["content"]
+        return [], value
+    if valid_prompt(value) and value[-1]["role"] == "assistant":
+        return value[:-1], value[-1]["content"]
     return None
 
 
@@ -168,23 +170,42 @@ def check_row(path, n, row, keys):
 
 
 def checked_response(path, n, row, key):
-    """row[key] as text (a string or one assistant message), or a DataError naming file and line."""
-    text = response_text(row[key])
-    if text is None:
-        raise M.DataError(f"{path}:{n}: '{key}' must be a string or a single assistant message")
-    if not text.strip():
+    """row[key] as (the messages before the reply, its text) (see split_reply), or a DataError naming
+    file and line."""
+    if key not in row:
+        raise M.DataError(f"{path}:{n}: missing field '{key}'")
+    split = split_reply(row[key])
+    if split is None:
+        raise M.DataError(f"{path}:{n}: '{key}' must be a string or a list of {{role, content}} messages ending "
+                          f"with the assistant's reply")
+    if not split[1].strip():
         raise M.DataError(f"{path}:{n}: '{key}' must be non-empty text ('{key}' is empty)")
-    return text
+    return split
+
+
+def row_prompt(path, n, row, before):
+    """The prompt a row's replies answer: the messages before them when they carry the whole
+    conversation (TRL's implicit prompt; in the "-trl-style" sets these repeat the "prompt" field),
+    else the "prompt" field."""
+    if before:
+        return before
+    check_row(path, n, row, ("prompt",))
+    return row["prompt"]
 
 
 def read_pairs(path):
     """Validate a preference file; -> list of (prompt, chosen_text, rejected_text).
-    Any problem stops with a DataError naming the file and line."""
+    Rows: {"prompt", "chosen", "rejected"}, each a string or TRL's conversational form (see
+    split_reply; "prompt" may then be left out). Any problem stops with a DataError naming the file
+    and line."""
     pairs = []
     for n, row in M.read_jsonl(path):
-        check_row(path, n, row, ("prompt", "chosen", "rejected"))
-        pairs.append((row["prompt"], checked_response(path, n, row, "chosen"),
-                      checked_response(path, n, row, "rejected")))
+        (before, chosen), (before_rejected, rejected) = (checked_response(path, n, row, key)
+                                                         for key in ("chosen", "rejected"))
+        if before != before_rejected:
+            raise M.DataError(f"{path}:{n}: 'chosen' and 'rejected' must answer the same conversation (their "
+                              f"messages before the last reply differ)")
+        pairs.append((row_prompt(path, n, row, before), chosen, rejected))
     return pairs
 
 
@@ -193,11 +214,13 @@ def read_unpaired(path):
     -> list of (prompt, completion_text, label)."""
     rows = []
     for n, row in M.read_jsonl(path):
-        check_row(path, n, row, ("prompt", "completion", "label"))
-        text = checked_response(path, n, row, "completion")
+        before, text = checked_response(path, n, row, "completion")
+        prompt = row_prompt(path, n, row, before)
+        if "label" not in row:
+            raise M.DataError(f"{path}:{n}: missing field 'label'")
         if not isinstance(row["label"], bool):
             raise M.DataError(f"{path}:{n}: 'label' must be true or false, got {row['label']!r}")
-        rows.append((row["prompt"], text, row["label"]))
+        rows.append((prompt, text, row["label"]))
     return rows
 
 

@@ -239,6 +239,20 @@ class FixedLogits(torch.nn.Module):
         return self.logits
 
 
+def test_collate_pads_each_batch_to_its_own_longest_row_chosen_rows_first(tiny_enc, tiny_examples):
+    examples, _ = tiny_examples
+    batch = sorted(examples[:40], key=lambda ex: len(ex["prompt"]) + len(ex["chosen"]))[:4]  # short rows
+    rows = [(ex["prompt"], ex["chosen"]) for ex in batch] + [(ex["prompt"], ex["rejected"]) for ex in batch]
+    ids, mask = dpo.collate(batch, pad_id(tiny_enc), "cpu")
+    longest = max(len(p) + len(r) for p, r in rows)
+    assert ids.shape == mask.shape == (8, longest) and longest < max(len(ex["prompt"]) + len(ex["rejected"])
+                                                                     for ex in examples)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        assert ids[i, :n].tolist() == p + r and set(ids[i, n:].tolist()) <= {pad_id(tiny_enc)}
+        assert mask[i].tolist() == [0] * len(p) + [1] * len(r) + [0] * (longest - n)
+
+
 def test_sequence_logprobs_hand_worked():
     # V = 3; row 0: ids [0, 2, 1, 1], the last two are the response; row 1: ids [2, 0, 1, pad],
     # only the middle one is scored. logits[b, t] predicts ids[b, t + 1].
@@ -494,6 +508,11 @@ BAD_ROWS = [  # (row written at line 3, what the message must say)
     ('{"prompt": "Ben?", "chosen": 3, "rejected": "z"}', "'chosen' must be"),
     ('[1, 2, 3]', "expected a JSON object"),
     ('"just a string"', "expected a JSON object"),
+    ('{"prompt": "Ben?", "chosen": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}], '
+     '"rejected": "z"}', "ending with the assistant's reply"),
+    ('{"chosen": [{"role": "user", "content": "Ben?"}, {"role": "assistant", "content": "y"}], '
+     '"rejected": [{"role": "user", "content": "Ann?"}, {"role": "assistant", "content": "z"}]}',
+     "must answer the same conversation"),
 ]
 
 
@@ -607,6 +626,15 @@ def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
     a, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "str.jsonl")), 96, 192)
     b, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "conv.jsonl")), 96, 192)
     assert len(a) == len(b) == 2 and a == b
+    # TRL's implicit prompt (the replies carry the whole conversation, no "prompt") and the
+    # "-trl-style" sets (a "prompt" string, and the whole conversation again in each reply)
+    for with_prompt in (False, True):
+        whole = [{**({"prompt": r["prompt"]} if with_prompt else {}),
+                  **{k: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[k]}]
+                     for k in ("chosen", "rejected")}} for r in rows]
+        (tmp_path / "whole.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole))
+        c, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "whole.jsonl")), 96, 192)
+        assert c == a
     # a system turn in a conversational prompt is kept, in the template
     sys_prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": rows[0]["prompt"]}]
     c, _ = dpo.tokenize_pairs(tiny_enc, [(sys_prompt, rows[0]["chosen"], rows[0]["rejected"])], 96, 192)
@@ -764,6 +792,46 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     model, ckpt = M.load_checkpoint(os.path.join(out, "dpo", "model.pt"), "cpu", tok)
     assert ckpt["stage"] == "dpo" and ckpt["train_config"]["steps"] == 30
     assert model.config == start.config
+
+
+def test_a_trl_style_conversational_file_trains_like_the_string_file(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    # the same pairs as whole conversations, the form of the "-trl-style" sets: the same losses
+    rows = [row for _, row in M.read_jsonl(tiny_path(tiny_data_dir, "prefs.jsonl"))]
+    conv = [{"prompt": r["prompt"], **{k: [{"role": "user", "content": r["prompt"]},
+                                           {"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}}
+            for r in rows]
+    path = tmp_path / "conv.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in conv))
+    losses = []
+    for name, data in (("str", tiny_path(tiny_data_dir, "prefs.jsonl")), ("conv", str(path))):
+        out = str(tmp_path / name)
+        dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, data=data, steps=3, batch_size=4,
+                                  eval_problems=0, log_every=1))
+        losses.append([r["loss"] for r in read_log(out)])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_a_missing_sft_checkpoint_is_built_and_announced(tiny_sft_ckpt, tmp_path, monkeypatch, capsys):
+    # `python dpo.py` on a fresh clone: no out/sft/model.pt, so sft.train runs first (stubbed here
+    # by a copy of the tiny checkpoint), with dpo's --out; a given --init is never rebuilt
+    import shutil
+    import sft
+    calls = []
+
+    def fake_sft_train(config):
+        calls.append(config)
+        os.makedirs(os.path.join(config.out, "sft"))
+        shutil.copy(tiny_sft_ckpt, os.path.join(config.out, "sft", "model.pt"))
+
+    monkeypatch.setattr(sft, "train", fake_sft_train)
+    config = dpo.DPOConfig(out=str(tmp_path), device="cpu")
+    path = dpo.ensure_init(config)
+    assert path == os.path.join(str(tmp_path), "sft", "model.pt") and os.path.exists(path)
+    assert len(calls) == 1 and calls[0].out == str(tmp_path) and calls[0].data_dir == config.data_dir
+    assert "no SFT checkpoint" in capsys.readouterr().out
+    assert dpo.ensure_init(config) == path and len(calls) == 1  # now there: not built again
+    assert dpo.ensure_init(dpo.DPOConfig(init=tiny_sft_ckpt, out=str(tmp_path / "x"))) == tiny_sft_ckpt
+    assert len(calls) == 1
 
 
 def test_live_reference_gives_the_same_losses(tiny_sft_ckpt, tiny_data_dir, tmp_path):
