@@ -543,7 +543,7 @@ def check_config(config):
     M.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
     M.require(config.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
     if config.lora_rank:
-        M.lora_suffixes([t.strip() for t in config.lora_targets.split(",")])
+        M.lora_suffixes(config.lora_targets)
     M.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
@@ -618,7 +618,7 @@ def train(config):
     print(f"dpo: start from {init} | {M.describe(policy, device)} | loss {config.loss_type}")
     model_copies = 1  # model weights held in memory at once (the policy; + the reference copy)
     if config.lora_rank:  # freeze the start, train adapters B A: the base is the reference
-        M.add_lora(policy, config.lora_rank, config.lora_alpha, [t.strip() for t in config.lora_targets.split(",")])
+        M.add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_targets)
     reference = ref_chosen = ref_rejected = test_ref_chosen = test_ref_rejected = None
     reference_pass_seconds = live_seconds_per_step = 0.0
     if config.loss_type in REFERENCE_FREE:

@@ -510,17 +510,19 @@ def _wrap_linears(model, names, rank, alpha):
 def add_lora(model, rank=8, alpha=16, targets=("attn", "mlp")):
     """Adapt `model` in place: freeze all of it and wrap the targeted Linear layers in LoRALinear.
     targets: short names from LORA_TARGETS ("attn", "mlp") or the module-name suffixes they stand
-    for ("attn.c_attn", "mlp.c_fc", ...). The tied lm_head is never a target: it is the token
-    embedding as well. -> the adapted modules' names, e.g. ["blocks.0.attn.c_attn", ...]."""
+    for ("attn.c_attn", "mlp.c_fc", ...), as a list or a comma-separated string. The tied lm_head
+    is never a target: it is the token embedding as well. -> the adapted modules' names, e.g.
+    ["blocks.0.attn.c_attn", ...]."""
     suffixes = lora_suffixes(targets)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(suffixes)]
     return _wrap_linears(model, names, rank, alpha)
 
 
 def lora_suffixes(targets):
-    """LoRA targets (short names or module suffixes, see add_lora) -> the module-name suffixes they
-    stand for; an unknown one is a ConfigError (a flag value: checked before anything is built)."""
-    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    """LoRA targets (short names or module suffixes, see add_lora; a string may list several,
+    comma-separated, as --lora-targets does) -> the module-name suffixes they stand for; an unknown
+    one is a ConfigError (a flag value: checked before anything is built)."""
+    targets = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     known = {**LORA_TARGETS, **{s: (s,) for group in LORA_TARGETS.values() for s in group}}
     unknown = [t for t in targets if t not in known]
     require(not unknown, f"unknown LoRA targets {unknown}; known: {sorted(known)}")

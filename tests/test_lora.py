@@ -109,6 +109,9 @@ def test_targets_pick_the_adapted_layers():
     # a module-name suffix picks one kind of layer
     m = tiny_gpt()
     assert M.add_lora(m, 2, 2, targets=["mlp.c_fc"]) == ["blocks.0.mlp.c_fc", "blocks.1.mlp.c_fc"]
+    # --lora-targets' comma-separated form names the same layers as the list
+    assert M.add_lora(tiny_gpt(), 2, 2, targets="attn.c_proj, mlp.c_fc") == M.add_lora(
+        tiny_gpt(), 2, 2, targets=["attn.c_proj", "mlp.c_fc"])
     # unknown names (the tied head included) are refused, naming the known ones
     for bad in (["qkv"], ["attn", "lm_head"]):
         with pytest.raises(ValueError, match="unknown LoRA targets") as e:
