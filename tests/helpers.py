@@ -16,3 +16,14 @@ def tiny_gpt(vocab_size, seed=0, block_size=192, n_layer=1, std=None):
                 if p.dim() >= 2:
                     p.normal_(0.0, std)
     return m
+
+
+@torch.no_grad()
+def reply_logp(model, prompt_ids, reply_ids):
+    """log p(reply | prompt) the plain way, an independent check on the masked, batched code: one
+    unpadded sequence, a float64 log_softmax over its logits, the reply's tokens summed one by one
+    (the logits at position t-1 predict token t)."""
+    logits = model(torch.tensor([prompt_ids + reply_ids]))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    logp = torch.log_softmax(logits[0].double(), -1)
+    return sum(logp[len(prompt_ids) + i - 1, tok].item() for i, tok in enumerate(reply_ids))

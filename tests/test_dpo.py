@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dpo
-from helpers import tiny_gpt
+from helpers import reply_logp, tiny_gpt
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -702,15 +702,10 @@ def test_rpo_run_logs_dpo_loss_plus_alpha_times_the_chosen_nll(tiny_sft_ckpt, ti
     start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
     start.eval()
     total, tokens = 0.0, 0
-    with torch.no_grad():
-        for r in rows:
-            prompt, reply = M.render_prompt(tiny_enc, r["prompt"]), M.render_response(tiny_enc, r["chosen"])
-            ids = torch.tensor([prompt + reply])
-            logits = start(ids)
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            logp = torch.log_softmax(logits[0].double(), -1)
-            total += sum(logp[len(prompt) + i - 1, tok].item() for i, tok in enumerate(reply))
-            tokens += len(reply)
+    for r in rows:
+        reply = M.render_response(tiny_enc, r["chosen"])
+        total += reply_logp(start, M.render_prompt(tiny_enc, r["prompt"]), reply)
+        tokens += len(reply)
     (rec,) = read_log(out)
     assert rec["nll_loss"] == pytest.approx(-total / tokens, rel=1e-4)
     assert rec["loss"] == pytest.approx(LN2 + alpha * (-total / tokens), rel=1e-4)
@@ -767,15 +762,8 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     # time, in float64, from the start checkpoint (which training must not have touched)
     test_pairs = dpo.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl"))
     answers = [row["answer"] for _, row in M.read_jsonl(tiny_path(tiny_data_dir, "prefs_test.jsonl"))]
-    gaps = []
-    with torch.no_grad():
-        for ex in test_ex:
-            total = []
-            for reply in (ex["chosen"], ex["rejected"]):
-                logits = start(torch.tensor([ex["prompt"] + reply]))
-                logp = torch.log_softmax((logits[0] if isinstance(logits, tuple) else logits)[0].double(), -1)
-                total.append(sum(logp[len(ex["prompt"]) + i - 1, tok].item() for i, tok in enumerate(reply)))
-            gaps.append(total[0] - total[1])
+    gaps = [reply_logp(start, ex["prompt"], ex["chosen"]) - reply_logp(start, ex["prompt"], ex["rejected"])
+            for ex in test_ex]
     assert min(abs(g) for g in gaps) > 1e-4  # no near-tie that float32 could flip
     assert saved["ref_likelihood_accuracy"] == pytest.approx(sum(g > 0 for g in gaps) / len(gaps))
     by_kind = dpo.accuracy_by_pair_kind(test_pairs, test_ex, torch.tensor(gaps), answers)
@@ -918,11 +906,8 @@ def test_kl_on_samples_scores_exactly_the_sampled_tokens(tiny_enc):
     assert all(end not in r for r in reply_ids)  # cut at the cap (an untrained model rarely stops) ...
     reply_ids[1] = reply_ids[1][:2] + [end]  # ... and one that stopped, as generate returns it
     total = 0.0
-    with torch.no_grad():
-        for prompt, reply in zip(prompts, reply_ids):
-            p = M.render_prompt(tiny_enc, prompt)
-            for model, sign in ((policy, 1.0), (reference, -1.0)):
-                logp = torch.log_softmax(model(torch.tensor([p + reply]))[0].double(), -1)
-                total += sign * sum(logp[len(p) + i - 1, tok].item() for i, tok in enumerate(reply))
+    for prompt, reply in zip(prompts, reply_ids):
+        p = M.render_prompt(tiny_enc, prompt)
+        total += reply_logp(policy, p, reply) - reply_logp(reference, p, reply)
     got = dpo.kl_on_samples(policy, reference, tiny_enc, prompts, reply_ids, "cpu", batch_size=3)
     assert got == pytest.approx(total / len(prompts), rel=1e-4, abs=1e-5)
