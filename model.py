@@ -735,12 +735,22 @@ def append_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
-def cosine_lr(step, total, peak, warmup, min_ratio=0.1):
-    """Linear warmup for `warmup` steps, then cosine decay to min_ratio * peak at `total`."""
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
+
+def scheduled_lr(schedule, step, total, peak, warmup, min_ratio=0.0):
+    """The learning rate at step (counted from 0) of `total`: a linear warmup to `peak` over the first
+    `warmup` steps, then
+        constant  peak
+        linear    a straight line down to min_ratio * peak at step `total` (min_ratio 0: TRL's default)
+        cosine    half a cosine down to min_ratio * peak at step `total`"""
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if schedule == "constant":
+        return peak
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 at the end of warmup, 1 at `total`
+    decay = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    return peak * (min_ratio + (1 - min_ratio) * decay)
 
 
 def pad_batch(seqs, masks, pad_id, device="cpu"):

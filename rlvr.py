@@ -381,7 +381,7 @@ def train(config):
             old_logps = [None] * len(chunks)
             for inner in range(config.inner_steps):
                 for g in opt.param_groups:
-                    g["lr"] = config.lr * min(1.0, (step + 1) / max(1, config.warmup_steps))
+                    g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
                 opt.zero_grad(set_to_none=True)
                 for j, c in enumerate(chunks):
                     logps, m = token_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)

@@ -133,7 +133,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = M.cosine_lr(step, steps, lr, config.warmup_steps)
+            g["lr"] = M.scheduled_lr("cosine", step, steps, lr, config.warmup_steps, min_ratio=0.1)
         ids, mask = next_batch()
         loss = lm_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)

@@ -441,9 +441,9 @@ def test_pick_device():
         assert M.pick_device("auto") == torch.device("cpu")
 
 
-def test_cosine_lr_hand_computed():
+def test_cosine_schedule_hand_computed():
     # peak 2.0, 10 warmup steps, 110 in all: 100 decay steps, floor 0.1 * peak = 0.2
-    lr = lambda step: M.cosine_lr(step, 110, 2.0, 10)  # noqa: E731
+    lr = lambda step: M.scheduled_lr("cosine", step, 110, 2.0, 10, min_ratio=0.1)  # noqa: E731
     assert lr(0) == pytest.approx(0.2)       # warmup: peak * (step + 1) / warmup
     assert lr(4) == pytest.approx(1.0)
     assert lr(9) == pytest.approx(2.0)       # warmup ends at the peak ...
@@ -453,7 +453,22 @@ def test_cosine_lr_hand_computed():
     assert lr(60) == pytest.approx(2 * (0.1 + 0.45))  # half way: cos = 0
     assert lr(110) == pytest.approx(0.2)
     assert lr(1000) == pytest.approx(0.2)    # past the end it stays at the floor
-    assert M.cosine_lr(0, 10, 1.0, 0) == pytest.approx(1.0)  # no warmup: start at the peak
+    assert M.scheduled_lr("cosine", 0, 10, 1.0, 0) == pytest.approx(1.0)  # no warmup: start at the peak
+
+
+def test_linear_and_constant_schedules_hand_computed():
+    # peak 3.0, 2 warmup steps, 6 in all: warmup 1.5, 3.0; then a straight line over 4 steps to 0 at step 6
+    linear = [M.scheduled_lr("linear", step, 6, 3.0, 2) for step in range(7)]
+    assert linear == pytest.approx([1.5, 3.0, 3.0, 2.25, 1.5, 0.75, 0.0])
+    # a floor: down to min_ratio * peak = 1.0 instead of 0, over the same 4 steps
+    floored = [M.scheduled_lr("linear", step, 6, 3.0, 2, min_ratio=1 / 3) for step in range(2, 7)]
+    assert floored == pytest.approx([3.0, 2.5, 2.0, 1.5, 1.0])
+    constant = [M.scheduled_lr("constant", step, 6, 3.0, 2) for step in range(7)]
+    assert constant == pytest.approx([1.5, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
+    # no warmup: the first step is at the peak
+    assert M.scheduled_lr("linear", 0, 4, 3.0, 0) == M.scheduled_lr("constant", 0, 4, 3.0, 0) == 3.0
+    with pytest.raises(KeyError):
+        M.scheduled_lr("step", 3, 6, 3.0, 2)
 
 
 # ----------------------------------------------------------------------------------------------
