@@ -580,6 +580,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--beta", "0"], "--beta must be > 0"),
     (["--steps", "-3"], "--steps must be >= 0"),
     (["--epochs", "0"], "leaves nothing to train"),
+    (["--lr-schedule", "step"], "--lr-schedule 'step' is unknown; known: linear, cosine, constant"),
     (["--label-noise", "1.5"], "--label-noise is a share"),
     (["--label-smoothing", "0.5"], "--label-smoothing is the assumed share"),
     (["--log-every", "0"], "--log-every must be > 0"),

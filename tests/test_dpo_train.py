@@ -218,3 +218,25 @@ def test_no_warning_when_only_the_batches_reply_lengths_differ(tiny_sft_ckpt, ti
     assert any(r["logps/chosen"] < log[0]["logps/chosen"] - 0.5 and r["rewards/margins"] > 0 for r in log)
     assert all(-r["rewards/chosen"] / 1.0 < 0.01 for r in log)  # beta 1.0 (the default): nothing fell
     assert metrics["warning_step"] is None and "warning:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("schedule,factors", [
+    # peak 3e-3, 2 warmup steps, 6 steps: warmup, then down a straight line that would reach 0 at step 6
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+])
+def test_each_step_runs_at_the_scheduled_learning_rate(tiny_sft_ckpt, tiny_data_dir, tmp_path, monkeypatch,
+                                                        schedule, factors):
+    used = []  # the lr AdamW actually steps with, read inside step()
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(dpo.torch.optim, "AdamW", RecordingAdamW)
+    out = str(tmp_path / "out")
+    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=6, batch_size=4, eval_problems=0,
+                              lr=3e-3, warmup_steps=2, lr_schedule=schedule, log_every=1))
+    assert used == pytest.approx([3e-3 * f for f in factors])
+    assert [r["lr"] for r in read_log(out)] == pytest.approx(used)  # the log reports the same
