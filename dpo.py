@@ -4,7 +4,7 @@ pairs of replies, one preferred ("chosen") and one not ("rejected"), with no rew
 sampling during training.
 
     python dpo.py                 (builds data and the SFT model if missing, then DPO: 3-11 min on 2 cores)
-    python dpo.py --beta 0.1 --lr 1e-5 --epochs 2
+    python dpo.py --beta 0.5 --lr 1e-4 --seed 2
     python dpo.py --data my_pairs.jsonl     (any TRL-style {"prompt", "chosen", "rejected"} file)
     python dpo.py --loss-type ipo           (the family: cdpo, robust, hinge, ipo, simpo, orpo, kto, ...)
     python dpo.py --lora-rank 16 --lr 1e-3  (LoRA: the frozen start is the reference, one model in memory)
@@ -75,8 +75,8 @@ class DPOConfig:
     # the method
     # beta 0.1 (the paper's) let this 1M-parameter model erase <|end|> after "The answer is N."
     # (KL 56-93 nats/reply from lr 2e-5 up, or at 1e-5 with 187 steps) or barely move (KL 0.8-2.2
-    # at 5e-6..1e-5, win rate 56-64%; decayed linearly from 2e-5..5e-5, 58-59%); a larger beta
-    # saturates the loss before the shared ending is eroded. Measured sweep in the README.
+    # at 5e-6..1e-5, win rate 56-64%; decayed linearly from 2e-5 or 5e-5: win rate 58-59%, KL up to
+    # 6.3); a larger beta saturates the loss before the shared ending is eroded. Sweep in the README.
     beta: float = M.option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
     loss_type: str = M.option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
@@ -102,7 +102,7 @@ class DPOConfig:
     # default schedule) ends training gently, which keeps more of the SFT model and lets a higher peak
     # move the style; 4e-4 broke replies, and 3e-4 lost win rate from a weaker SFT model (README, seeds)
     lr: float = M.option(2.5e-4, "peak learning rate (swept: see README)", "optimisation")
-    lr_schedule: str = M.option("linear", "after the warmup: linear (down to 0 at the last step, TRL's default), "
+    lr_schedule: str = M.option("linear", "after the warmup: linear (down to 0 at the end of training, TRL's default), "
                                 "cosine (down to 0), or constant", "optimisation")
     epochs: int = M.option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
     steps: int = M.option(0, "optimizer steps (0: use --epochs)", "optimisation")

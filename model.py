@@ -743,13 +743,16 @@ def scheduled_lr(schedule, step, total, peak, warmup, min_ratio=0.0):
     `warmup` steps, then
         constant  peak
         linear    a straight line down to min_ratio * peak at step `total` (min_ratio 0: TRL's default)
-        cosine    half a cosine down to min_ratio * peak at step `total`"""
+        cosine    half a cosine down to min_ratio * peak at step `total`
+    (steps run 0..total-1, so the last one is one step short of the floor)"""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; known: {', '.join(LR_SCHEDULES)}")
     if step < warmup:
         return peak * (step + 1) / warmup
     if schedule == "constant":
         return peak
     progress = min(1.0, (step - warmup) / max(1, total - warmup))  # 0 at the end of warmup, 1 at `total`
-    decay = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[schedule]
+    decay = 1 - progress if schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
     return peak * (min_ratio + (1 - min_ratio) * decay)
 
 

@@ -454,6 +454,7 @@ def test_cosine_schedule_hand_computed():
     assert lr(110) == pytest.approx(0.2)
     assert lr(1000) == pytest.approx(0.2)    # past the end it stays at the floor
     assert M.scheduled_lr("cosine", 0, 10, 1.0, 0) == pytest.approx(1.0)  # no warmup: start at the peak
+    assert M.scheduled_lr("cosine", 10, 10, 1.0, 0) == pytest.approx(0.0)  # no floor: down to 0
 
 
 def test_linear_and_constant_schedules_hand_computed():
@@ -467,8 +468,9 @@ def test_linear_and_constant_schedules_hand_computed():
     assert constant == pytest.approx([1.5, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
     # no warmup: the first step is at the peak
     assert M.scheduled_lr("linear", 0, 4, 3.0, 0) == M.scheduled_lr("constant", 0, 4, 3.0, 0) == 3.0
-    with pytest.raises(KeyError):
-        M.scheduled_lr("step", 3, 6, 3.0, 2)
+    for step in (0, 3):  # an unknown name is refused in the warmup too, not only once the decay starts
+        with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+            M.scheduled_lr("step", step, 6, 3.0, 2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -772,6 +772,14 @@ def test_zero_warmup_steps_trains(tiny_data_dir, tiny_init_ckpt, tmp_path, monke
     assert log[0]["grad_norm"] > 0 and log[0]["lr"] == pytest.approx(1e-3)
 
 
+def test_warmup_then_a_constant_learning_rate(tiny_data_dir, tiny_init_ckpt, tmp_path, monkeypatch):
+    # RL keeps its lr after the warmup (no decay): 2 warmup steps to 1e-3, then 1e-3 to the end
+    monkeypatch.setattr(rlvr, "reward", stand_in_reward)
+    out = str(tmp_path)
+    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_init_ckpt, out, steps=4, warmup_steps=2))
+    assert [r["lr"] for r in read_log(out)] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end on a tiny SFT checkpoint
 
