@@ -379,9 +379,9 @@ def train(config):
                     ref_logps = [token_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
             normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
             old_logps = [None] * len(chunks)
+            for g in opt.param_groups:  # one lr per step, whatever the number of inner steps
+                g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
             for inner in range(config.inner_steps):
-                for g in opt.param_groups:
-                    g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
                 opt.zero_grad(set_to_none=True)
                 for j, c in enumerate(chunks):
                     logps, m = token_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)

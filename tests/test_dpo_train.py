@@ -33,6 +33,25 @@ def recording_loader(monkeypatch, record):
     monkeypatch.setattr(dpo.M, "load_checkpoint", load)
 
 
+def recording_adamw(monkeypatch):
+    """Patch dpo's AdamW to record what train() gives it: -> (the parameter list of each optimiser
+    made, the lr of each optimiser step, read as the step runs)."""
+    optimised, lrs = [], []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, params, *args, **kwargs):
+            params = list(params)
+            optimised.append(params)
+            super().__init__(params, *args, **kwargs)
+
+        def step(self, *args, **kwargs):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(dpo.torch.optim, "AdamW", RecordingAdamW)
+    return optimised, lrs
+
+
 def test_cli_help_lists_every_flag():
     result = subprocess.run([sys.executable, "dpo.py", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -66,15 +85,7 @@ def test_train_freezes_the_reference_and_steps_only_the_policy(tiny_sft_ckpt, ti
                                                                monkeypatch):
     loaded = []
     recording_loader(monkeypatch, loaded.append)
-    optimised = []  # the parameter lists train() hands to AdamW
-
-    class RecordingAdamW(torch.optim.AdamW):
-        def __init__(self, params, *args, **kwargs):
-            params = list(params)
-            optimised.append(params)
-            super().__init__(params, *args, **kwargs)
-
-    monkeypatch.setattr(dpo.torch.optim, "AdamW", RecordingAdamW)
+    optimised, _ = recording_adamw(monkeypatch)  # the parameter lists train() hands to AdamW
     # live_reference: the reference is kept and run at every step, so it must survive all of them
     dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), steps=4, batch_size=4,
                               eval_problems=0, live_reference=True, lr=1e-3, warmup_steps=1))
@@ -227,14 +238,7 @@ def test_no_warning_when_only_the_batches_reply_lengths_differ(tiny_sft_ckpt, ti
 ])
 def test_each_step_runs_at_the_scheduled_learning_rate(tiny_sft_ckpt, tiny_data_dir, tmp_path, monkeypatch,
                                                         schedule, factors):
-    used = []  # the lr AdamW actually steps with, read inside step()
-
-    class RecordingAdamW(torch.optim.AdamW):
-        def step(self, *args, **kwargs):
-            used.append(self.param_groups[0]["lr"])
-            return super().step(*args, **kwargs)
-
-    monkeypatch.setattr(dpo.torch.optim, "AdamW", RecordingAdamW)
+    _, used = recording_adamw(monkeypatch)  # the lr AdamW actually steps with, read inside step()
     out = str(tmp_path / "out")
     dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=6, batch_size=4, eval_problems=0,
                               lr=3e-3, warmup_steps=2, lr_schedule=schedule, log_every=1))

@@ -319,9 +319,10 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
 
     monkeypatch.setattr(M, "load_checkpoint", counting_load)
     out = str(tmp_path)
+    # lr_schedule: the accuracy asserted below was set with a constant lr
     config = dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, steps=30, batch_size=8, lr=3e-3,
                            warmup_steps=5, eval_problems=4, max_new_tokens=8, out=out, device="cpu",
-                           log_every=1, lora_rank=4, lora_alpha=8.0, lr_schedule="constant")  # its assertions were set at a constant lr
+                           log_every=1, lora_rank=4, lora_alpha=8.0, lr_schedule="constant")
     metrics = dpo.train(config)
     assert loaded == [tiny_sft_ckpt]  # one copy of the weights: no reference model, not even to evaluate
 
