@@ -495,6 +495,25 @@ def judge_during_training(policy, enc, problems, config):
     return {"judge_score": scores["judge_score"], "accuracy": scores["accuracy"], "length": scores["mean_length"]}
 
 
+def win_rate_by_decider(problems, policy_replies, ref_replies):
+    """The judge's verdict on each (policy, reference) pair of replies, a tie counting half, split by
+    what decided it, which says where a win rate can still grow:
+      "correctness"  one reply is right and the other wrong: the right one wins, whatever its style
+      "style"        both right or both wrong, in styles of different rank: the better style wins
+      "length"       both right or both wrong, styles of equal rank: the shorter reply wins
+    -> (win rate, {decider: {"comparisons": n, "win_rate": policy's wins / n}})"""
+    verdicts = {}
+    for p, a, b in zip(problems, policy_replies, ref_replies):
+        ja, jb = world.judge(p, a), world.judge(p, b)
+        rank_a, rank_b = (world.STYLE_RANK[world.classify_style(r)] for r in (a, b))
+        decider = ("correctness" if world.verify(p, a) != world.verify(p, b) else
+                   "style" if rank_a != rank_b else "length")
+        verdicts.setdefault(decider, []).append(1.0 if ja > jb else 0.5 if ja == jb else 0.0)
+    win_rate = sum(map(sum, verdicts.values())) / max(1, len(problems))
+    return win_rate, {d: {"comparisons": len(verdicts[d]), "win_rate": sum(verdicts[d]) / len(verdicts[d])}
+                      for d in ("correctness", "style", "length") if d in verdicts}
+
+
 def compare_by_sampling(policy, reference, enc, problems, config, device):
     """Sample the reference and the policy on the same held-out prompts, same settings and seed;
     the judge compares them reply by reply (a tie counts half). Greedy replies of both are scored
@@ -506,12 +525,9 @@ def compare_by_sampling(policy, reference, enc, problems, config, device):
     pol_replies, pol_ids = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature,
                                             config.seed, return_ids=True)
     pol_greedy = M.sample_replies(policy, enc, prompts, config.max_new_tokens, 0.0, config.seed)
-    wins = 0.0
-    for p, a, b in zip(problems, pol_replies, ref_replies):
-        ja, jb = world.judge(p, a), world.judge(p, b)
-        wins += 1.0 if ja > jb else 0.5 if ja == jb else 0.0
+    win_rate, by_decider = win_rate_by_decider(problems, pol_replies, ref_replies)
     ref, pol = world.score_replies(problems, ref_replies), world.score_replies(problems, pol_replies)
-    return {"win_rate": wins / len(problems),
+    return {"win_rate": win_rate, "win_rate_by_decider": by_decider,
             "judge_score_policy": pol["judge_score"], "judge_score_ref": ref["judge_score"],
             "accuracy_policy": pol["accuracy"], "accuracy_ref": ref["accuracy"],
             "greedy_accuracy_policy": world.score_replies(problems, pol_greedy)["accuracy"],
@@ -832,6 +848,8 @@ def train(config):
               f"{metrics['accuracy_ref']:.1%} -> {metrics['accuracy_policy']:.1%} sampled, "
               f"{metrics['greedy_accuracy_ref']:.1%} -> {metrics['greedy_accuracy_policy']:.1%} greedy; "
               f"KL {metrics['kl']:.2f} nats/reply")
+        print("dpo: what decided the judge's verdicts: " + "; ".join(
+            f"{d} {v['comparisons']} (policy won {v['win_rate']:.0%})" for d, v in metrics["win_rate_by_decider"].items()))
         print("dpo: styles (reference -> policy): " + ", ".join(f"{s} {sr[s]:.0%}->{sp[s]:.0%}" for s in sp))
     reference_note = ("no reference pass" if ref_chosen is None else
                       f"reference pass {reference_pass_seconds:.1f}s once vs ~"

@@ -211,6 +211,8 @@ def test_win_rate_and_kl_when_policy_equals_reference(tiny_sft_ckpt, tiny_data_d
     # same weights, same seed: the same sampled replies, so every judged comparison is a tie
     assert pol_replies == ref_replies
     assert metrics["win_rate"] == 0.5
+    # identical replies: same correctness, same style, same length, so each verdict is a tie on length
+    assert metrics["win_rate_by_decider"] == {"length": {"comparisons": 6, "win_rate": 0.5}}
     assert abs(metrics["kl"]) < 1e-6
     for key in ("accuracy", "greedy_accuracy", "judge_score", "style_shares", "length"):
         assert metrics[f"{key}_policy"] == metrics[f"{key}_ref"], key
