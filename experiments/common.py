@@ -61,10 +61,7 @@ def setup(name, args):
 def dpo_config(s, run, **overrides):
     """A DPOConfig for one run of the experiment, starting from its SFT checkpoint; --quick
     shrinks the run (a few steps, a few evaluation problems)."""
-    # the README's exercise-book tables were measured at a constant lr of 2e-4 (dpo.py's defaults are
-    # now a 2.5e-4 peak decayed linearly): pinned, so that the experiments reproduce them
-    kw = dict(init=s["init"], data_dir=s["data_dir"], out=os.path.join(s["dir"], run), device=s["device"],
-              lr=2e-4, lr_schedule="constant")
+    kw = dict(init=s["init"], data_dir=s["data_dir"], out=os.path.join(s["dir"], run), device=s["device"])
     if s["quick"]:
         kw.update(steps=4, batch_size=4, eval_problems=8, max_new_tokens=16, log_every=1, warmup_steps=1)
     kw.update(overrides)

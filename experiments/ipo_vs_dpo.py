@@ -4,7 +4,7 @@ IPO's (Azar et al. 2023): IPO regresses the per-token log-ratio margin onto a ta
 instead of pushing it ever higher, so its margin should level off where DPO's runs away, and its
 held-out judge score should suffer less from the over-training.
 
-    python experiments/ipo_vs_dpo.py            (~12 min on a 2-core CPU)
+    python experiments/ipo_vs_dpo.py            (4.3 min on a fast 2-core CPU, one thread)
     python experiments/ipo_vs_dpo.py --quick    (seconds: a tiny world, for tests)
 """
 

@@ -9,7 +9,7 @@ filler line would make it another style, so terse replies are never padded, and 
 leaves out the pairs whose shorter reply is terse.) A fourth run trains on the biased
 pairs with sigmoid_norm, DPO on per-token average log-ratios, which length cannot inflate.
 
-    python experiments/length_bias.py           (~14 min on a 2-core CPU)
+    python experiments/length_bias.py           (6.2 min on a fast 2-core CPU, one thread)
     python experiments/length_bias.py --quick   (seconds: a tiny world, for tests)
 """
 

@@ -152,6 +152,17 @@ def test_plot_with_matplotlib_writes_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_experiment_runs_use_dpo_defaults_but_for_what_they_set():
+    # the exercise book measures dpo.py as a user runs it: a full-size run differs from DPOConfig()
+    # only in where it starts and writes, and in the experiment's own overrides
+    from dataclasses import asdict
+    s = {"init": "sft.pt", "data_dir": "d", "dir": "exp", "device": "cpu", "quick": False}
+    got = asdict(common.dpo_config(s, "run", beta=0.3))
+    want = {**asdict(dpo.DPOConfig()), "init": "sft.pt", "data_dir": "d", "out": os.path.join("exp", "run"),
+            "device": "cpu", "beta": 0.3}
+    assert got == want
+
+
 def test_spearman_hand_worked():
     assert common.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1
     assert common.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # d = 0, 1, 1: 1 - 6*2/(3*8)
