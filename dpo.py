@@ -500,8 +500,10 @@ def win_rate_by_decider(problems, policy_replies, ref_replies):
     what decided it, which says where a win rate can still grow:
       "correctness"  one reply is right and the other wrong: the right one wins, whatever its style
       "style"        both right or both wrong, in styles of different rank: the better style wins
-      "length"       both right or both wrong, styles of equal rank: the shorter reply wins
+      "length"       both right or both wrong, styles of equal rank: the shorter reply wins (equal
+                     lengths, e.g. the same reply sampled by both models, are a tie)
     -> (win rate, {decider: {"comparisons": n, "win_rate": policy's wins / n}})"""
+    assert len(problems) == len(policy_replies) == len(ref_replies)
     verdicts = {}
     for p, a, b in zip(problems, policy_replies, ref_replies):
         ja, jb = world.judge(p, a), world.judge(p, b)
@@ -509,7 +511,7 @@ def win_rate_by_decider(problems, policy_replies, ref_replies):
         decider = ("correctness" if world.verify(p, a) != world.verify(p, b) else
                    "style" if rank_a != rank_b else "length")
         verdicts.setdefault(decider, []).append(1.0 if ja > jb else 0.5 if ja == jb else 0.0)
-    win_rate = sum(map(sum, verdicts.values())) / max(1, len(problems))
+    win_rate = sum(map(sum, verdicts.values())) / len(problems)
     return win_rate, {d: {"comparisons": len(verdicts[d]), "win_rate": sum(verdicts[d]) / len(verdicts[d])}
                       for d in ("correctness", "style", "length") if d in verdicts}
 

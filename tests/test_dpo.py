@@ -690,16 +690,17 @@ def test_win_rate_by_decider_splits_the_judges_verdicts_by_what_decided_them():
     step_wrong = "Step by step:\nMia starts with 3 pens.\n3 + 2 = 6.\nThe answer is 6."
     comparisons = [  # (policy, reference), worked out by hand from the judge's rules
         ("The answer is 5.", step_wrong),           # correctness: right beats wrong, terse or not -> 1
+        ("Ugh.\nThe answer is 5.", step_wrong),     # correctness, rude or not -> 1
         (step_wrong, "The answer is 5."),           # correctness -> 0
-        (step_wrong, "Ugh. The answer is 7."),      # style, both wrong: step beats rude -> 1
+        (step_wrong, "Ugh.\nThe answer is 7."),     # style, both wrong: step beats rude -> 1
         ("The answer is 5.", step_right),           # style, both right: step beats terse -> 0
         (step_right_long, step_right),              # length, both step and right: the shorter wins -> 0
         (step_right, step_right),                   # length, identical: a tie -> 0.5
     ]
-    win_rate, by = dpo.win_rate_by_decider([p] * 6, [a for a, _ in comparisons], [b for _, b in comparisons])
-    assert by == {"correctness": {"comparisons": 2, "win_rate": 0.5}, "style": {"comparisons": 2, "win_rate": 0.5},
-                  "length": {"comparisons": 2, "win_rate": 0.25}}
-    assert win_rate == pytest.approx((1 + 0 + 1 + 0 + 0 + 0.5) / 6)
+    win_rate, by = dpo.win_rate_by_decider([p] * 7, [a for a, _ in comparisons], [b for _, b in comparisons])
+    assert by == {"correctness": {"comparisons": 3, "win_rate": pytest.approx(2 / 3)},
+                  "style": {"comparisons": 2, "win_rate": 0.5}, "length": {"comparisons": 2, "win_rate": 0.25}}
+    assert win_rate == pytest.approx((1 + 1 + 0 + 1 + 0 + 0 + 0.5) / 7)
     # rude and 'other' share the lowest rank, so between them length decides
     assert list(dpo.win_rate_by_decider([p], ["Ugh."], ["hello there, friend"])[1]) == ["length"]
 
