@@ -8,8 +8,11 @@ decide every pair by margins the filler's length cannot reach. (A terse reply is
 filler line would make it another style, so terse replies are never padded, and the balanced set
 leaves out the pairs whose shorter reply is terse.) A fourth run trains on the biased
 pairs with sigmoid_norm, DPO on per-token average log-ratios, which length cannot inflate.
+A fifth asks the opposite question: the judge prefers the shorter of two replies alike in
+correctness and style, but no default pair sets two such replies against each other; with a
+fifth of the pairs replaced by ones that do ("shorter"), does the policy learn to be brief?
 
-    python experiments/length_bias.py           (6.2 min on a fast 2-core CPU, one thread)
+    python experiments/length_bias.py           (7.8 min on a fast 2-core CPU, one thread)
     python experiments/length_bias.py --quick   (seconds: a tiny world, for tests)
 """
 
@@ -62,6 +65,28 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r) + "\n")
 
 
+SHORTER_SHARE = 0.2
+
+
+def shorter(rows, rng, share=SHORTER_SHARE):
+    """A share of the pairs, drawn at random, replaced by pairs that only the judge's last rule
+    decides: two right replies to a new training problem, in one style, the shorter one chosen."""
+    out = []
+    for r in rows:
+        if rng.random() >= share:
+            out.append(r)
+            continue
+        while True:  # two terse replies are the same line: draw again
+            pr = world.sample_problems(rng, 1, heldout=False)[0]
+            style = rng.choice(world.STYLES)
+            a, b = (world.make_reply(rng, pr, style) for _ in range(2))
+            if len(a) != len(b):
+                break
+        chosen, rejected = sorted((a, b), key=len)
+        out.append({"prompt": pr["prompt"], "chosen": chosen, "rejected": rejected, "answer": pr["answer"]})
+    return out
+
+
 def length_gap(rows):
     """Mean characters by which chosen is longer than rejected."""
     return sum(len(r["chosen"]) - len(r["rejected"]) for r in rows) / len(rows)
@@ -71,8 +96,10 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv)
     s = common.setup("length_bias", args)
     rows = [r for _, r in common.M.read_jsonl(os.path.join(s["data_dir"], "prefs.jsonl"))]
-    sets = {"default": rows, "biased": biased(rows), "balanced": balanced(rows, random.Random(0))}
-    runs = [("default", "sigmoid"), ("biased", "sigmoid"), ("balanced", "sigmoid"), ("biased", "sigmoid_norm")]
+    sets = {"default": rows, "biased": biased(rows), "balanced": balanced(rows, random.Random(0)),
+            "shorter": shorter(rows, random.Random(0))}
+    runs = [("default", "sigmoid"), ("biased", "sigmoid"), ("balanced", "sigmoid"), ("biased", "sigmoid_norm"),
+            ("shorter", "sigmoid")]
     out = []
     for data, loss_type in runs:
         path = os.path.join(s["dir"], f"prefs_{data}.jsonl")
@@ -85,7 +112,7 @@ def main(argv=None):
                     "judge_score": m["judge_score_policy"], "accuracy": m["accuracy_policy"], "kl": m["kl"]})
     common.write_results(s, {"rows": out}, ["data", "loss_type", "pairs", "chosen_minus_rejected_chars", "len_ref",
                                             "len_policy", "win_rate", "judge_score", "accuracy", "kl"],
-                         "DPO on length-biased, length-balanced and default pairs (reply lengths in characters)")
+                         "DPO on default, length-biased, length-balanced and shorter-preferred pairs (reply lengths in characters)")
 
     def draw(plt):
         labels = [f"{r['data']}\n{r['loss_type']}" for r in out]

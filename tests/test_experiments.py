@@ -83,7 +83,7 @@ def test_ipo_vs_dpo_quick(out):
 def test_length_bias_quick(out):
     length_bias.main(["--quick", "--out", out])
     r = results(out, "length_bias")
-    assert [row["data"] for row in r["rows"]] == ["default", "biased", "balanced", "biased"]
+    assert [row["data"] for row in r["rows"]] == ["default", "biased", "balanced", "biased", "shorter"]
     for row in r["rows"]:
         for key in ("len_policy", "len_ref", "win_rate"):
             assert finite(row[key]), key
@@ -115,6 +115,26 @@ def test_length_biased_data_is_biased_and_the_balanced_data_is_not(tiny_data_dir
         assert 0 <= max(len(b["chosen"]), len(b["rejected"])) - min(len(b["chosen"]), len(b["rejected"])) \
             <= longest_line
     assert abs(length_bias.length_gap(balanced)) < longest_line / 2
+
+
+def test_shorter_pairs_differ_only_in_length(tiny_data_dir):
+    # every replaced pair is one that only the judge's last rule decides: both replies right, one
+    # style, the shorter chosen; on a training problem (no held-out prompt); the rest untouched
+    from data import world
+    rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
+    heldout = {p["prompt"] for _, p in M.read_jsonl(os.path.join(tiny_data_dir, "test.jsonl"))}
+    new = length_bias.shorter(rows, random.Random(0), share=0.5)
+    assert len(new) == len(rows)
+    replaced = [b for a, b in zip(rows, new) if b != a]
+    assert 0.3 * len(rows) < len(replaced) < 0.7 * len(rows)
+    for b in replaced:
+        problem = {"answer": b["answer"]}
+        assert world.verify(problem, b["chosen"]) and world.verify(problem, b["rejected"])
+        assert world.classify_style(b["chosen"]) == world.classify_style(b["rejected"]) != "other"
+        assert len(b["chosen"]) < len(b["rejected"])
+        assert world.judge(problem, b["chosen"]) > world.judge(problem, b["rejected"])
+        assert b["prompt"] not in heldout
+    assert length_bias.shorter(rows, random.Random(0), share=0.0) == rows
 
 
 def test_filler_keeps_the_judges_labels(tiny_data_dir):
