@@ -117,23 +117,32 @@ def test_length_biased_data_is_biased_and_the_balanced_data_is_not(tiny_data_dir
     assert abs(length_bias.length_gap(balanced)) < longest_line / 2
 
 
-def test_shorter_pairs_differ_only_in_length(tiny_data_dir):
+def test_shorter_pairs_differ_only_in_length(tiny_data_dir, monkeypatch):
     # every replaced pair is one that only the judge's last rule decides: both replies right, one
-    # style, the shorter chosen; on a training problem (no held-out prompt); the rest untouched
+    # style, the shorter chosen, for the training problem it was drawn for; the rest untouched
     from data import world
+    drawn, real = [], world.sample_problems
+
+    def recording(rng, n, heldout, **kw):
+        out = real(rng, n, heldout, **kw)
+        drawn.extend((heldout, p) for p in out)
+        return out
+
+    monkeypatch.setattr(world, "sample_problems", recording)
     rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
-    heldout = {p["prompt"] for _, p in M.read_jsonl(os.path.join(tiny_data_dir, "test.jsonl"))}
     new = length_bias.shorter(rows, random.Random(0), share=0.5)
     assert len(new) == len(rows)
     replaced = [b for a, b in zip(rows, new) if b != a]
-    assert 0.3 * len(rows) < len(replaced) < 0.7 * len(rows)
+    assert 0.4 * len(rows) < len(replaced) < 0.6 * len(rows)
+    by_prompt = {p["prompt"]: p for heldout, p in drawn}
+    assert not any(heldout or world.is_heldout(p) for heldout, p in drawn)
     for b in replaced:
-        problem = {"answer": b["answer"]}
+        problem = by_prompt[b["prompt"]]  # the replies answer the problem the prompt states
+        assert b["answer"] == problem["answer"]
         assert world.verify(problem, b["chosen"]) and world.verify(problem, b["rejected"])
         assert world.classify_style(b["chosen"]) == world.classify_style(b["rejected"]) != "other"
         assert len(b["chosen"]) < len(b["rejected"])
         assert world.judge(problem, b["chosen"]) > world.judge(problem, b["rejected"])
-        assert b["prompt"] not in heldout
     assert length_bias.shorter(rows, random.Random(0), share=0.0) == rows
 
 
