@@ -68,9 +68,10 @@ def write_jsonl(path, rows):
 SHORTER_SHARE = 0.2  # enough pairs (~600 of the 3000 trained on) to teach a rule, while most still teach style and answers
 
 
-def shorter(rows, rng, share=SHORTER_SHARE):
+def shorter(rows, rng, share=SHORTER_SHARE, styles=tuple(world.STYLES)):
     """A share of the pairs, drawn at random, replaced by pairs that only the judge's last rule
-    decides: two right replies to a new training problem, in one style, the shorter one chosen."""
+    decides: two right replies to a new training problem, in one style (drawn from styles), the
+    shorter one chosen."""
     out = []
     for r in rows:
         if rng.random() >= share:
@@ -78,7 +79,7 @@ def shorter(rows, rng, share=SHORTER_SHARE):
             continue
         while True:  # two terse replies are the same line: draw again
             pr = world.sample_problems(rng, 1, heldout=False)[0]
-            style = rng.choice(world.STYLES)
+            style = rng.choice(styles)
             a, b = (world.make_reply(rng, pr, style) for _ in range(2))
             if len(a) != len(b):
                 break
