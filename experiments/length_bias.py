@@ -72,6 +72,8 @@ def shorter(rows, rng, share=SHORTER_SHARE, styles=tuple(world.STYLES)):
     """A share of the pairs, drawn at random, replaced by pairs that only the judge's last rule
     decides: two right replies to a new training problem, in one style (drawn from styles), the
     shorter one chosen."""
+    if not set(styles) - {"terse"}:  # the draw below would never end
+        raise ValueError("two terse replies to one problem are the same line: no length to prefer")
     out = []
     for r in rows:
         if rng.random() >= share:

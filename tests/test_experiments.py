@@ -144,6 +144,8 @@ def test_shorter_pairs_differ_only_in_length(tiny_data_dir, monkeypatch):
         assert len(b["chosen"]) < len(b["rejected"])
         assert world.judge(problem, b["chosen"]) > world.judge(problem, b["rejected"])
     assert length_bias.shorter(rows, random.Random(0), share=0.0) == rows
+    with pytest.raises(ValueError, match="terse"):
+        length_bias.shorter(rows, random.Random(0), styles=("terse",))
     only_steps = length_bias.shorter(rows, random.Random(0), share=0.5, styles=("step",))
     assert {world.classify_style(b[k]) for a, b in zip(rows, only_steps) if b != a for k in ("chosen", "rejected")} \
         == {"step"}
