@@ -165,10 +165,12 @@ def valid_prompt(value):
 
 def check_row(path, n, row, keys):
     """The checks every data file shares (preference, unpaired and RL rows): the fields are
-    there, and the prompt is something the chat template can render."""
+    there, and a prompt among them is something the chat template can render."""
     for key in keys:
         if key not in row:
             raise M.DataError(f"{path}:{n}: missing field '{key}'")
+    if "prompt" not in keys:
+        return
     if isinstance(row["prompt"], str) and not row["prompt"].strip():
         raise M.DataError(f"{path}:{n}: 'prompt' must be non-empty text ('prompt' is empty)")
     if not valid_prompt(row["prompt"]):
@@ -178,8 +180,7 @@ def check_row(path, n, row, keys):
 def checked_response(path, n, row, key):
     """row[key] as (the messages before the reply, its text) (see split_reply), or a DataError naming
     file and line."""
-    if key not in row:
-        raise M.DataError(f"{path}:{n}: missing field '{key}'")
+    check_row(path, n, row, (key,))
     split = split_reply(row[key])
     if split is None:
         raise M.DataError(f"{path}:{n}: '{key}' must be a string or a list of {{role, content}} messages ending "
@@ -222,8 +223,7 @@ def read_unpaired(path):
     for n, row in M.read_jsonl(path):
         before, text = checked_response(path, n, row, "completion")
         prompt = row_prompt(path, n, row, before)
-        if "label" not in row:
-            raise M.DataError(f"{path}:{n}: missing field 'label'")
+        check_row(path, n, row, ("label",))
         if not isinstance(row["label"], bool):
             raise M.DataError(f"{path}:{n}: 'label' must be true or false, got {row['label']!r}")
         rows.append((prompt, text, row["label"]))

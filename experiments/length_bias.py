@@ -16,12 +16,12 @@ fifth of the pairs replaced by ones that do ("shorter"), does the policy learn t
     python experiments/length_bias.py --quick   (seconds: a tiny world, for tests)
 """
 
-import json
 import os
 import random
 
 import common
 from data import world
+from data.prepare import write_jsonl
 
 FILLER = ["Let me write that out clearly.", "Here is how I worked it out in my head."]
 EVAL_PROBLEMS = 300
@@ -57,12 +57,6 @@ def balanced(rows, rng):
             lines.append(rng.choice(FILLER))
         out.append({**r, short: pad(r[short], lines)})
     return out
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
 
 
 SHORTER_SHARE = 0.2  # enough pairs (~600 of the 3000 trained on) to teach a rule, while most still teach style and answers

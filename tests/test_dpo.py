@@ -9,7 +9,6 @@ in well under a minute on a busy 2-core CPU.
 import json
 import math
 import os
-import sys
 import time
 
 import pytest
@@ -17,6 +16,7 @@ import torch
 
 import dpo
 from helpers import reply_logp, tiny_gpt
+from data.prepare import write_jsonl
 import model as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -622,8 +622,8 @@ def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
     conv = [{"prompt": [{"role": "user", "content": r["prompt"]}],
              "chosen": [{"role": "assistant", "content": r["chosen"]}],
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
-    (tmp_path / "str.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "conv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in conv))
+    write_jsonl(str(tmp_path / "str.jsonl"), rows)
+    write_jsonl(str(tmp_path / "conv.jsonl"), conv)
     a, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "str.jsonl")), 96, 192)
     b, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "conv.jsonl")), 96, 192)
     assert len(a) == len(b) == 2 and a == b
@@ -633,7 +633,7 @@ def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
         whole = [{**({"prompt": r["prompt"]} if with_prompt else {}),
                   **{k: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[k]}]
                      for k in ("chosen", "rejected")}} for r in rows]
-        (tmp_path / "whole.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole))
+        write_jsonl(str(tmp_path / "whole.jsonl"), whole)
         c, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "whole.jsonl")), 96, 192)
         assert c == a
     # a system turn in a conversational prompt is kept, in the template
@@ -717,7 +717,7 @@ def test_rpo_run_logs_dpo_loss_plus_alpha_times_the_chosen_nll(tiny_sft_ckpt, ti
     with open(tiny_path(tiny_data_dir, "prefs.jsonl")) as f:
         rows = [json.loads(line) for line in f][:4]
     path = tmp_path / "four.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(str(path), rows)
     alpha = 0.7
     out = str(tmp_path / "out")
     dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, data=str(path), steps=1, batch_size=4,
@@ -812,7 +812,7 @@ def test_a_trl_style_conversational_file_trains_like_the_string_file(tiny_sft_ck
                                            {"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}}
             for r in rows]
     path = tmp_path / "conv.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in conv))
+    write_jsonl(str(path), conv)
     losses = []
     for name, data in (("str", tiny_path(tiny_data_dir, "prefs.jsonl")), ("conv", str(path))):
         out = str(tmp_path / name)
@@ -876,7 +876,7 @@ def test_a_batch_larger_than_the_data_still_trains(tiny_sft_ckpt, tiny_data_dir,
     with open(tiny_path(tiny_data_dir, "prefs.jsonl")) as f:
         rows = [json.loads(line) for line in f][:3]
     path = tmp_path / "few.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(str(path), rows)
     metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"),
                                         data=str(path), steps=2, batch_size=8, eval_problems=0))
     assert metrics["steps"] == 2 and metrics["pairs"] == 3

@@ -20,6 +20,7 @@ import torch
 
 import dpo
 from helpers import tiny_gpt
+from data.prepare import write_jsonl
 import model as M
 import rlvr
 
@@ -545,7 +546,7 @@ def test_read_problems_accepts_good_rows(tmp_path):
     rows = [GOOD, {"prompt": "Ava?", "answer": "12", "n_ops": 2}, {"prompt": "Mia?", "answer": " -4 "},
             {"prompt": [{"role": "user", "content": "Finn?"}], "answer": 0}]
     path = tmp_path / "rl.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(str(path), rows)
     got = dpo.read_problems(str(path))
     assert [p["answer"] for p in got] == [2, 12, -4, 0]
     assert all(type(p["answer"]) is int for p in got)
