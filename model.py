@@ -422,15 +422,33 @@ def save_checkpoint(path, model, tokenizer_path=TOKENIZER_PATH, **extra):
     os.replace(tmp, path)
 
 
+def load_weights_only(path, what):
+    """torch.load(path, weights_only=True): the file cannot run code on load. A file torch cannot read
+    that way (not written by torch.save, cut short, or holding objects beyond tensors and plain data)
+    raises DataError naming it, instead of torch's page-long message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several kinds here (UnpicklingError, RuntimeError, EOFError, OSError)
+        raise DataError(f"{path}: not a {what} that torch.load(weights_only=True) can read "
+                        f"({type(e).__name__})") from e
+
+
 def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
-    """-> (model, checkpoint dict). weights_only=True: a checkpoint cannot run code on load.
+    """-> (model, checkpoint dict), the file written by save_checkpoint (see load_weights_only).
     Refuses a checkpoint trained with another tokenizer than tokenizer_path (None: no check)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(path, "checkpoint")
+    if not isinstance(ckpt, dict) or not {"config", "model", "tokenizer"} <= ckpt.keys():
+        hint = " (a LoRA adapter file? load it with load_lora)" if isinstance(ckpt, dict) and "lora" in ckpt else ""
+        raise DataError(f"{path}: not a model checkpoint: it lacks the config, weights and tokenizer record "
+                        f"that save_checkpoint writes{hint}")
     if tokenizer_path is not None and ckpt["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer_path):
         raise DataError(f"{path}: trained with a different tokenizer than {tokenizer_path} "
                         f"(data/ was rebuilt?); retrain it, e.g. `python sft.py`")
-    model = GPT(GPTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = GPT(GPTConfig(**ckpt["config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, RuntimeError) as e:  # unknown config keys; weights of other names or shapes
+        raise DataError(f"{path}: its weights do not fit its config ({type(e).__name__})") from e
     return model.to(device), ckpt
 
 
@@ -597,7 +615,7 @@ def load_lora(path, model):
     records (same modules, rank, alpha); a model that has adapters must have those same ones.
     weights_only=True, as for checkpoints. -> the file's dict. A file that does not fit the model
     raises DataError naming the file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_weights_only(path, "LoRA adapter file")
     if not isinstance(ckpt, dict) or "lora" not in ckpt:
         raise DataError(f"{path}: not a LoRA adapter file (a full checkpoint? use load_checkpoint)")
     if not lora_layers(model):

@@ -384,8 +384,18 @@ def test_sample_replies_is_reproducible(tiny_enc):
 # Checkpoints
 
 
+UNPICKLED = []
+
+
 class NotAWeight:
-    """Any object outside torch's weights-only allow-list."""
+    """Any object outside torch's weights-only allow-list; unpickling it runs code (records a call)."""
+
+    def __reduce__(self):
+        return record_unpickling, ("ran",)
+
+
+def record_unpickling(tag):
+    UNPICKLED.append(tag)
 
 
 def test_checkpoint_round_trip(tmp_path, tiny_data_dir):
@@ -427,8 +437,43 @@ def test_load_checkpoint_refuses_arbitrary_objects(tmp_path, tiny_data_dir):
                 "tokenizer": {"path": "x", "sha256": M.tokenizer_fingerprint(
                     os.path.join(tiny_data_dir, "tokenizer.json"))},
                 "extra": NotAWeight()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(M.DataError, match="evil.pt: not a checkpoint that torch.load\\(weights_only=True\\) can "
+                       "read \\(UnpicklingError\\)") as e:
         M.load_checkpoint(path, tokenizer_path=None)
+    assert isinstance(e.value.__cause__, pickle.UnpicklingError)  # torch's own refusal, kept as the cause
+    assert UNPICKLED == []  # the object's code never ran
+    torch.load(path, weights_only=False)  # while a full unpickling would have run it
+    assert UNPICKLED == ["ran"]
+    UNPICKLED.clear()
+
+
+def test_load_checkpoint_names_the_file_it_cannot_use(tmp_path, tiny_data_dir):
+    # one DataError naming the file, whatever is wrong with it, so that a stage's --init or
+    # --eval-reference fails in one line instead of torch's page-long message
+    m = tiny_gpt()
+    good = str(tmp_path / "good.pt")
+    M.save_checkpoint(good, m, tokenizer_path=os.path.join(tiny_data_dir, "tokenizer.json"))
+    data = open(good, "rb").read()
+    cases = {"text.pt": b"not a checkpoint\n", "cut.pt": data[: len(data) // 2], "empty.pt": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    torch.save({"a": torch.zeros(2)}, str(tmp_path / "other.pt"))  # a torch file, but no checkpoint
+    adapted = tiny_gpt()
+    M.add_lora(adapted, 2, 4.0, "attn")
+    M.save_lora(str(tmp_path / "adapter.pt"), adapted)
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["model"] = {k: v for k, v in ckpt["model"].items() if "mlp" not in k}
+    torch.save(ckpt, str(tmp_path / "mismatch.pt"))  # weights that do not fit the config
+    expected = {"text.pt": "not a checkpoint that torch.load", "cut.pt": "not a checkpoint that torch.load",
+                "empty.pt": "not a checkpoint that torch.load", "other.pt": "not a model checkpoint",
+                "adapter.pt": "a LoRA adapter file\\? load it with load_lora",
+                "mismatch.pt": "its weights do not fit its config \\(RuntimeError\\)"}
+    for name, message in expected.items():
+        path = str(tmp_path / name)
+        with pytest.raises(M.DataError, match=message) as e:
+            M.load_checkpoint(path, tokenizer_path=None)
+        assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+    M.load_checkpoint(good, tokenizer_path=None)  # the intact file loads
 
 
 # ----------------------------------------------------------------------------------------------
