@@ -561,7 +561,7 @@ def check_config(config):
     M.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
                                     "log_every", "eval_every_problems"),
                   non_negative=("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps",
-                                "rpo_alpha"))
+                                "rpo_alpha", "eval_temperature"))
     M.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
               f"paired losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
     M.require(config.lr_schedule in M.LR_SCHEDULES, f"--lr-schedule {config.lr_schedule!r} is unknown; known: "
@@ -599,6 +599,8 @@ def train(config):
     rng = random.Random(config.seed)
     tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tokenizer_path)
+    if config.eval_reference:  # it is used only after training: a file that cannot serve must fail now
+        M.load_checkpoint(config.eval_reference, "cpu", tokenizer_path)
     data_path = config.data or os.path.join(config.data_dir, "prefs.jsonl")
     test_path = config.test_data or os.path.join(config.data_dir, "prefs_test.jsonl")
     problems_path = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")

@@ -578,6 +578,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--loss-type", "simpo", "--rpo-alpha", "1"], "simpo has its own loss"),
     (["--batch-size", "0"], "--batch-size must be > 0"),
     (["--beta", "0"], "--beta must be > 0"),
+    (["--eval-temperature", "-1"], "--eval-temperature must be >= 0"),
     (["--steps", "-3"], "--steps must be >= 0"),
     (["--epochs", "0"], "leaves nothing to train"),
     (["--lr-schedule", "step"], "--lr-schedule 'step' is unknown; known: linear, cosine, constant"),
@@ -606,6 +607,24 @@ def test_main_reports_bad_flags_and_files_in_one_line_before_building_anything(t
     assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg
     assert message in msg, msg
     assert not out.exists()  # nothing was built or written
+
+
+@pytest.mark.parametrize("flag", ["--init", "--eval-reference"])
+def test_a_file_that_is_no_checkpoint_stops_the_run_before_training(tiny_data_dir, tiny_sft_ckpt, tmp_path, flag):
+    # --eval-reference is used only after training: it is checked before, like --init
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint\n")
+    out = tmp_path / "out"
+    argv = ["--data-dir", tiny_data_dir, "--data", tiny_path(tiny_data_dir, "prefs.jsonl"),
+            "--test-data", tiny_path(tiny_data_dir, "prefs_test.jsonl"),
+            "--eval-problems-file", tiny_path(tiny_data_dir, "test.jsonl"), "--steps", "5", "--batch-size", "4",
+            "--eval-problems", "4", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu",
+            "--init", tiny_sft_ckpt, flag, str(bad)]
+    with pytest.raises(SystemExit) as e:
+        dpo.main(argv)
+    msg = e.value.code
+    assert msg.startswith(f"error: {bad}: not a checkpoint that torch.load(weights_only=True) can read (") and "\n" not in msg
+    assert not (out / "dpo" / "log.jsonl").exists() and not (out / "dpo" / "model.pt").exists()
 
 
 def test_max_length_beyond_the_models_context_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
