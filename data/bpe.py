@@ -1,7 +1,8 @@
 """
 A byte-level BPE trainer that writes a tiktoken rank file.
 
-    python data/bpe.py              (normally run by data/prepare.py)
+    python data/bpe.py    (a look at what BPE learns from data/pretrain.txt; writes nothing:
+                           data/prepare.py trains and saves the project's tokenizer)
 
 Byte-level BPE starts from the 256 single bytes and repeatedly merges the most frequent adjacent
 pair of tokens into a new token. Merges never cross the boundaries of the pre-tokenizer's pieces
@@ -9,7 +10,7 @@ pair of tokens into a new token. Merges never cross the boundaries of the pre-to
 pieces once and merge over those: the cost is per distinct piece, not per byte of text (a trainer
 that re-scans the whole corpus per merge is far too slow for megabytes).
 
-Output, both in data/:
+save_tokenizer writes two files (data/prepare.py: into data/):
     tokenizer.tiktoken   one `base64(token_bytes) rank` line per token, rank = merge order
     tokenizer.json       the pre-tokenizer pattern and the special tokens with their ids
 tiktoken encodes by repeatedly merging the adjacent pair whose concatenation has the lowest rank,
@@ -21,6 +22,7 @@ import collections
 import json
 import os
 import re
+import sys
 
 # The pre-tokenizer. Written so that Python's `re` (here, for training) and tiktoken's regex
 # engine (at encode time) split text the same way; non-ASCII text falls into the punctuation
@@ -89,9 +91,21 @@ def save_tokenizer(ranks, directory):
         os.replace(path + ".tmp", path)
 
 
-if __name__ == "__main__":
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "pretrain.txt")) as f:
+def main():
+    """Train on data/pretrain.txt and show the merges. It writes nothing: the project's tokenizer is
+    trained by data/prepare.py on more text (the SFT replies too), and overwriting it would orphan
+    every checkpoint trained with it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.txt")
+    if not os.path.exists(path):
+        sys.exit(f"error: {path}: no such file; build the data first: python data/prepare.py")
+    with open(path, encoding="utf-8") as f:
         ranks = train_bpe(f.read(), 2048)
-    save_tokenizer(ranks, here)
-    print(f"{len(ranks)} tokens + {len(SPECIAL_TOKENS)} special tokens -> {here}/tokenizer.tiktoken")
+    merges = [tok.decode("utf-8", "replace") for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
+              if rank >= 256]
+    print(f"{len(merges)} merges learned from {path} (stopped when no pair occurs twice)")
+    print("first ten:", " ".join(repr(m) for m in merges[:10]))
+    print("last ten: ", " ".join(repr(m) for m in merges[-10:]))
+
+
+if __name__ == "__main__":
+    main()
