@@ -594,13 +594,15 @@ def train(config):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)  # builds the data and the SFT model if missing
     ensure_data(config.data_dir)
+    tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
+    # --eval-reference is used only after training: a file that cannot serve must fail now, and
+    # before the seed is set (building a model draws random weights, which would shift LoRA's init)
+    if config.eval_reference:
+        M.load_checkpoint(config.eval_reference, "cpu", tokenizer_path)
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tokenizer_path)
-    if config.eval_reference:  # it is used only after training: a file that cannot serve must fail now
-        M.load_checkpoint(config.eval_reference, "cpu", tokenizer_path)
     data_path = config.data or os.path.join(config.data_dir, "prefs.jsonl")
     test_path = config.test_data or os.path.join(config.data_dir, "prefs_test.jsonl")
     problems_path = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")

@@ -615,16 +615,34 @@ def test_a_file_that_is_no_checkpoint_stops_the_run_before_training(tiny_data_di
     bad = tmp_path / "notes.pt"
     bad.write_text("not a checkpoint\n")
     out = tmp_path / "out"
+    checkpoints = {"--init": tiny_sft_ckpt, "--eval-reference": tiny_sft_ckpt, flag: str(bad)}
     argv = ["--data-dir", tiny_data_dir, "--data", tiny_path(tiny_data_dir, "prefs.jsonl"),
             "--test-data", tiny_path(tiny_data_dir, "prefs_test.jsonl"),
             "--eval-problems-file", tiny_path(tiny_data_dir, "test.jsonl"), "--steps", "5", "--batch-size", "4",
             "--eval-problems", "4", "--max-new-tokens", "8", "--out", str(out), "--device", "cpu",
-            "--init", tiny_sft_ckpt, flag, str(bad)]
+            *[arg for item in checkpoints.items() for arg in item]]
     with pytest.raises(SystemExit) as e:
         dpo.main(argv)
     msg = e.value.code
     assert msg.startswith(f"error: {bad}: not a checkpoint that torch.load(weights_only=True) can read (") and "\n" not in msg
     assert not (out / "dpo" / "log.jsonl").exists() and not (out / "dpo" / "model.pt").exists()
+
+
+def test_eval_reference_leaves_training_unchanged(tiny_data_dir, tiny_sft_ckpt, tmp_path):
+    # an evaluation-only flag must not move training: checking the file early builds a model, and
+    # with LoRA the adapters' random init would shift if that happened after the seed was set
+    outs = [str(tmp_path / name) for name in ("plain", "with_ref")]
+    for out, ref in zip(outs, ["", tiny_sft_ckpt]):
+        dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=3, eval_problems=0, lora_rank=2,
+                                  eval_reference=ref))
+    plain, with_ref = (torch.load(os.path.join(out, "dpo", "model.pt"), weights_only=True)["model"] for out in outs)
+    assert plain.keys() == with_ref.keys() and all(torch.equal(plain[k], with_ref[k]) for k in plain)
+    start = torch.load(tiny_sft_ckpt, weights_only=True)["model"]
+    assert not all(torch.equal(plain[k], start[k]) for k in plain)  # and training did move the weights
+
+
+def test_eval_temperature_zero_is_greedy_and_allowed():
+    dpo.check_config(dpo.DPOConfig(eval_temperature=0.0))  # the README's T = 0 row: greedy decoding
 
 
 def test_max_length_beyond_the_models_context_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
