@@ -428,9 +428,15 @@ def load_weights_only(path, what):
     raises DataError naming it, instead of torch's page-long message."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several kinds here (UnpicklingError, RuntimeError, EOFError, OSError)
-        raise DataError(f"{path}: not a {what} that torch.load(weights_only=True) can read "
-                        f"({type(e).__name__})") from e
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:  # the path, not the file
+        raise DataError(f"{path}: {e.strerror}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # a bad file raises many kinds: UnpicklingError, RuntimeError, UnicodeDecodeError, ...
+        message = str(e)
+        at = message.find("Unsupported global")  # "...: GLOBAL <the object refused> was not an allowed global ..."
+        reason = type(e).__name__ + (": " + message[at:].split(" was not")[0].split("\n")[0] if at >= 0 else "")
+        raise DataError(f"{path}: not a {what} that torch.load(weights_only=True) can read ({reason})") from e
 
 
 def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
@@ -444,11 +450,17 @@ def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
     if tokenizer_path is not None and ckpt["tokenizer"]["sha256"] != tokenizer_fingerprint(tokenizer_path):
         raise DataError(f"{path}: trained with a different tokenizer than {tokenizer_path} "
                         f"(data/ was rebuilt?); retrain it, e.g. `python sft.py`")
-    try:
-        model = GPT(GPTConfig(**ckpt["config"]))
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, RuntimeError) as e:  # unknown config keys; weights of other names or shapes
-        raise DataError(f"{path}: its weights do not fit its config ({type(e).__name__})") from e
+    unknown = ckpt["config"].keys() - {f.name for f in dataclasses.fields(GPTConfig)}
+    if unknown:
+        raise DataError(f"{path}: its config has fields this code does not know: {sorted(unknown)}")
+    model = GPT(GPTConfig(**ckpt["config"]))
+    own, theirs = model.state_dict(), ckpt["model"]
+    misfits = sorted(own.keys() ^ theirs.keys()) + [k for k in own.keys() & theirs.keys()
+                                                    if own[k].shape != theirs[k].shape]
+    if misfits:
+        raise DataError(f"{path}: its weights do not fit its config: {len(misfits)} tensors missing, unexpected "
+                        f"or of another shape ({', '.join(misfits[:3])}{', ...' if len(misfits) > 3 else ''})")
+    model.load_state_dict(theirs)
     return model.to(device), ckpt
 
 
