@@ -102,7 +102,8 @@ def main():
         ranks = train_bpe(f.read(), 2048)
     merges = [tok.decode("utf-8", "replace") for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])
               if rank >= 256]
-    print(f"{len(merges)} merges learned from {path} (stopped when no pair occurs twice)")
+    stopped = " (stopped early: no pair occurs twice)" if len(ranks) < 2048 - len(SPECIAL_TOKENS) else ""
+    print(f"{len(merges)} merges learned from {path}{stopped}")
     print("first ten:", " ".join(repr(m) for m in merges[:10]))
     print("last ten: ", " ".join(repr(m) for m in merges[-10:]))
 
