@@ -48,6 +48,24 @@ class PrepareConfig:
     vocab_size: int = 2048      # upper bound: merges stop once every word is one token
 
 
+def config_problem(config):
+    """What makes a config unbuildable, as one line naming the flag, or None. Checked before anything
+    is written: a zero count or an empty pretraining text would only fail later, in another stage."""
+    counts = ("n_sft", "n_prefs", "n_test", "n_prefs_test", "n_sft_val", "n_rl")
+    for name in counts:
+        if getattr(config, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
+    if not config.pretrain_mb > 0:
+        return f"--pretrain-mb must be > 0, got {config.pretrain_mb}"
+    if not 0 <= config.fact_share <= 1:
+        return f"--fact-share is a share of the documents, in [0, 1], got {config.fact_share}"
+    smallest = 256 + len(bpe.SPECIAL_TOKENS)  # the single bytes and the special tokens
+    if config.vocab_size < smallest:
+        return f"--vocab-size must be >= {smallest} (256 bytes + {len(bpe.SPECIAL_TOKENS)} special tokens), " \
+               f"got {config.vocab_size}"
+    return None
+
+
 def conversation(problem, reply):
     return {"messages": [{"role": "user", "content": problem["prompt"]},
                          {"role": "assistant", "content": reply}]}
@@ -120,6 +138,9 @@ def ensure_data(out_dir=DATA_DIR):
 def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     """Build all data files into out_dir unless they are already up to date for this config."""
     config = config or PrepareConfig()
+    problem = config_problem(config)
+    if problem:
+        raise ValueError(problem)
     if not force and up_to_date(config, out_dir):
         if verbose:
             print(f"data: up to date in {out_dir}")
@@ -179,7 +200,11 @@ def main():
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = vars(parser.parse_args())
     out, force = args.pop("out"), args.pop("force")
-    prepare(PrepareConfig(**args), out, force)
+    config = PrepareConfig(**args)
+    problem = config_problem(config)
+    if problem:
+        sys.exit(f"error: {problem}")
+    prepare(config, out, force)
 
 
 if __name__ == "__main__":

@@ -316,3 +316,35 @@ def test_preference_pairs_follow_the_judge(tiny_data_dir, name):
     if name == "prefs.jsonl":
         # the mix: both right (styles differ), right vs wrong, and both wrong
         assert kinds == {(True, True), (True, False), (False, False)}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("n_prefs", 0, "--n-prefs must be >= 1, got 0"),
+    ("n_rl", -5, "--n-rl must be >= 1, got -5"),
+    ("pretrain_mb", 0.0, "--pretrain-mb must be > 0, got 0.0"),
+    ("fact_share", 1.5, "--fact-share is a share of the documents, in [0, 1], got 1.5"),
+    ("vocab_size", 260, "--vocab-size must be >= 261 (256 bytes + 5 special tokens), got 260"),
+])
+def test_a_config_that_cannot_build_stops_before_writing(tmp_path, monkeypatch, field, value, message):
+    # a zero count or an empty text would only fail later, in another stage, far from its cause
+    out = tmp_path / "data"
+    monkeypatch.setattr("sys.argv", ["prepare.py", "--out", str(out), "--" + field.replace("_", "-"), str(value)])
+    with pytest.raises(SystemExit) as e:
+        P.main()
+    assert e.value.code == f"error: {message}"
+    assert not out.exists()
+    with pytest.raises(ValueError, match=re.escape(message)):  # the same check when called from Python
+        P.prepare(P.PrepareConfig(**{field: value}), str(out))
+    assert not out.exists()
+
+
+def test_the_smallest_buildable_config_builds(tmp_path, tiny_config):
+    # the bounds above are the real edges: one of each row, and a vocabulary of bytes and specials only
+    edge = replace(tiny_config, n_sft=1, n_prefs=1, n_test=1, n_prefs_test=1, n_sft_val=1, n_rl=1, fact_share=1.0,
+                   vocab_size=256 + 5)
+    assert P.config_problem(edge) is None
+    P.prepare(edge, str(tmp_path), verbose=False)
+    with open(tmp_path / "tokenizer.tiktoken") as f:
+        assert len(f.readlines()) == 256  # no room for a merge
+    with open(tmp_path / "rl.jsonl") as f:
+        assert len(f.readlines()) == 1
