@@ -747,8 +747,14 @@ def run_cli(doc, config_cls, train, argv=None):
     add_config_args(parser, config_cls())
     config = config_from_args(config_cls, parser.parse_args(argv))
     print("config:", dataclasses.asdict(config))
+    return one_line_errors(train, config)
+
+
+def one_line_errors(fn, *args):
+    """fn(*args), for a command line: a bad input file or flag value (DataError, ConfigError) ends the
+    program with its one-line message and exit code 1, not a traceback."""
     try:
-        return train(config)
+        return fn(*args)
     except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
 

@@ -34,10 +34,17 @@ def parse_args(doc, argv=None):
     return parser.parse_args(argv)
 
 
+def run(main):
+    """An experiment's command line: main(), where a bad flag value or input file ends in its one-line
+    error and exit code 1, as in every stage."""
+    return M.one_line_errors(main)
+
+
 def setup(name, args):
     """-> {"dir", "data_dir", "init"}: where this experiment writes, the data, and the SFT
     checkpoint every run starts from (built, announced, when missing)."""
     import sft
+    M.pick_device(args.device)  # a device this machine lacks stops here, before anything is built
     out_dir = os.path.join(args.out, "experiments", name)
     os.makedirs(out_dir, exist_ok=True)
     if args.quick:

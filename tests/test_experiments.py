@@ -217,3 +217,24 @@ def test_stage_from_python_equals_the_command_line(tiny_sft_ckpt, tiny_data_dir,
     for key in ("pref_accuracy", "margin", "win_rate", "judge_score_policy", "judge_score_ref", "accuracy_policy",
                 "kl", "steps", "pairs"):
         assert cli[key] == pytest.approx(in_process[key], abs=1e-6), key
+
+
+EXPERIMENTS = [beta_sweep, ipo_vs_dpo, length_bias, offline_vs_online, overtraining]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda m: m.__name__)
+def test_a_bad_flag_stops_an_experiment_in_one_line_before_building_anything(experiment, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        common.run(lambda: experiment.main(["--quick", "--device", "tpu", "--out", str(out)]))
+    assert e.value.code == "error: --device 'tpu': expected auto, cpu, cuda, cuda:N or mps"
+    assert not out.exists()  # no data, no SFT model, no results
+    with open(experiment.__file__) as f:  # and the script's own command line goes through common.run
+        assert f.read().rstrip().endswith('if __name__ == "__main__":\n    common.run(main)')
+
+
+def test_an_experiments_command_line_prints_one_line_and_exits_1(tmp_path):
+    done = subprocess.run([sys.executable, "experiments/overtraining.py", "--device", "tpu", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr == "error: --device 'tpu': expected auto, cpu, cuda, cuda:N or mps\n"
