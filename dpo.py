@@ -134,7 +134,7 @@ class DPOConfig:
     init: str = M.option("", "checkpoint to start from (default: <out>/sft/model.pt, built if missing)", "run")
     eval_reference: str = M.option("", "checkpoint the policy is compared with at evaluation (default: the "
                                    "start, --init; e.g. out/sft/model.pt for ORPO from pretraining)", "run")
-    out: str = M.option("out", "output root: writes <out>/dpo", "run")
+    out: str = M.option(M.OUT_DIR, "output root: writes <out>/dpo (default: out/ in the repository)", "run")
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = M.option(1337, "random seed", "run")
     log_every: int = M.option(10, "steps between log lines", "run")

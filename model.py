@@ -201,6 +201,9 @@ def masked_mean(values, mask):
 # Tokenizer and chat template
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+# the stages' outputs, also anchored to the repository: relative to the working directory, a run
+# started elsewhere would find the data but not the earlier stages' checkpoints, and rebuild them
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 TOKENIZER_PATH = os.path.join(DATA_DIR, "tokenizer.json")
 
 

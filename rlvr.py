@@ -91,7 +91,7 @@ class RLVRConfig:
     init: str = M.option("", "checkpoint to start from (default: <out>/dpo/model.pt, built if missing)", "run")
     eval_reference: str = M.option("", "checkpoint the evaluation's KL is measured against (default: the start; "
                                    "e.g. out/sft/model.pt to compare stages)", "run")
-    out: str = M.option("out", "output root: writes <out>/rlvr", "run")
+    out: str = M.option(M.OUT_DIR, "output root: writes <out>/rlvr (default: out/ in the repository)", "run")
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = M.option(1337, "random seed", "run")
     log_every: int = M.option(1, "steps between log lines", "run")

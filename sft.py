@@ -68,7 +68,7 @@ class SFTConfig:
     # run
     stages: str = M.option("pretrain,sft", "which stages to run, comma-separated (empty: only build the data)", "run")
     data_dir: str = M.option(DATA_DIR, "where the data files live (built if missing)", "run")
-    out: str = M.option("out", "output root: writes <out>/pretrain and <out>/sft", "run")
+    out: str = M.option(M.OUT_DIR, "output root: writes <out>/pretrain and <out>/sft (default: out/ in the repository)", "run")
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = M.option(1337, "random seed", "run")
     log_every: int = M.option(25, "steps between log lines", "run")

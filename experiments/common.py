@@ -29,7 +29,8 @@ QUICK_SFT = dict(n_layer=1, n_head=2, n_embd=32, pretrain_steps=20, sft_steps=20
 def parse_args(doc, argv=None):
     parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny world and model: seconds, for tests")
-    parser.add_argument("--out", default="out", help="output root: results go to <out>/experiments/<name>")
+    parser.add_argument("--out", default=M.OUT_DIR, help="output root: results go to <out>/experiments/<name> "
+                        "(default: out/ in the repository)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     return parser.parse_args(argv)
 

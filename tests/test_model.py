@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import pickle
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,6 +22,7 @@ import helpers
 import model as M
 from data import bpe
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V = 50  # vocabulary of the tiny test model
 NO_STOP = -1  # a stop token no sampled id can equal
 
@@ -650,3 +652,18 @@ def test_rope_scores_depend_only_on_relative_position():
     x = torch.randn(2, 3, 4, D)
     r = M.apply_rope(x, *M.rope_angles(torch.arange(4)[None].expand(2, 4), D))
     assert torch.allclose(r.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+
+
+def test_outputs_default_to_the_repositorys_out_wherever_the_scripts_run(tmp_path, monkeypatch):
+    # data/ is the repository's: if out/ followed the working directory, a run started elsewhere would
+    # find the data but not the earlier stages' checkpoints, and silently rebuild them there
+    import dpo
+    import rlvr
+    import sft
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import common
+    monkeypatch.chdir(tmp_path)
+    root_out = os.path.join(ROOT, "out")
+    assert dpo.DPOConfig().out == sft.SFTConfig().out == rlvr.RLVRConfig().out == root_out
+    assert common.parse_args("doc", []).out == root_out
+    assert dpo.DPOConfig().data_dir == os.path.join(ROOT, "data")  # the same anchor as the data
