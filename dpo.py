@@ -262,7 +262,9 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
               "dropped_no_response": 0}
     examples = []
     for row, (prompt, chosen, rejected, *label) in enumerate(pairs):  # KTO's rows carry a 4th item, the label
-        if chosen == rejected:  # no preference to learn
+        # a pair with one reply twice has no preference to learn; a KTO row's second reply is only a
+        # mismatched sample for its reference point, and may equal its own
+        if chosen == rejected and not label:
             counts["dropped_identical"] += 1
             continue
         p = M.render_prompt(enc, prompt)
@@ -277,7 +279,7 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
         if len(c) > room or len(r) > room:
             counts["response_truncated"] += 1
             c, r = c[:room], r[:room]
-            if c == r:  # cut down to the same tokens: no preference left
+            if c == r and not label:  # cut down to the same tokens: no preference left
                 counts["dropped_identical"] += 1
                 continue
         examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # evaluation reads the row's text
@@ -629,7 +631,8 @@ def train(config):
         return (f"{c['dropped_identical']} dropped as identical, {c['dropped_no_response']} with no room for a "
                 f"response; truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} responses")
 
-    print(f"dpo: {len(examples)} training pairs ({described(counts)}), {len(test_examples)} held-out pairs "
+    unit = "rows" if config.loss_type == "kto" else "pairs"
+    print(f"dpo: {len(examples)} training {unit} ({described(counts)}), {len(test_examples)} held-out pairs "
           f"({described(test_counts)})")
     if not examples:
         raise M.DataError(f"{data_path}: no usable pairs left")
@@ -637,7 +640,12 @@ def train(config):
         raise M.DataError(f"{test_path}: no usable held-out pairs left")
     batch_size = min(config.batch_size, len(examples))
     if batch_size < config.batch_size:
-        print(f"dpo: only {len(examples)} pairs: batch size {config.batch_size} -> {batch_size}")
+        print(f"dpo: only {len(examples)} {unit}: batch size {config.batch_size} -> {batch_size}")
+    if config.steps and config.steps * batch_size < len(examples):
+        # a short run meets only steps x batch_size of them (the pairs are shuffled already): keep those,
+        # so the reference pass scores no more than training will use
+        examples = examples[: config.steps * batch_size]
+        print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
 
     # policy: trainable copy of the start; reference: frozen copy (no grad, eval mode, never stepped)
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)

@@ -903,7 +903,7 @@ def test_data_dir_alone_supplies_tokenizer_and_default_files(tiny_sft_ckpt, tiny
     out = str(tmp_path)
     metrics = dpo.train(dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, steps=1, batch_size=4,
                                       eval_problems=2, max_new_tokens=4, out=out, device="cpu"))
-    assert metrics["pairs"] == 200 and "win_rate" in metrics  # the tiny prefs.jsonl has 200 rows
+    assert metrics["data_counts"]["kept"] == 200 and "win_rate" in metrics  # the tiny prefs.jsonl has 200 rows
     M.load_checkpoint(os.path.join(out, "dpo", "model.pt"), "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
 
 
@@ -971,3 +971,19 @@ def test_kl_on_samples_scores_exactly_the_sampled_tokens(tiny_enc):
         total += reply_logp(policy, p, reply) - reply_logp(reference, p, reply)
     got = dpo.kl_on_samples(policy, reference, tiny_enc, prompts, reply_ids, "cpu", batch_size=3)
     assert got == pytest.approx(total / len(prompts), rel=1e-4, abs=1e-5)
+
+
+def test_a_short_run_scores_only_the_pairs_it_trains_on(tiny_data_dir, tiny_sft_ckpt, tmp_path, capsys):
+    # --steps 3 x 4 pairs meets 12 pairs: the reference pass scores those 12, not the whole file, and
+    # training is exactly that of a run given those 12 (the same first 12 after the same shuffle)
+    runs = {}
+    for name, extra in [("short", {}), ("twelve", {"max_pairs": 12})]:
+        out = str(tmp_path / name)
+        metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=3, batch_size=4,
+                                            eval_problems=0, **extra))
+        runs[name] = (metrics, torch.load(os.path.join(out, "dpo", "model.pt"), weights_only=True)["model"])
+    assert "training on the first 12 pairs" in capsys.readouterr().out
+    (short, short_w), (twelve, twelve_w) = runs["short"], runs["twelve"]
+    assert short["pairs"] == twelve["pairs"] == 12
+    assert all(torch.equal(short_w[k], twelve_w[k]) for k in short_w)
+    assert short["pref_accuracy"] == twelve["pref_accuracy"]

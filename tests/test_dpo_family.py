@@ -459,7 +459,7 @@ def test_kto_reads_trls_unpaired_format(tiny_sft_ckpt, tiny_data_dir, tmp_path):
             f.write(json.dumps({"prompt": prompt, "completion": rejected, "label": False}) + "\n")
     metrics = dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), loss_type="kto",
                                       data=str(path), steps=2))
-    assert metrics["pairs"] == 80  # 80 unpaired rows
+    assert metrics["data_counts"]["kept"] == 80  # 80 unpaired rows (of which 2 steps use a few)
 
 
 def test_unknown_loss_type_is_refused_before_training(tiny_sft_ckpt, tiny_data_dir, tmp_path):
@@ -476,3 +476,16 @@ def test_rpo_alpha_is_refused_where_it_would_be_ignored(loss_type, tiny_sft_ckpt
 def test_a_negative_rpo_alpha_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="--rpo-alpha must be >= 0"):
         dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), rpo_alpha=-0.5))
+
+
+def test_a_kto_row_whose_mismatched_reply_equals_its_own_is_kept(tiny_enc):
+    # two prompts answered "The answer is 7.": after the shuffle one row borrows the other's reply as
+    # its mismatched sample. That row is still a valid KTO row; only a *pair* of equal replies has
+    # nothing to teach
+    rows = [("Ava has 7 pens.", "The answer is 7.", "The answer is 7.", True),
+            ("Ben has 7 cups.", "The answer is 7.", "The answer is 6.", False)]
+    examples, counts = dpo.tokenize_pairs(tiny_enc, rows, 96, 192)
+    assert [ex["label"] for ex in examples] == [True, False] and counts["dropped_identical"] == 0
+    assert examples[0]["chosen"] == examples[0]["rejected"]
+    pairs, counts = dpo.tokenize_pairs(tiny_enc, [row[:3] for row in rows], 96, 192)
+    assert len(pairs) == 1 and counts["dropped_identical"] == 1  # as a pair, the first one goes
