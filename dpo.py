@@ -714,7 +714,17 @@ def train(config):
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     order, window, warning_step = [], [], None
-    start_chosen_logp = None
+    # the early warning needs the chosen replies' log-prob measured on the same replies as it moves (a
+    # sum over a reply's tokens varies with its length, so two batches are not comparable): with a
+    # reference, log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta; without one (simpo, orpo), a
+    # fixed probe batch, re-scored at each log line against its own start
+    probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
+
+    def probe_chosen_logp():
+        with torch.no_grad():
+            return sequence_logprobs(policy, *probe)[:batch_size].mean().item()  # chosen rows come first
+
+    probe_start = probe_chosen_logp() if probe is not None else None
     problems = user_problems or read_problems(problems_path)  # held-out problems for the sampling evaluations
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
     peak = M.peak_flops(device)
@@ -772,8 +782,6 @@ def train(config):
         if config.rpo_alpha:  # loss includes alpha * this: logged apart, so losses compare with plain DPO's
             record["nll_loss"] = chosen_nll(first.detach(), lengths[:B]).item()
         window.append(record)
-        if start_chosen_logp is None:
-            start_chosen_logp = window[0]["logps/chosen"]
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
         if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
             rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -790,17 +798,15 @@ def train(config):
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
                             acc=f"{rec['rewards/accuracies']:.2f}", chosen=f"{rec['logps/chosen']:.1f}",
                             tok_s=f"{rec['tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
-            # the early warning: the margin grows by pushing the chosen reply down too. With a reference
-            # the fall is measured on the same replies, log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta
-            # (a sum over a reply's tokens varies with its length: batches are not comparable); without
-            # one (simpo, orpo), against the first step's batch
-            fall = (-rec["rewards/chosen"] / config.beta if ref_chosen is not None
-                    else start_chosen_logp - rec["logps/chosen"])
+            # the early warning: the margin grows by pushing the chosen reply down too (see probe above)
+            fall = -rec["rewards/chosen"] / config.beta if probe is None else probe_start - probe_chosen_logp()
             if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
                 warning_step = step
-                tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below its start (now "
-                           f"{rec['logps/chosen']:.1f}) while the margin grew to {rec['rewards/margins']:.2f}: "
-                           f"both replies are being pushed down (over-optimisation; lower lr/epochs or raise beta)")
+                below = "the reference's" if probe is None else "their start (a fixed batch)"
+                tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on the "
+                           f"same replies while the margin grew to {rec['rewards/margins']:.2f}: both replies are "
+                           f"being pushed down (over-optimisation; lower --lr or --epochs"
+                           f"{', or raise --beta' if probe is None else ''})")
     train_seconds = time.time() - t_train - eval_seconds
 
     # evaluation on held-out data the training never saw, against the start (or --eval-reference)

@@ -218,18 +218,22 @@ def test_win_rate_and_kl_when_policy_equals_reference(tiny_sft_ckpt, tiny_data_d
         assert metrics[f"{key}_policy"] == metrics[f"{key}_ref"], key
 
 
-def test_no_warning_when_only_the_batches_reply_lengths_differ(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo"])  # with a reference, and without (a probe batch)
+def test_no_warning_when_only_the_batches_reply_lengths_differ(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys,
+                                                               loss_type):
     # A summed log-prob is lower for a longer reply: comparing one batch's chosen log-prob with another
     # batch's would read a batch of longer replies as a fall. At a learning rate too small to move
     # anything, the chosen replies fell nowhere (measured on the same replies), so no warning.
     out = str(tmp_path)
     metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=12, batch_size=4, lr=1e-7,
-                                        warmup_steps=1, log_every=1, eval_problems=0, chosen_logp_warn=0.5))
+                                        warmup_steps=1, log_every=1, eval_problems=0, chosen_logp_warn=0.5,
+                                        loss_type=loss_type))
     log = read_log(out)
     # what a batch-to-batch comparison would have flagged: a later batch's chosen log-prob more than
     # the threshold below the first one's, with a positive margin
     assert any(r["logps/chosen"] < log[0]["logps/chosen"] - 0.5 and r["rewards/margins"] > 0 for r in log)
-    assert all(-r["rewards/chosen"] / 1.0 < 0.01 for r in log)  # beta 1.0 (the default): nothing fell
+    if loss_type == "sigmoid":
+        assert all(-r["rewards/chosen"] / 1.0 < 0.01 for r in log)  # beta 1.0 (the default): nothing fell
     assert metrics["warning_step"] is None and "warning:" not in capsys.readouterr().out
 
 
@@ -246,3 +250,15 @@ def test_each_step_runs_at_the_scheduled_learning_rate(tiny_sft_ckpt, tiny_data_
                               lr=3e-3, warmup_steps=2, lr_schedule=schedule, log_every=1))
     assert used == pytest.approx([3e-3 * f for f in factors])
     assert [r["lr"] for r in read_log(out)] == pytest.approx(used)  # the log reports the same
+
+
+def test_without_a_reference_the_warning_watches_a_fixed_batch(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
+    # SimPO has no reference: the fall is measured on a probe batch re-scored at each log line. A large
+    # learning rate pushes its chosen replies down; the advice then leaves out beta (SimPO's is not DPO's)
+    out = str(tmp_path)
+    metrics = dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=20, batch_size=4, lr=1e-2,
+                                        warmup_steps=1, log_every=1, eval_problems=0, loss_type="simpo"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert metrics["warning_step"] is not None and len(lines) == 1
+    assert "nats below their start (a fixed batch) on the same replies" in lines[0]
+    assert lines[0].endswith("(over-optimisation; lower --lr or --epochs)")
