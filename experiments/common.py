@@ -28,7 +28,8 @@ QUICK_SFT = dict(n_layer=1, n_head=2, n_embd=32, pretrain_steps=20, sft_steps=20
 
 def parse_args(doc, argv=None):
     parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a tiny world and model: seconds, for tests")
+    parser.add_argument("--quick", action="store_true", help="a tiny world and model: seconds, for tests "
+                        "(results under <out>/experiments/quick/<name>)")
     parser.add_argument("--out", default=M.OUT_DIR, help="output root: results go to <out>/experiments/<name> "
                         "(default: out/ in the repository)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -46,13 +47,15 @@ def setup(name, args):
     checkpoint every run starts from (built, announced, when missing)."""
     import sft
     M.pick_device(args.device)  # a device this machine lacks stops here, before anything is built
-    out_dir = os.path.join(args.out, "experiments", name)
+    # --quick writes apart, under experiments/quick/: its figures must never replace a real run's
+    root = os.path.join(args.out, "experiments", "quick" if args.quick else "")
+    out_dir = os.path.join(root, name)
     os.makedirs(out_dir, exist_ok=True)
     if args.quick:
-        data_dir = os.path.join(args.out, "experiments", "quick_data")
+        data_dir = os.path.join(root, "data")
         if not os.path.exists(os.path.join(data_dir, "manifest.json")):
             prepare(PrepareConfig(**QUICK_DATA), out_dir=data_dir, verbose=False)
-        stage_out = os.path.join(args.out, "experiments", "quick_stages")
+        stage_out = os.path.join(root, "stages")
         config = sft.SFTConfig(**QUICK_SFT, data_dir=data_dir, out=stage_out, device=args.device)
     else:
         data_dir = DATA_DIR

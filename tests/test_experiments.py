@@ -32,7 +32,7 @@ def out(tmp_path_factory):
 
 
 def results(out, name):
-    with open(os.path.join(out, "experiments", name, "results.json")) as f:
+    with open(os.path.join(out, "experiments", "quick", name, "results.json")) as f:
         return json.load(f)
 
 
@@ -56,18 +56,25 @@ def test_beta_sweep_quick_passes_each_beta_to_the_loss(out, monkeypatch):
     for row in r["rows"]:
         for key in ("beta", "kl", "win_rate", "pref_accuracy", "accuracy"):
             assert finite(row[key]), (key, row)
-    assert os.path.exists(os.path.join(out, "experiments", "beta_sweep", "results.md"))
+    assert os.path.exists(os.path.join(out, "experiments", "quick", "beta_sweep", "results.md"))
 
 
 def test_overtraining_quick(out):
+    real = os.path.join(out, "experiments", "overtraining")  # a full run's results, as left by one
+    os.makedirs(real)
+    with open(os.path.join(real, "results.json"), "w") as f:
+        f.write('{"real": true}')
     overtraining.main(["--quick", "--out", out])
+    with open(os.path.join(real, "results.json")) as f:  # --quick wrote apart, and left them alone
+        assert f.read() == '{"real": true}'
+    assert os.listdir(real) == ["results.json"]
     r = results(out, "overtraining")
     for key in ("chosen_logp_start", "chosen_logp_end", "margin_start", "margin_end", "judge_score_best",
                 "judge_score_end"):
         assert finite(r[key]), key
     assert "warning_step" in r and r["curve"] and all(finite(c["margin"]) for c in r["curve"])
     # the curve is the run's own log, step by step
-    log = common.read_log(os.path.join(out, "experiments", "overtraining", "sigmoid", "dpo", "log.jsonl"))
+    log = common.read_log(os.path.join(out, "experiments", "quick", "overtraining", "sigmoid", "dpo", "log.jsonl"))
     assert [c["chosen_logp"] for c in r["curve"]] == [x["logps/chosen"] for x in log]
 
 
