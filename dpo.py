@@ -570,8 +570,7 @@ def check_config(config):
               f"{', '.join(M.LR_SCHEDULES)}")
     M.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
     M.require(config.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
-    if config.lora_rank:
-        M.lora_suffixes(config.lora_targets)
+    M.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
     M.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "

@@ -282,6 +282,8 @@ def check_config(config):
                                 "clip_eps", "clip_eps_high", "format_reward"))
     M.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
               f"to the same prompt), got {config.group_size}")
+    M.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
+              f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
 
 
 def train(config):

@@ -587,6 +587,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--log-every", "0"], "--log-every must be > 0"),
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
     (["--lora-rank", "4", "--lora-targets", "attn,mpl"], "unknown LoRA targets ['mpl']"),
+    (["--lora-targets", "attn,foo"], "unknown LoRA targets ['foo']"),  # checked without --lora-rank too
     (["--device", "cuad"], "--device 'cuad': expected auto, cpu, cuda, cuda:N or mps"),
     pytest.param(["--device", "cuda"], "--device cuda: no CUDA device on this machine",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),

@@ -585,6 +585,7 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
 
 @pytest.mark.parametrize("flags,message", [
     (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--clip-eps-high", "0.1"], "--clip-eps-high 0.1 is below --clip-eps 0.2"),
     (["--aggregation", "mean"], "--aggregation 'mean' is unknown"),
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
     (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
