@@ -114,7 +114,9 @@ class DPOConfig:
                                   "noisy labels, to compare cdpo/robust/ipo with sigmoid", "data")
     # data
     data_dir: str = M.option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
-    data: str = M.option("", "training pairs, JSONL {prompt, chosen, rejected} (default: <data-dir>/prefs.jsonl)", "data")
+    data: str = M.option("", "training pairs, JSONL {prompt, chosen, rejected}: strings or TRL's conversational "
+                         "messages; with --loss-type kto also unpaired {prompt, completion, label} rows (default: "
+                         "<data-dir>/prefs.jsonl)", "data")
     test_data: str = M.option("", "held-out pairs for preference accuracy (default: <data-dir>/prefs_test.jsonl)", "data")
     eval_problems_file: str = M.option("", "held-out problems for the sampling evaluation (default: <data-dir>/test.jsonl)", "data")
     max_prompt_len: int = M.option(96, "prompt tokens kept (truncated from the left)", "data")
@@ -207,6 +209,9 @@ def read_pairs(path):
     and line."""
     pairs = []
     for n, row in M.read_jsonl(path):
+        if "completion" in row and "chosen" not in row:
+            raise M.DataError(f"{path}:{n}: an unpaired row (prompt, completion, label): use --loss-type kto, or "
+                              f"give pairs (prompt, chosen, rejected)")
         (before, chosen), (before_rejected, rejected) = (checked_response(path, n, row, key)
                                                          for key in ("chosen", "rejected"))
         if before != before_rejected:
@@ -829,7 +834,8 @@ def train(config):
         problems = problems[: config.eval_problems]
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
         metrics.update(gen_metrics)
-        print("\n--- three held-out prompts: reference (SFT) | policy (DPO) ---")
+        method = "DPO" if config.loss_type == "sigmoid" else config.loss_type
+        print(f"\n--- three held-out prompts: reference (SFT) | policy ({method}) ---")
         for p, a, b in list(zip(problems, ref_replies, pol_replies))[:3]:
             print(f"USER: {p['prompt']}  (answer {p['answer']})\n[reference] {a!r}\n[policy]    {b!r}\n")
     metrics.update({

@@ -202,8 +202,8 @@ def check_config(config):
               f"(leave the stage out with --stages pretrain)")
     M.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
               f"{config.n_head} (each head gets n_embd / n_head dimensions)")
-    M.require(config.pretrain_seq_len <= config.block_size, f"--pretrain-seq-len {config.pretrain_seq_len} is "
-              f"longer than the model's context, --block-size {config.block_size}")
+    M.require(config.pretrain_seq_len <= config.block_size or "pretrain" not in stages, f"--pretrain-seq-len "
+              f"{config.pretrain_seq_len} is longer than the model's context, --block-size {config.block_size}")
     return stages
 
 

@@ -1,7 +1,7 @@
 """
 Build every data file the pipeline reads, deterministically from a seed.
 
-    python data/prepare.py                    (about 20 s; does nothing if already up to date)
+    python data/prepare.py                    (3-10 s on 2 cores; does nothing if already up to date)
     python data/prepare.py --pretrain-mb 8    (more pretraining text)
 
 Writes into data/ (or --out):
@@ -38,7 +38,7 @@ VERSION = 4  # bump when the generator changes, so old data is rebuilt
 class PrepareConfig:
     seed: int = 1337
     pretrain_mb: float = 3.0    # a few MB: ~700k tokens, more than pretraining sees in one run
-    fact_share: float = 0.4     # share of pretraining documents that are arithmetic facts
+    fact_share: float = 0.4
     n_sft: int = 20000
     n_prefs: int = 8000
     n_test: int = 600           # held-out problems for accuracy (>= 500)
@@ -46,6 +46,19 @@ class PrepareConfig:
     n_sft_val: int = 300
     n_rl: int = 4000
     vocab_size: int = 2048      # upper bound: merges stop once every word is one token
+
+
+FLAG_HELP = {  # the --help line of each PrepareConfig field
+    "seed": "random seed: a seed builds the same files on every machine",
+    "pretrain_mb": "megabytes of pretraining text",
+    "fact_share": "share of the pretraining documents that are arithmetic facts (the rest: stories)",
+    "n_sft": "SFT conversations: one right reply each, in the SFT style mix",
+    "n_prefs": "training preference pairs",
+    "n_test": "held-out problems for the sampling evaluations (dpo.py samples 500)",
+    "n_prefs_test": "held-out preference pairs",
+    "n_sft_val": "held-out SFT conversations, for the validation loss",
+    "n_rl": "problems for the RL stage",
+    "vocab_size": "largest BPE vocabulary; merges stop earlier, once every word is one token"}
 
 
 def config_problem(config):
@@ -195,7 +208,7 @@ def main():
     defaults = PrepareConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
-                            help=f"(default {value})")
+                            help=f"{FLAG_HELP[name]} (default {value})")
     parser.add_argument("--out", default=DATA_DIR, help="output directory (default data/)")
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = vars(parser.parse_args())

@@ -594,12 +594,14 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--eval-problems-file", "{d}/problems.jsonl"], "{d}/problems.jsonl:2: missing field 'answer'"),
     (["--eval-problems-file", "{d}/answers.jsonl"], "{d}/answers.jsonl:1: 'answer' must be an integer"),
     (["--data", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not UTF-8 text"),
+    (["--data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, label): use --loss-type kto"),
 ])
 def test_main_reports_bad_flags_and_files_in_one_line_before_building_anything(tmp_path, flags, message):
     (tmp_path / "problems.jsonl").write_text('{"prompt": "Ben has 2 cards.", "answer": 2}\n{"prompt": "Ana?"}\n')
     (tmp_path / "answers.jsonl").write_text('{"prompt": "Ben has 2 cards.", "answer": "two"}\n')
     latin1 = '{"prompt": "Zoë"}\n'.encode("latin-1")  # not UTF-8
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b"\n" + latin1)
+    (tmp_path / "kto.jsonl").write_text('{"prompt": "Ben?", "completion": "The answer is 2.", "label": true}\n')
     flags, message = [f.format(d=tmp_path) for f in flags], message.format(d=tmp_path)
     out = tmp_path / "out"  # holds no SFT checkpoint: a run that got past the checks would build one
     with pytest.raises(SystemExit) as e:

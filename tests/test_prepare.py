@@ -348,3 +348,7 @@ def test_the_smallest_buildable_config_builds(tmp_path, tiny_config):
         assert len(f.readlines()) == 256  # no room for a merge
     with open(tmp_path / "rl.jsonl") as f:
         assert len(f.readlines()) == 1
+
+
+def test_every_flag_of_prepare_has_its_help_line():
+    assert set(P.FLAG_HELP) == set(asdict(P.PrepareConfig()))

@@ -310,3 +310,10 @@ def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, f
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith(f"error: {message}") and "\n" not in msg
     assert not out.exists() and not data.exists()
+
+
+def test_pretraining_flags_are_checked_only_when_pretraining_runs():
+    # --stages sft starts from the pretrained checkpoint: its window length is not this run's business
+    sft.check_config(sft.SFTConfig(stages="sft", block_size=50, pretrain_seq_len=128))
+    with pytest.raises(M.ConfigError, match="--pretrain-seq-len 128 is longer than the model's context"):
+        sft.check_config(sft.SFTConfig(stages="pretrain,sft", block_size=50, pretrain_seq_len=128))
