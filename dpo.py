@@ -105,7 +105,8 @@ class DPOConfig:
     lr_schedule: str = M.option("linear", "after the warmup: linear (down to 0 at the end of training, TRL's default), "
                                 "cosine (down to 0), or constant", "optimisation")
     epochs: int = M.option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
-    steps: int = M.option(0, "optimizer steps (0: use --epochs)", "optimisation")
+    steps: int = M.option(0, "optimizer steps (0: use --epochs); a short run keeps only the steps x batch-size "
+                          "pairs it trains on, and the reference pass scores only those", "optimisation")
     batch_size: int = M.option(32, "pairs per step (each pair is two sequences)", "optimisation")
     warmup_steps: int = M.option(10, "linear warmup steps, then --lr-schedule", "optimisation")
     grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
@@ -202,16 +203,16 @@ def row_prompt(path, n, row, before):
     return row["prompt"]
 
 
-def read_pairs(path):
+def read_pairs(path, unpaired_hint=""):
     """Validate a preference file; -> list of (prompt, chosen_text, rejected_text).
     Rows: {"prompt", "chosen", "rejected"}, each a string or TRL's conversational form (see
     split_reply; "prompt" may then be left out). Any problem stops with a DataError naming the file
-    and line."""
+    and line; unpaired_hint is added to the one an unpaired (KTO) row gets."""
     pairs = []
     for n, row in M.read_jsonl(path):
         if "completion" in row and "chosen" not in row:
-            raise M.DataError(f"{path}:{n}: an unpaired row (prompt, completion, label): use --loss-type kto, or "
-                              f"give pairs (prompt, chosen, rejected)")
+            raise M.DataError(f"{path}:{n}: an unpaired row (prompt, completion, label) in a file of pairs (prompt, "
+                              f"chosen, rejected){unpaired_hint}")
         (before, chosen), (before_rejected, rejected) = (checked_response(path, n, row, key)
                                                          for key in ("chosen", "rejected"))
         if before != before_rejected:
@@ -591,10 +592,12 @@ def train(config):
     user_pairs = None
     if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
         unpaired = config.loss_type == "kto" and "completion" in M.read_jsonl(config.data)[0][1]
-        user_pairs = read_unpaired(config.data) if unpaired else read_pairs(config.data)
+        hint = "" if config.loss_type == "kto" else "; unpaired rows need --loss-type kto"
+        user_pairs = read_unpaired(config.data) if unpaired else read_pairs(config.data, hint)
         if unpaired and config.label_noise:
             raise M.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
-    user_test_pairs = read_pairs(config.test_data) if config.test_data else None
+    held_out_hint = "; held-out rows are pairs, with --loss-type kto too"
+    user_test_pairs = read_pairs(config.test_data, held_out_hint) if config.test_data else None
     user_problems = read_problems(config.eval_problems_file) if config.eval_problems_file else None
     if config.eval_reference and not os.path.exists(config.eval_reference):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
@@ -624,9 +627,12 @@ def train(config):
         pairs, flipped = flip_labels(pairs, config.label_noise, rng)
         print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
     if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
-        pairs = kto_examples(pairs, rng, config.kto_desirable_share)
+        # a pair with one reply twice is neither desirable nor undesirable (unpaired rows carry a bool)
+        twice = [isinstance(p[2], str) and p[1] == p[2] for p in pairs]
+        pairs = kto_examples([p for p, t in zip(pairs, twice) if not t], rng, config.kto_desirable_share)
         n_good = sum(p[3] for p in pairs)
-        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows")
+        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows ({sum(twice)} pairs with "
+              f"one reply twice dropped)")
     examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
     test_pairs = user_test_pairs if user_test_pairs is not None else read_pairs(test_path)
     test_examples, test_counts = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
@@ -803,8 +809,14 @@ def train(config):
                             acc=f"{rec['rewards/accuracies']:.2f}", chosen=f"{rec['logps/chosen']:.1f}",
                             tok_s=f"{rec['tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
             # the early warning: the margin grows by pushing the chosen reply down too (see probe above)
-            fall = -rec["rewards/chosen"] / config.beta if probe is None else probe_start - probe_chosen_logp()
-            if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
+            fall = None
+            if warning_step is None and probe is None:
+                fall = -rec["rewards/chosen"] / config.beta
+            elif warning_step is None:  # the probe's forward is not training: timed apart, like the evaluations
+                t_probe = time.time()
+                fall = probe_start - probe_chosen_logp()
+                eval_seconds += time.time() - t_probe
+            if fall is not None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
                 warning_step = step
                 below = "the reference's" if probe is None else "their start (a fixed batch)"
                 tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on the "
@@ -834,7 +846,7 @@ def train(config):
         problems = problems[: config.eval_problems]
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
         metrics.update(gen_metrics)
-        method = "DPO" if config.loss_type == "sigmoid" else config.loss_type
+        method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
         print(f"\n--- three held-out prompts: reference (SFT) | policy ({method}) ---")
         for p, a, b in list(zip(problems, ref_replies, pol_replies))[:3]:
             print(f"USER: {p['prompt']}  (answer {p['answer']})\n[reference] {a!r}\n[policy]    {b!r}\n")

@@ -594,7 +594,11 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--eval-problems-file", "{d}/problems.jsonl"], "{d}/problems.jsonl:2: missing field 'answer'"),
     (["--eval-problems-file", "{d}/answers.jsonl"], "{d}/answers.jsonl:1: 'answer' must be an integer"),
     (["--data", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not UTF-8 text"),
-    (["--data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, label): use --loss-type kto"),
+    (["--data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, label) in a file of pairs "
+                                  "(prompt, chosen, rejected); unpaired rows need --loss-type kto"),
+    (["--loss-type", "kto", "--test-data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, "
+                                                              "label) in a file of pairs (prompt, chosen, rejected); "
+                                                              "held-out rows are pairs, with --loss-type kto too"),
 ])
 def test_main_reports_bad_flags_and_files_in_one_line_before_building_anything(tmp_path, flags, message):
     (tmp_path / "problems.jsonl").write_text('{"prompt": "Ben has 2 cards.", "answer": 2}\n{"prompt": "Ana?"}\n')
@@ -627,7 +631,8 @@ def test_a_file_that_is_no_checkpoint_stops_the_run_before_training(tiny_data_di
     with pytest.raises(SystemExit) as e:
         dpo.main(argv)
     msg = e.value.code
-    assert msg.startswith(f"error: {bad}: not a checkpoint that torch.load(weights_only=True) can read (") and "\n" not in msg
+    assert "\n" not in msg
+    assert msg.startswith(f"error: {bad}: not a checkpoint that torch.load(weights_only=True) can read (")
     assert not (out / "dpo" / "log.jsonl").exists() and not (out / "dpo" / "model.pt").exists()
 
 

@@ -489,3 +489,17 @@ def test_a_kto_row_whose_mismatched_reply_equals_its_own_is_kept(tiny_enc):
     assert examples[0]["chosen"] == examples[0]["rejected"]
     pairs, counts = dpo.tokenize_pairs(tiny_enc, [row[:3] for row in rows], 96, 192)
     assert len(pairs) == 1 and counts["dropped_identical"] == 1  # as a pair, the first one goes
+
+
+def test_kto_drops_a_pair_with_one_reply_twice_and_says_so(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
+    # such a pair would become a desirable and an undesirable row for the same reply
+    rows = dpo.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:10]
+    path = tmp_path / "pairs.jsonl"
+    with open(path, "w") as f:
+        for i, (prompt, chosen, rejected) in enumerate(rows):
+            f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": chosen if i < 3 else rejected}) + "\n")
+    metrics = dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), loss_type="kto",
+                                      data=str(path), steps=2))
+    printed = capsys.readouterr().out
+    assert "dpo: kto: 7 desirable and 7 undesirable rows (3 pairs with one reply twice dropped)" in printed
+    assert metrics["data_counts"]["kept"] == 14

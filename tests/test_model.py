@@ -11,7 +11,6 @@ import argparse
 import math
 import os
 import pickle
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -654,15 +653,15 @@ def test_rope_scores_depend_only_on_relative_position():
     assert torch.allclose(r.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
 
 
-def test_outputs_default_to_the_repositorys_out_wherever_the_scripts_run(tmp_path, monkeypatch):
+def test_outputs_default_to_the_repositorys_out_wherever_the_scripts_run(monkeypatch):
     # data/ is the repository's: if out/ followed the working directory, a run started elsewhere would
-    # find the data but not the earlier stages' checkpoints, and silently rebuild them there
+    # find the data but not the earlier stages' checkpoints, and silently rebuild them there. The
+    # defaults are absolute paths under the repository, so the working directory cannot matter
     import dpo
     import rlvr
     import sft
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "experiments"))
     import common
-    monkeypatch.chdir(tmp_path)
     root_out = os.path.join(ROOT, "out")
     assert dpo.DPOConfig().out == sft.SFTConfig().out == rlvr.RLVRConfig().out == root_out
     assert common.parse_args("doc", []).out == root_out
