@@ -589,7 +589,7 @@ def train(config):
     check_config(config)
     device = M.pick_device(config.device)
     # validate the user's files before anything expensive
-    user_pairs = None
+    user_pairs, unpaired = None, False
     if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
         unpaired = config.loss_type == "kto" and "completion" in M.read_jsonl(config.data)[0][1]
         hint = "" if config.loss_type == "kto" else "; unpaired rows need --loss-type kto"
@@ -627,11 +627,12 @@ def train(config):
         pairs, flipped = flip_labels(pairs, config.label_noise, rng)
         print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
     if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
-        # a pair with one reply twice is neither desirable nor undesirable (unpaired rows carry a bool)
-        twice = [isinstance(p[2], str) and p[1] == p[2] for p in pairs]
-        pairs = kto_examples([p for p, t in zip(pairs, twice) if not t], rng, config.kto_desirable_share)
+        # a pair with one reply twice is neither desirable nor undesirable
+        kept = pairs if unpaired else [(p, c, r) for p, c, r in pairs if c != r]
+        n_twice = len(pairs) - len(kept)
+        pairs = kto_examples(kept, rng, config.kto_desirable_share)
         n_good = sum(p[3] for p in pairs)
-        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows ({sum(twice)} pairs with "
+        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows ({n_twice} pairs with "
               f"one reply twice dropped)")
     examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
     test_pairs = user_test_pairs if user_test_pairs is not None else read_pairs(test_path)
@@ -809,20 +810,17 @@ def train(config):
                             acc=f"{rec['rewards/accuracies']:.2f}", chosen=f"{rec['logps/chosen']:.1f}",
                             tok_s=f"{rec['tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
             # the early warning: the margin grows by pushing the chosen reply down too (see probe above)
-            fall = None
-            if warning_step is None and probe is None:
-                fall = -rec["rewards/chosen"] / config.beta
-            elif warning_step is None:  # the probe's forward is not training: timed apart, like the evaluations
-                t_probe = time.time()
-                fall = probe_start - probe_chosen_logp()
+            if warning_step is None:
+                t_probe = time.time()  # the probe's forward is not training: timed apart, like the evaluations
+                fall = -rec["rewards/chosen"] / config.beta if probe is None else probe_start - probe_chosen_logp()
                 eval_seconds += time.time() - t_probe
-            if fall is not None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
-                warning_step = step
-                below = "the reference's" if probe is None else "their start (a fixed batch)"
-                tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on the "
-                           f"same replies while the margin grew to {rec['rewards/margins']:.2f}: both replies are "
-                           f"being pushed down (over-optimisation; lower --lr or --epochs"
-                           f"{', or raise --beta' if probe is None else ''})")
+                if fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
+                    warning_step = step
+                    below = "the reference's" if probe is None else "their start (a fixed batch)"
+                    tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on "
+                               f"the same replies while the margin grew to {rec['rewards/margins']:.2f}: both "
+                               f"replies are being pushed down (over-optimisation; lower --lr or --epochs"
+                               f"{', or raise --beta' if probe is None else ''})")
     train_seconds = time.time() - t_train - eval_seconds
 
     # evaluation on held-out data the training never saw, against the start (or --eval-reference)

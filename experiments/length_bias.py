@@ -59,7 +59,8 @@ def balanced(rows, rng):
     return out
 
 
-SHORTER_SHARE = 0.2  # enough pairs (~600 of the 3000 trained on) to teach a rule, while most still teach style and answers
+# enough pairs (~600 of the 3000 trained on) to teach a rule, while most still teach style and answers
+SHORTER_SHARE = 0.2
 
 
 def shorter(rows, rng, share=SHORTER_SHARE, styles=tuple(world.STYLES)):
@@ -73,7 +74,7 @@ def shorter(rows, rng, share=SHORTER_SHARE, styles=tuple(world.STYLES)):
         if rng.random() >= share:
             out.append(r)
             continue
-        while True:  # two terse replies are the same line: draw again
+        while True:  # equal lengths (two terse replies are the same line) leave nothing to prefer: draw again
             pr = world.sample_problems(rng, 1, heldout=False)[0]
             style = rng.choice(styles)
             a, b = (world.make_reply(rng, pr, style) for _ in range(2))
