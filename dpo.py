@@ -480,7 +480,8 @@ def kl_on_samples(policy, reference, enc, prompts, reply_ids, device, batch_size
     """KL(pi || pi_ref) per reply, estimated on the policy's own samples:
         KL = E_{y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]
     where y is exactly the sampled token sequence (reply_ids, from sample_replies(return_ids=True):
-    its <|end|> when it stopped, none when cut at the length cap).
+    its <|end|> when it stopped, none when cut at the length cap). A Monte Carlo mean: the KL itself is
+    never negative, but the estimate of a policy that has barely moved can read a little below 0.
     reference None: the policy's LoRA base (see reference_model)."""
     total = 0.0
     for i in range(0, len(prompts), batch_size):
@@ -720,6 +721,8 @@ def train(config):
               f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
 
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
+    if note := M.warmup_note("dpo", config.warmup_steps, steps):
+        print(note)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -882,7 +885,7 @@ def train(config):
               f"{metrics['judge_score_ref']:.2f} -> {metrics['judge_score_policy']:.2f}; verifier accuracy "
               f"{metrics['accuracy_ref']:.1%} -> {metrics['accuracy_policy']:.1%} sampled, "
               f"{metrics['greedy_accuracy_ref']:.1%} -> {metrics['greedy_accuracy_policy']:.1%} greedy; "
-              f"KL {metrics['kl']:.2f} nats/reply")
+              f"KL {metrics['kl']:.2f} nats/reply (estimated on the policy's samples)")
         print("dpo: what decided the judge's verdicts: " + "; ".join(
             f"{d} {v['comparisons']} (policy won {v['win_rate']:.0%})" for d, v in metrics["win_rate_by_decider"].items()))
         print("dpo: styles (reference -> policy): " + ", ".join(f"{s} {sr[s]:.0%}->{sp[s]:.0%}" for s in sp))

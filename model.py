@@ -795,6 +795,16 @@ def scheduled_lr(schedule, step, total, peak, warmup, min_ratio=0.0):
     return peak * (min_ratio + (1 - min_ratio) * decay)
 
 
+def warmup_note(stage, warmup, steps):
+    """The line a stage prints when its whole run is warmup (warmup >= steps), else None: the
+    learning rate then climbs to at most steps / warmup of its peak and never decays, which a short
+    test run (--steps 4 against a warmup of 10) otherwise does silently."""
+    if warmup < steps:
+        return None
+    return (f"{stage}: note: the whole run is warmup (--warmup-steps {warmup}, {steps} steps): the learning "
+            f"rate reaches {steps / warmup:.0%} of its peak at the last step and never decays")
+
+
 def pad_batch(seqs, masks, pad_id, device="cpu"):
     """Right-pad token lists (and their masks) to the batch's own longest row.
     -> ids (B, T) LongTensor, mask (B, T) LongTensor with 0 on padding."""
