@@ -8,7 +8,7 @@ sampling during training.
     python dpo.py --data my_pairs.jsonl     (any TRL-style {"prompt", "chosen", "rejected"} file)
     python dpo.py --loss-type ipo           (the family: cdpo, robust, hinge, ipo, simpo, orpo, kto, ...)
     python dpo.py --lora-rank 16 --lr 1e-3  (LoRA: the frozen start is the reference, one model in memory)
-    python dpo.py --rpo-alpha 1 --beta 0.5  (RPO: DPO + the chosen reply's NLL; see README's comparison)
+    python dpo.py --rpo-alpha 3             (RPO: DPO + the chosen reply's NLL; see README's comparison)
     python dpo.py --help
 
 The derivation, in the paper's notation (equation numbers are the paper's):
@@ -34,7 +34,8 @@ The derivation, in the paper's notation (equation numbers are the paper's):
 How this departs from the paper:
 1. The "human" labels come from a programmatic judge (data/world.py), not people.
 2. By default the reference log-probs are computed once, before training, and the reference model
-   is then freed (as TRL's precompute_ref_log_probs); --live-reference keeps it (same numbers).
+   is then freed (as TRL's precompute_ref_log_probs); --live-reference keeps it (the same numbers,
+   up to bf16 rounding on CUDA).
 3. The learning rate suits a ~1M-parameter model (a 2.5e-4 peak, decayed linearly to 0 as in TRL),
    not the 5e-7 of 7B recipes, and the script's default beta is 1.0, not 0.1: at 0.1 this tiny
    model unlearns when to stop (README).
@@ -66,7 +67,7 @@ from tqdm import tqdm
 import model as M
 from data import world
 from data.prepare import DATA_DIR, ensure_data
-from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,  # noqa: F401
+from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,
                         odds_ratio_loss, paired_losses, simpo_loss)
 
 
@@ -160,6 +161,8 @@ def split_reply(value):
 
 
 def valid_prompt(value):
+    """A prompt the chat template can render: a string, or a non-empty list of {role, content}
+    messages (also how a conversational reply's messages are checked, in split_reply)."""
     if isinstance(value, str):
         return True
     return isinstance(value, list) and len(value) > 0 and all(
@@ -262,8 +265,11 @@ def flip_labels(pairs, share, rng):
 def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
     """Prompt and responses are tokenised separately and concatenated, so the response starts
     exactly at its first token (tokenising prompt + response as one string can merge tokens across
-    the boundary). Every response ends with <|end|>, which is scored like any response token.
-    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists (and "row")."""
+    the boundary). Every response ends with <|end|>, which is scored like any response token (a
+    response cut at max_length loses it, counted as truncated).
+    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists, "row" (the
+    pair's index in `pairs`) and, for KTO's rows (prompt, completion, another row's completion,
+    label), "label"."""
     counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
               "dropped_no_response": 0}
     examples = []
@@ -278,10 +284,10 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
             p = p[-max_prompt_len:]
             counts["prompt_truncated"] += 1
         room = max_length - len(p)
-        c, r = M.render_response(enc, chosen), M.render_response(enc, rejected)
         if room <= 0:
             counts["dropped_no_response"] += 1
             continue
+        c, r = M.render_response(enc, chosen), M.render_response(enc, rejected)
         if len(c) > room or len(r) > room:
             counts["response_truncated"] += 1
             c, r = c[:room], r[:room]
@@ -338,7 +344,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,))."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # log pi(y_l)/pi_ref(y_l)
-    logits = chosen_logratios - rejected_logratios  # the margin, before beta; log Z(x) cancelled
+    # the margin before beta (the paper's code names it logits: the sigmoid's argument); log Z(x) cancelled
+    logits = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid" and label_smoothing == 0:
         losses = -F.logsigmoid(beta * logits)  # eq. 7: -log sigmoid(beta * margin)
     else:  # the rest of the family; an unknown name raises there, listing the known ones
@@ -374,15 +381,16 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
     Shape: ref_logps (2B,)  log pi_ref (None for the reference-free simpo and orpo)
     Shape: labels (B,)      KTO only: True where the completion is desirable
     With config.rpo_alpha > 0 a paired loss gets RPO's term: L = L_DPO + alpha * NLL(y_w).
-    Returns (loss, rewards of the first rows, rewards of the second rows), rewards detached."""
+    Returns (loss, rewards of the first rows, rewards of the second rows), rewards detached; for
+    KTO (loss, rewards of the desirable first rows, rewards of the undesirable first rows)."""
     B = len(logps) // 2
     if config.loss_type == "simpo":
-        avg = logps / lengths  # SimPO's reward is the per-token average, scaled by beta
+        avg = logps / lengths.clamp(min=1)  # SimPO's reward is the per-token average, scaled by beta
         losses, chosen_rewards, rejected_rewards = simpo_loss(avg[:B], avg[B:], config.simpo_beta,
                                                               config.simpo_gamma, config.label_smoothing)
         return losses.mean(), chosen_rewards, rejected_rewards
     if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
-        avg = logps / lengths
+        avg = logps / lengths.clamp(min=1)
         odds_term, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
         loss = chosen_nll(logps[:B], lengths[:B]) + odds_term
         return loss, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
@@ -405,10 +413,11 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
 
 
 @torch.no_grad()
-def reference_logprobs(reference, examples, pad_id, device, batch_size=64, average=False):
-    """log pi_ref of every example's chosen and rejected response, in one no-grad pass (average:
-    per token). Examples go through sorted by length, so each batch pads little; results come back
-    in the original order. -> (chosen (N,), rejected (N,)) on the CPU."""
+def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False):
+    """The model's log-prob of every example's chosen and rejected response, in one no-grad pass
+    (average: per token): the reference's pass before training, and the policy's at evaluation.
+    Examples go through sorted by length, so each batch pads little; results come back in the
+    original order. -> (chosen (N,), rejected (N,)) on the CPU."""
     def length(i):
         ex = examples[i]
         return len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"]))
@@ -418,7 +427,7 @@ def reference_logprobs(reference, examples, pad_id, device, batch_size=64, avera
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
         ids, mask = collate([examples[j] for j in idx], pad_id, device)
-        logps = sequence_logprobs(reference, ids, mask, average).cpu()  # (2B,): chosen rows, then rejected
+        logps = sequence_logprobs(model, ids, mask, average).cpu()  # (2B,): chosen rows, then rejected
         chosen[idx] = logps[: len(idx)]
         rejected[idx] = logps[len(idx):]
     return chosen, rejected
@@ -431,7 +440,7 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     the reward is beta * per-token average log-prob."""
     was = policy.training
     policy.eval()
-    pc, pr = reference_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
+    pc, pr = pair_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
     policy.train(was)
     if ref_chosen is None:
         margins = beta * (pc - pr)
@@ -486,9 +495,9 @@ def kl_on_samples(policy, reference, enc, prompts, reply_ids, device, batch_size
     total = 0.0
     for i in range(0, len(prompts), batch_size):
         ids, mask = M.prompt_response_batch([M.render_prompt(enc, p) for p in prompts[i: i + batch_size]],
-                                            reply_ids[i: i + batch_size], 0, device)
-        with reference_model(policy, reference) as ref:
-            ref_logps = sequence_logprobs(ref, ids, mask)
+                                            reply_ids[i: i + batch_size], M.special(enc, "endoftext"), device)
+        with reference_model(policy, reference) as ref_model:
+            ref_logps = sequence_logprobs(ref_model, ids, mask)
         total += (sequence_logprobs(policy, ids, mask) - ref_logps).sum().item()
     return total / max(1, len(prompts))
 
@@ -528,23 +537,25 @@ def win_rate_by_decider(problems, policy_replies, ref_replies):
 def compare_by_sampling(policy, reference, enc, problems, config, device):
     """Sample the reference and the policy on the same held-out prompts, same settings and seed;
     the judge compares them reply by reply (a tie counts half). Greedy replies of both are scored
-    too: sampling shows the style a model favours, greedy its best answer."""
+    too: sampling shows the style a model favours, greedy its best answer.
+    -> (metrics, the reference's sampled replies, the policy's sampled replies)"""
     prompts = [p["prompt"] for p in problems]
-    with reference_model(policy, reference) as ref:
-        ref_replies = M.sample_replies(ref, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
-        ref_greedy = M.sample_replies(ref, enc, prompts, config.max_new_tokens, 0.0, config.seed)
+    with reference_model(policy, reference) as ref_model:
+        ref_replies = M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, config.eval_temperature,
+                                       config.seed)
+        ref_greedy = M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, 0.0, config.seed)
     pol_replies, pol_ids = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature,
                                             config.seed, return_ids=True)
     pol_greedy = M.sample_replies(policy, enc, prompts, config.max_new_tokens, 0.0, config.seed)
     win_rate, by_decider = win_rate_by_decider(problems, pol_replies, ref_replies)
-    ref, pol = world.score_replies(problems, ref_replies), world.score_replies(problems, pol_replies)
+    ref_scores, pol_scores = world.score_replies(problems, ref_replies), world.score_replies(problems, pol_replies)
     return {"win_rate": win_rate, "win_rate_by_decider": by_decider,
-            "judge_score_policy": pol["judge_score"], "judge_score_ref": ref["judge_score"],
-            "accuracy_policy": pol["accuracy"], "accuracy_ref": ref["accuracy"],
+            "judge_score_policy": pol_scores["judge_score"], "judge_score_ref": ref_scores["judge_score"],
+            "accuracy_policy": pol_scores["accuracy"], "accuracy_ref": ref_scores["accuracy"],
             "greedy_accuracy_policy": world.score_replies(problems, pol_greedy)["accuracy"],
             "greedy_accuracy_ref": world.score_replies(problems, ref_greedy)["accuracy"],
-            "style_shares_policy": pol["style_shares"], "style_shares_ref": ref["style_shares"],
-            "length_policy": pol["mean_length"], "length_ref": ref["mean_length"],
+            "style_shares_policy": pol_scores["style_shares"], "style_shares_ref": ref_scores["style_shares"],
+            "length_policy": pol_scores["mean_length"], "length_ref": ref_scores["mean_length"],
             "kl": kl_on_samples(policy, reference, enc, prompts, pol_ids, device)}, ref_replies, pol_replies
 
 
@@ -585,11 +596,15 @@ def check_config(config):
 
 
 def train(config):
-    """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json)."""
+    """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json).
+    In six parts, each headed below: 1. the user's files checked, missing stages built; 2. the pairs
+    tokenised; 3. the policy, the reference, its one-time pass and the step-0 check; 4. the training
+    loop; 5. evaluation on held-out data; 6. the checkpoint and the summary."""
     t_all = time.time()
     check_config(config)
     device = M.pick_device(config.device)
-    # validate the user's files before anything expensive
+
+    # --- 1. the user's files, validated before anything expensive; then the missing stages built
     user_pairs, unpaired = None, False
     if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
         unpaired = config.loss_type == "kto" and "completion" in M.read_jsonl(config.data)[0][1]
@@ -620,6 +635,7 @@ def train(config):
     out_dir = os.path.join(config.out, "dpo")
     os.makedirs(out_dir, exist_ok=True)
 
+    # --- 2. the pairs: shuffled, cut to --max-pairs, tokenised with exact prompt/response boundaries
     pairs = user_pairs if user_pairs is not None else read_pairs(data_path)
     rng.shuffle(pairs)
     if config.max_pairs:
@@ -659,7 +675,8 @@ def train(config):
         examples = examples[: config.steps * batch_size]
         print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
 
-    # policy: trainable copy of the start; reference: frozen copy (no grad, eval mode, never stepped)
+    # --- 3. policy: trainable copy of the start; reference: frozen copy (no grad, eval mode, never
+    # stepped), or with LoRA the policy's own base, adapters off
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)
     if config.max_length > policy.config.block_size:
         raise M.ConfigError(f"--max-length {config.max_length} is longer than the model's context "
@@ -681,9 +698,9 @@ def train(config):
         # reference log-probs: once for every training and held-out pair
         t_ref = time.time()
         with reference_model(policy, reference) as ref_model:
-            ref_chosen, ref_rejected = reference_logprobs(ref_model, examples, pad, device)
+            ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device)
             reference_pass_seconds = time.time() - t_ref
-            test_ref_chosen, test_ref_rejected = reference_logprobs(ref_model, test_examples, pad, device)
+            test_ref_chosen, test_ref_rejected = pair_logprobs(ref_model, test_examples, pad, device)
 
         # invariants at step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2);
         # the live reference gives the precomputed numbers (and we time it, for the comparison)
@@ -720,6 +737,7 @@ def train(config):
         print(f"dpo: LoRA r={config.lora_rank} on {config.lora_targets}: {trainable:,} trainable parameters, "
               f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
 
+    # --- 4. training
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
     if note := M.warmup_note("dpo", config.warmup_steps, steps):
         print(note)
@@ -757,15 +775,15 @@ def train(config):
         ids, mask = collate([examples[i] for i in idx], pad, device)
         B = len(idx)
         logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
-        ref = None
+        ref_logps = None
         if config.live_reference and ref_chosen is not None:
             with torch.no_grad(), reference_model(policy, reference) as ref_model:
-                ref = sequence_logprobs(ref_model, ids, mask)  # (2B,)
+                ref_logps = sequence_logprobs(ref_model, ids, mask)  # (2B,)
         elif ref_chosen is not None:
-            ref = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
+            ref_logps = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
         labels = torch.tensor([examples[i].get("label", True) for i in idx], device=device)
         lengths = mask[:, 1:].sum(-1)  # (2B,) response tokens per row
-        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref, labels)
+        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref_logps, labels)
         for g in opt.param_groups:
             g["lr"] = M.scheduled_lr(config.lr_schedule, step, steps, config.lr, config.warmup_steps)
         opt.zero_grad(set_to_none=True)
@@ -791,8 +809,8 @@ def train(config):
             "logps/chosen": mean_or_0(first.detach()),
             "logps/rejected": mean_or_0(second.detach()),
             "grad_norm": grad_norm.item()}
-        if ref is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
-            record["kl"] = (logps.detach() - ref).mean().item()
+        if ref_logps is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
+            record["kl"] = (logps.detach() - ref_logps).mean().item()
         if config.rpo_alpha:  # loss includes alpha * this: logged apart, so losses compare with plain DPO's
             record["nll_loss"] = chosen_nll(first.detach(), lengths[:B]).item()
         window.append(record)
@@ -826,7 +844,7 @@ def train(config):
                                f"{', or raise --beta' if probe is None else ''})")
     train_seconds = time.time() - t_train - eval_seconds
 
-    # evaluation on held-out data the training never saw, against the start (or --eval-reference)
+    # --- 5. evaluation on held-out data the training never saw, against the start (or --eval-reference)
     if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
         reference, _ = M.load_checkpoint(config.eval_reference or init, device, tokenizer_path)
         reference.requires_grad_(False).eval()
@@ -848,7 +866,8 @@ def train(config):
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
         metrics.update(gen_metrics)
         method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
-        print(f"\n--- three held-out prompts: reference (SFT) | policy ({method}) ---")
+        reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
+        print(f"\n--- three held-out prompts: reference ({reference_name}) | policy ({method}) ---")
         for p, a, b in list(zip(problems, ref_replies, pol_replies))[:3]:
             print(f"USER: {p['prompt']}  (answer {p['answer']})\n[reference] {a!r}\n[policy]    {b!r}\n")
     metrics.update({
@@ -866,6 +885,7 @@ def train(config):
         "wall_seconds": time.time() - t0,
         "total_wall_seconds": time.time() - t_all,
     })
+    # --- 6. the checkpoint (written atomically), metrics.json, the summary
     if config.lora_rank:  # the adapters alone (small), then folded in: a plain checkpoint for the next stage
         M.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
         M.merge_lora(policy)

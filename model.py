@@ -564,18 +564,21 @@ def lora_suffixes(targets):
 
 @contextlib.contextmanager
 def lora_disabled(model):
-    """Inside the block every adapter is off, so the model computes its frozen base: the
-    reference model of DPO and RL without a second copy in memory. On exit each adapter gets its
-    previous state back, also when the block raises."""
+    """Inside the block every adapter is off and the model is in eval mode, so it computes its
+    frozen base as a reference model must (no dropout noise, should a checkpoint have any): the
+    reference of DPO and RL without a second copy in memory. On exit each adapter gets its previous
+    state back, and the model its train/eval mode, also when the block raises."""
     layers = list(lora_layers(model).values())
-    before = [m.enabled for m in layers]
+    before, was_training = [m.enabled for m in layers], model.training
     for m in layers:
         m.enabled = False
+    model.eval()
     try:
         yield model
     finally:
         for m, enabled in zip(layers, before):
             m.enabled = enabled
+        model.train(was_training)
 
 
 @torch.no_grad()

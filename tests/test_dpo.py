@@ -325,7 +325,7 @@ def test_reference_pass_equals_live_reference(tiny_enc, tiny_examples):
     examples, _ = tiny_examples
     examples = examples[:23]
     model = tiny_gpt(tiny_enc.n_vocab, seed=6, std=0.1).eval()
-    pc, pr = dpo.reference_logprobs(model, examples, pad_id(tiny_enc), "cpu")  # one batch of 64
+    pc, pr = dpo.pair_logprobs(model, examples, pad_id(tiny_enc), "cpu")  # one batch of 64
     assert pc.shape == pr.shape == (23,)
     for bs in (1, 5, 8):
         live_c, live_r = [], []
@@ -341,7 +341,7 @@ def test_reference_pass_equals_live_reference(tiny_enc, tiny_examples):
         assert torch.allclose(torch.cat(live_c), pc, rtol=1e-6, atol=1e-5), bs
         assert torch.allclose(torch.cat(live_r), pr, rtol=1e-6, atol=1e-5), bs
     # and the function's own batch_size does not matter either
-    pc3, pr3 = dpo.reference_logprobs(model, examples, pad_id(tiny_enc), "cpu", batch_size=3)
+    pc3, pr3 = dpo.pair_logprobs(model, examples, pad_id(tiny_enc), "cpu", batch_size=3)
     assert torch.allclose(pc3, pc, rtol=1e-6, atol=1e-5) and torch.allclose(pr3, pr, rtol=1e-6, atol=1e-5)
 
 
@@ -807,7 +807,7 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
     test_ex, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl")),
                                     96, 192)
-    rc, rr = dpo.reference_logprobs(start.eval(), test_ex, pad_id(tiny_enc), "cpu")
+    rc, rr = dpo.pair_logprobs(start.eval(), test_ex, pad_id(tiny_enc), "cpu")
     acc0, margin0, _ = dpo.preference_accuracy(start, test_ex, rc, rr, 0.1, pad_id(tiny_enc), "cpu")
     assert acc0 == 0.0 and margin0 == 0.0
 

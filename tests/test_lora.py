@@ -182,6 +182,29 @@ def test_lora_disabled_restores_the_previous_state_even_after_an_exception():
     assert [layer.enabled for layer in layers] == [False] + [True] * (len(layers) - 1)
 
 
+def test_lora_disabled_is_the_base_in_eval_mode_even_with_dropout():
+    # a policy training with dropout: its reference (the base, adapters off) must still be the
+    # deterministic eval-mode base, and the policy must come back in train mode afterwards
+    torch.manual_seed(0)
+    base = M.GPT(M.GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.5)).eval()
+    adapted = copy.deepcopy(base)
+    M.add_lora(adapted, rank=4, alpha=8)
+    perturb(adapted)
+    adapted.train()
+    x = tokens(2)
+    torch.manual_seed(1)
+    assert not torch.equal(logits(adapted, x), logits(adapted, x))  # train mode: dropout draws differ
+    with M.lora_disabled(adapted):
+        assert not adapted.training and not any(m.training for m in adapted.modules())
+        first, second = logits(adapted, x), logits(adapted, x)
+    assert torch.equal(first, second) and torch.equal(first, logits(base, x))
+    assert adapted.training and all(m.training for m in adapted.modules())
+    with pytest.raises(RuntimeError, match="boom"):  # and back in train mode when the block raises
+        with M.lora_disabled(adapted):
+            raise RuntimeError("boom")
+    assert adapted.training
+
+
 # ----------------------------------------------------------------------------------------------
 # Training moves only the adapters
 
