@@ -344,8 +344,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,))."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # log pi(y_l)/pi_ref(y_l)
-    # the margin before beta (the paper's code names it logits: the sigmoid's argument); log Z(x) cancelled
-    logits = chosen_logratios - rejected_logratios
+    # (the paper's code names the sigmoid's argument "logits", though it is no model output)
+    logits = chosen_logratios - rejected_logratios  # the margin, before beta; log Z(x) cancelled
     if loss_type == "sigmoid" and label_smoothing == 0:
         losses = -F.logsigmoid(beta * logits)  # eq. 7: -log sigmoid(beta * margin)
     else:  # the rest of the family; an unknown name raises there, listing the known ones

@@ -567,9 +567,9 @@ def lora_disabled(model):
     """Inside the block every adapter is off and the model is in eval mode, so it computes its
     frozen base as a reference model must (no dropout noise, should a checkpoint have any): the
     reference of DPO and RL without a second copy in memory. On exit each adapter gets its previous
-    state back, and the model its train/eval mode, also when the block raises."""
+    state back, and every module its train/eval mode, also when the block raises."""
     layers = list(lora_layers(model).values())
-    before, was_training = [m.enabled for m in layers], model.training
+    before, modes = [m.enabled for m in layers], [(m, m.training) for m in model.modules()]
     for m in layers:
         m.enabled = False
     model.eval()
@@ -578,7 +578,8 @@ def lora_disabled(model):
     finally:
         for m, enabled in zip(layers, before):
             m.enabled = enabled
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 @torch.no_grad()
@@ -799,13 +800,13 @@ def scheduled_lr(schedule, step, total, peak, warmup, min_ratio=0.0):
 
 
 def warmup_note(stage, warmup, steps):
-    """The line a stage prints when its whole run is warmup (warmup >= steps), else None: the
-    learning rate then climbs to at most steps / warmup of its peak and never decays, which a short
-    test run (--steps 4 against a warmup of 10) otherwise does silently."""
-    if warmup < steps:
+    """The line a stage prints when its warmup covers the whole run (warmup >= steps > 0), else
+    None: the learning rate then climbs to at most steps / warmup of its peak and never starts its
+    schedule, which a short test run (--steps 4 against a warmup of 10) would otherwise do silently."""
+    if steps == 0 or warmup < steps:
         return None
-    return (f"{stage}: note: the whole run is warmup (--warmup-steps {warmup}, {steps} steps): the learning "
-            f"rate reaches {steps / warmup:.0%} of its peak at the last step and never decays")
+    return (f"{stage}: note: --warmup-steps {warmup} covers the whole run of {steps} steps: the learning rate "
+            f"climbs to at most {steps / warmup:.0%} of its peak")
 
 
 def pad_batch(seqs, masks, pad_id, device="cpu"):

@@ -253,18 +253,20 @@ def test_each_step_runs_at_the_scheduled_learning_rate(tiny_sft_ckpt, tiny_data_
 
 
 @pytest.mark.parametrize("warmup, noted", [(5, True), (3, True), (2, False)])
+@pytest.mark.parametrize("length", [dict(steps=3), dict(steps=0, epochs=1, max_pairs=12)])  # 12 / 4 = 3 steps
 def test_a_run_that_is_all_warmup_says_so(tiny_sft_ckpt, tiny_data_dir, tmp_path, monkeypatch, capsys,
-                                          warmup, noted):
+                                          warmup, noted, length):
     _, used = recording_adamw(monkeypatch)
-    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), steps=3, batch_size=4, lr=1e-3,
-                              eval_problems=0, warmup_steps=warmup))
-    notes = [line for line in capsys.readouterr().out.splitlines() if "the whole run is warmup" in line]
+    dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), batch_size=4, lr=1e-3,
+                              eval_problems=0, warmup_steps=warmup, **length))
+    notes = [line for line in capsys.readouterr().out.splitlines() if "covers the whole run" in line]
     # the steps it ran: every one still climbing (peak * (step + 1) / warmup) exactly when noted
+    assert len(used) == 3
     climbing = used == pytest.approx([1e-3 * (step + 1) / warmup for step in range(3)])
     assert climbing == noted and len(notes) == int(noted)
     if noted:
-        assert notes[0] == (f"dpo: note: the whole run is warmup (--warmup-steps {warmup}, 3 steps): the learning "
-                            f"rate reaches {used[-1] / 1e-3:.0%} of its peak at the last step and never decays")
+        assert notes[0] == (f"dpo: note: --warmup-steps {warmup} covers the whole run of 3 steps: the learning "
+                            f"rate climbs to at most {used[-1] / 1e-3:.0%} of its peak")
 
 
 def test_without_a_reference_the_warning_watches_a_fixed_batch(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):

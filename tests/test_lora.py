@@ -203,6 +203,13 @@ def test_lora_disabled_is_the_base_in_eval_mode_even_with_dropout():
         with M.lora_disabled(adapted):
             raise RuntimeError("boom")
     assert adapted.training
+    # every module gets its own mode back: an eval-mode model stays in eval, a mixed one stays mixed
+    for modes in ([False] * len(list(adapted.modules())), [i % 2 == 0 for i in range(len(list(adapted.modules())))]):
+        for m, training in zip(adapted.modules(), modes):
+            m.training = training
+        with M.lora_disabled(adapted):
+            assert not any(m.training for m in adapted.modules())
+        assert [m.training for m in adapted.modules()] == modes
 
 
 # ----------------------------------------------------------------------------------------------

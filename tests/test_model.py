@@ -530,16 +530,17 @@ def test_linear_and_constant_schedules_hand_computed():
 
 
 def test_warmup_note_exactly_when_every_step_of_the_run_is_warmup():
-    # brute force over the schedule itself: the note is due when each step's lr is the warmup's
-    # peak * (step + 1) / warmup, and it quotes the last step's share of the peak
-    for warmup, steps in [(10, 4), (4, 4), (3, 4), (1, 1), (0, 1), (0, 5), (10, 93), (5, 2)]:
+    # brute force over the schedule itself: the note is due when the run has steps and each step's lr
+    # is the warmup's peak * (step + 1) / warmup; it quotes the last step's share of the peak
+    for warmup, steps in [(10, 4), (4, 4), (3, 4), (1, 1), (0, 1), (0, 5), (10, 93), (5, 2), (5, 0), (0, 0)]:
         lrs = [M.scheduled_lr("linear", step, steps, 2.0, warmup) for step in range(steps)]
-        all_warmup = warmup > 0 and all(lr == pytest.approx(2.0 * (step + 1) / warmup) for step, lr in enumerate(lrs))
-        note = M.warmup_note("dpo", warmup, steps)
+        all_warmup = bool(lrs) and warmup > 0 and all(
+            lr == pytest.approx(2.0 * (step + 1) / warmup) for step, lr in enumerate(lrs))
+        note = M.warmup_note("rlvr", warmup, steps)  # steps 0: rlvr's evaluation-only run, no note
         assert (note is not None) == all_warmup, (warmup, steps)
         if note:
-            assert note.startswith("dpo: note: the whole run is warmup")
-            assert f"reaches {lrs[-1] / 2.0:.0%} of its peak" in note
+            assert note.startswith(f"rlvr: note: --warmup-steps {warmup} covers the whole run of {steps} steps")
+            assert note.endswith(f"climbs to at most {lrs[-1] / 2.0:.0%} of its peak")
 
 
 # ----------------------------------------------------------------------------------------------
