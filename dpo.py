@@ -449,6 +449,19 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     return (margins > 0).float().mean().item(), margins.mean().item(), margins
 
 
+def pair_kind(chosen, rejected, answer=None):
+    """What separates two replies (see accuracy_by_pair_kind); None when either states no answer."""
+    stated = world.parse_answer(chosen), world.parse_answer(rejected)
+    if None in stated:
+        return None
+    answer = answer if isinstance(answer, int) and not isinstance(answer, bool) else None
+    if stated[0] == stated[1]:
+        return "style"
+    if answer is None:
+        return "answer"
+    return "correct_vs_wrong" if answer in stated else "both_wrong"
+
+
 def accuracy_by_pair_kind(pairs, examples, margins, answers=None):
     """Held-out preference accuracy split by what separates the two replies, which says what the
     implicit reward has learned to see:
@@ -463,19 +476,31 @@ def accuracy_by_pair_kind(pairs, examples, margins, answers=None):
     right = {}
     for example, margin in zip(examples, margins.tolist()):
         _, chosen, rejected = pairs[example["row"]][:3]
-        stated = world.parse_answer(chosen), world.parse_answer(rejected)
-        if None in stated:
-            continue
-        answer = answers[example["row"]] if answers else None
-        answer = answer if isinstance(answer, int) and not isinstance(answer, bool) else None
-        if stated[0] == stated[1]:
-            kind = "style"
-        elif answer is None:
-            kind = "answer"
-        else:
-            kind = "correct_vs_wrong" if answer in stated else "both_wrong"
-        right.setdefault(kind, []).append(margin > 0)
+        kind = pair_kind(chosen, rejected, answers[example["row"]] if answers else None)
+        if kind is not None:
+            right.setdefault(kind, []).append(margin > 0)
     return {kind: (sum(v) / len(v), len(v)) for kind, v in right.items()}
+
+
+def correct_vs_wrong_by_style(pairs, examples, margins, answers):
+    """The correct_vs_wrong pairs' accuracy split by how the right reply's style ranks against the
+    wrong one's, which says whether the reward sees the arithmetic or only the style:
+      "better"  the right reply's style ranks higher: style alone orders the pair as the judge does
+      "same"    the same rank: only the answer tells the replies apart
+      "worse"   the right reply's style ranks lower: style alone orders it against the judge
+    A reward that has learned the style order and no arithmetic gets all of "better", none of "worse".
+    Shape: margins (N,)  r_w - r_l per example, in the order of examples
+    -> {relation: (accuracy, pairs)}"""
+    right = {}
+    for example, margin in zip(examples, margins.tolist()):
+        _, chosen, rejected = pairs[example["row"]][:3]
+        answer = answers[example["row"]]
+        if pair_kind(chosen, rejected, answer) != "correct_vs_wrong":
+            continue
+        good, bad = (chosen, rejected) if world.parse_answer(chosen) == answer else (rejected, chosen)
+        rank = world.STYLE_RANK[world.classify_style(good)] - world.STYLE_RANK[world.classify_style(bad)]
+        right.setdefault("better" if rank > 0 else "same" if rank == 0 else "worse", []).append(margin > 0)
+    return {r: (sum(right[r]) / len(right[r]), len(right[r])) for r in ("better", "same", "worse") if r in right}
 
 
 def reference_model(policy, reference):
@@ -854,8 +879,11 @@ def train(config):
                                                     reward_scale, pad, device)
     answers = [row.get("answer") for _, row in M.read_jsonl(test_path)]  # this world's pairs carry one
     by_kind = accuracy_by_pair_kind(test_pairs, test_examples, margins, answers)
+    by_style = correct_vs_wrong_by_style(test_pairs, test_examples, margins, answers)
     metrics = {"pref_accuracy": pref_acc, "margin": margin,
-               "pref_accuracy_by_kind": {k: {"accuracy": acc, "pairs": n} for k, (acc, n) in by_kind.items()}}
+               "pref_accuracy_by_kind": {k: {"accuracy": acc, "pairs": n} for k, (acc, n) in by_kind.items()},
+               "pref_accuracy_correct_vs_wrong_by_style": {r: {"accuracy": acc, "pairs": n}
+                                                           for r, (acc, n) in by_style.items()}}
     if test_ref_chosen is not None:  # the baseline: what the start's own likelihood orders, before any training
         ref_by_kind = accuracy_by_pair_kind(test_pairs, test_examples, test_ref_chosen - test_ref_rejected, answers)
         metrics["ref_likelihood_accuracy"] = (test_ref_chosen > test_ref_rejected).float().mean().item()
@@ -895,6 +923,10 @@ def train(config):
 
     print(f"dpo: held-out preference accuracy {pref_acc:.1%} (margin {margin:.2f})" + "".join(
         f"; {acc:.1%} of the {n} {kind} pairs" for kind, (acc, n) in by_kind.items()))
+    if by_style:
+        print("dpo: the correct_vs_wrong pairs by the right reply's style against the wrong one's: " + ", ".join(
+            f"{r} {acc:.0%} of {n}" for r, (acc, n) in by_style.items()) + " (style alone orders the 'better' "
+            "ones as the judge does, the 'worse' ones against it)")
     if "ref_likelihood_accuracy" in metrics:
         print(f"dpo: baseline, the reference's likelihood log pi_ref(chosen) > log pi_ref(rejected): "
               f"{metrics['ref_likelihood_accuracy']:.1%}" + "".join(

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dpo
+from data import world
 from helpers import reply_logp, tiny_gpt
 from data.prepare import write_jsonl
 import model as M
@@ -728,6 +729,32 @@ def test_accuracy_by_pair_kind_splits_style_pairs_from_answer_pairs(tiny_enc):
         "style": (0.5, 2), "correct_vs_wrong": (1.0, 1), "both_wrong": (0.0, 1)}
 
 
+def test_correct_vs_wrong_pairs_split_by_the_right_replys_style(tiny_enc):
+    step_right = "Step by step:\nMia starts with 3 pens.\nShe gets 1 more: 3 + 1 = 4.\nThe answer is 4."
+    step_wrong = "Step by step:\nMia starts with 3 pens.\nShe gets 1 more: 3 + 1 = 5.\nThe answer is 5."
+    pairs = [("q0", step_right, "The answer is 5."),        # right in step, wrong terse: better
+             ("q1", "The answer is 4.", step_wrong),        # right terse, wrong in step: worse
+             ("q2", "Ugh.\nThe answer is 4.", step_wrong),  # right rude, wrong in step: worse
+             ("q3", "The answer is 4.", "The answer is 6."),  # both terse: same
+             ("q4", step_right, "The answer is 4."),        # the same answer: a style pair, not counted
+             ("q5", "The answer is 5.", "The answer is 6."),  # both wrong: not counted
+             ("q6", "The answer is 5.", step_right)]        # a mislabelled row: right in step, rejected: better
+    answers = [4] * 7
+    examples, _ = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
+    margins = t([1.0, -2.0, 0.5, 0.0, 3.0, 3.0, -1.0])
+    # worked by hand: accuracy is margin > 0 (the file's label first), as in accuracy_by_pair_kind
+    assert dpo.correct_vs_wrong_by_style(pairs, examples, margins, answers) == {
+        "better": (0.5, 2), "same": (0.0, 1), "worse": (0.5, 2)}
+    # a reward that only sees style: it orders a pair as its styles rank, so every "better" pair and no
+    # "worse" one (the labels here put the right reply first)
+    pairs = pairs[:4]
+    examples, _ = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
+    rank = lambda reply: world.STYLE_RANK[world.classify_style(reply)]  # noqa: E731
+    style_margins = t([float(rank(c) - rank(r)) for _, c, r in pairs])
+    assert dpo.correct_vs_wrong_by_style(pairs, examples, style_margins, answers) == {
+        "better": (1.0, 1), "same": (0.0, 1), "worse": (0.0, 2)}
+
+
 def test_win_rate_by_decider_splits_the_judges_verdicts_by_what_decided_them():
     p = {"prompt": "Mia has 3 pens. She gets 2 more. How many pens?", "answer": 5}
     step_right = "Step by step:\nMia starts with 3 pens.\n3 + 2 = 5.\nThe answer is 5."
@@ -837,6 +864,17 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     by_kind = dpo.accuracy_by_pair_kind(test_pairs, test_ex, torch.tensor(gaps), answers)
     assert saved["ref_likelihood_accuracy_by_kind"] == {k: {"accuracy": pytest.approx(a), "pairs": n}
                                                         for k, (a, n) in by_kind.items()}
+    # the right-against-wrong pairs by style: the trained policy re-scored here, split by hand-checked
+    # code; the three relations cover exactly the correct_vs_wrong pairs
+    policy, _ = M.load_checkpoint(os.path.join(out, "dpo", "model.pt"), "cpu", tok)
+    acc, _, margins = dpo.preference_accuracy(policy, test_ex, rc, rr, 1.0, pad_id(tiny_enc), "cpu")
+    assert acc == pytest.approx(saved["pref_accuracy"])
+    by_style = saved["pref_accuracy_correct_vs_wrong_by_style"]
+    assert by_style == {r: {"accuracy": pytest.approx(a), "pairs": n} for r, (a, n) in
+                        dpo.correct_vs_wrong_by_style(test_pairs, test_ex, margins, answers).items()}
+    cvw = saved["pref_accuracy_by_kind"]["correct_vs_wrong"]
+    assert sum(v["pairs"] for v in by_style.values()) == cvw["pairs"] > 0
+    assert sum(v["accuracy"] * v["pairs"] for v in by_style.values()) == pytest.approx(cvw["accuracy"] * cvw["pairs"])
     log = read_log(out)
     assert [r["step"] for r in log] == [4, 9, 14, 19, 24, 29]
     for rec in log:
