@@ -604,7 +604,7 @@ def check_config(config):
     known = LOSS_TYPES + REFERENCE_FREE + ["kto"]
     M.require(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
     M.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
-                                    "log_every", "eval_every_problems"),
+                                    "log_every", "eval_every_problems", "grad_clip"),
                   non_negative=("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps",
                                 "rpo_alpha", "eval_temperature"))
     M.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
@@ -618,6 +618,7 @@ def check_config(config):
               f"{config.label_noise}")
     M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
               f"[0, 0.5), got {config.label_smoothing}")
+    M.check_out(config.out)
 
 
 def train(config):
@@ -783,6 +784,10 @@ def train(config):
 
     probe_start = probe_chosen_logp() if probe is not None else None
     problems = user_problems or read_problems(problems_path)  # held-out problems for the sampling evaluations
+    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
+    if sampled:  # the evaluations sample replies after these prompts: they must fit, checked before training
+        M.check_replies_fit(policy, enc, [p["prompt"] for p in problems[:sampled]], config.max_new_tokens,
+                            problems_path)
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
     peak = M.peak_flops(device)
 

@@ -307,6 +307,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     model.eval()
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
+    require(P + max_new_tokens <= model.config.block_size, f"--max-new-tokens {max_new_tokens} after a prompt of "
+            f"{P} tokens runs past the model's context of {model.config.block_size} tokens")
     T_max = P + max_new_tokens
     idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
     valid = torch.zeros(B, T_max, dtype=torch.bool, device=device)  # real (non-pad) tokens
@@ -870,6 +872,20 @@ def check_flags(config, positive=(), non_negative=()):
         for name in names:
             value = getattr(config, name)
             require(ok(value), f"--{name.replace('_', '-')} must be {want}, got {value}")
+
+
+def check_out(out):
+    """--out names a directory to write into: a path that exists as a file stops here, in one line."""
+    require(not os.path.exists(out) or os.path.isdir(out), f"--out {out}: exists and is not a directory")
+
+
+def check_replies_fit(model, enc, prompts, max_new_tokens, source):
+    """Stop before any training when a reply of max_new_tokens after the longest of these prompts
+    would run past the model's context (generation would fail there, after the work was done)."""
+    longest = max((len(render_prompt(enc, p)) for p in prompts), default=0)
+    room = model.config.block_size - longest
+    require(max_new_tokens <= room, f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt in "
+            f"{source} takes {longest} of the model's {model.config.block_size} context tokens, leaving {room}")
 
 
 def previous_stage(init, default_path, build, announcement):

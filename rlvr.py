@@ -277,11 +277,14 @@ def check_config(config):
     M.require(config.aggregation in ("token", "sequence"), f"--aggregation {config.aggregation!r} is unknown; "
               f"known: token, sequence")
     M.check_flags(config, positive=("prompts_per_step", "temperature", "max_new_tokens", "lr", "eval_samples",
-                                    "inner_steps", "log_every", "std_floor"),
+                                    "inner_steps", "log_every", "std_floor", "grad_clip"),
                   non_negative=("steps", "max_seconds", "warmup_steps", "micro_batch", "eval_problems", "kl_coef",
                                 "clip_eps", "clip_eps_high", "format_reward"))
     M.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
               f"to the same prompt), got {config.group_size}")
+    M.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio is clipped to [1 - eps, 1 + eps]), "
+              f"got {config.clip_eps}")
+    M.check_out(config.out)
     M.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
               f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
 
@@ -316,11 +319,15 @@ def train(config):
     policy.eval()  # dropout off: the log-probs must be those the sampler saw
     print(f"rlvr: start from {init} | {M.describe(policy, device)} | {len(problems)} RL problems, "
           f"{len(eval_problems)} held-out")
+    M.check_replies_fit(policy, enc, [p["prompt"] for p in problems], config.max_new_tokens,
+                        config.data or os.path.join(config.data_dir, "rl.jsonl"))
+    M.check_replies_fit(policy, enc, [p["prompt"] for p in eval_problems], config.max_new_tokens,
+                        config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl"))
 
     if config.measure_kv_cache:
         batch = [M.render_prompt(enc, p["prompt"]) for p in problems[:64]]
         cached, uncached = kv_cache_speedup(policy, batch)
-        print(f"rlvr: sampling 64 replies x 64 tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
+        print(f"rlvr: sampling {len(batch)} replies x 64 tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
               f"recomputing the prefix: {uncached / cached:.1f}x faster")
 
     # the evaluation's KL is against the start, or against --eval-reference (a third model, eval only)
@@ -332,8 +339,9 @@ def train(config):
     if eval_problems:
         t_eval = time.time()
         before, greedy, sampled = evaluate(policy, kl_reference, enc, eval_problems, config, device)
-        print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, pass@1 {before['pass_at_k']['1']:.1%}, "
-              f"pass@8 {before['pass_at_k'].get('8', float('nan')):.1%}, judge {before['judge_score']:.2f} "
+        print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, pass@1 {before['pass_at_k']['1']:.1%}"
+              + "".join(f", pass@{k} {v:.1%}" for k, v in before["pass_at_k"].items() if k != "1")
+              + f", judge {before['judge_score']:.2f} "
               f"({time.time() - t_eval:.0f}s)")
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
@@ -347,9 +355,9 @@ def train(config):
     bar = tqdm(range(config.steps), desc="rlvr", dynamic_ncols=True)
     for step in bar:
         if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
-            tqdm.write(f"rlvr: time budget of {config.max_seconds:.0f}s spent after {step} steps")
+            tqdm.write(f"rlvr: time budget of {config.max_seconds:g}s spent after {step} steps")
             break
-        if len(order) < config.prompts_per_step:  # a new pass over the problems: reshuffle
+        while len(order) < config.prompts_per_step:  # a new pass over the problems: reshuffle (a small file: several)
             more = list(range(len(problems)))
             rng.shuffle(more)
             order.extend(more)
@@ -372,6 +380,8 @@ def train(config):
         t_train = time.time()
         stats = {"kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0, "tokens": 0}
         grad_norm = step_loss = clipped = 0.0
+        for g in opt.param_groups:  # one lr per step, whatever the number of inner steps (or none)
+            g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
         if rows:
             ids, mask = M.prompt_response_batch([ro["prompt_ids"][i] for i in rows], [ro["reply_ids"][i] for i in rows], pad, device)
             adv = advantages.flatten()[rows].to(device)  # (N,)
@@ -383,8 +393,6 @@ def train(config):
                     ref_logps = [token_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
             normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
             old_logps = [None] * len(chunks)
-            for g in opt.param_groups:  # one lr per step, whatever the number of inner steps
-                g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
             for inner in range(config.inner_steps):
                 opt.zero_grad(set_to_none=True)
                 for j, c in enumerate(chunks):
@@ -409,7 +417,8 @@ def train(config):
         rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
                "accuracy": sum(r >= 1 for r in ro["rewards"].flatten().tolist()) / ro["rewards"].numel(),
                "zero_spread_groups": 1 - has_spread.float().mean().item(),
-               "ratio": stats["ratio"] / n_tok, "clip_fraction": clipped / (n_tok * config.inner_steps),
+               "ratio": stats["ratio"] / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
+               "clip_fraction": clipped / (n_tok * config.inner_steps),
                "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
                "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
                "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
@@ -422,7 +431,8 @@ def train(config):
             M.append_jsonl(log_path, rec)
             recent = curve[-10:]
             bar.set_postfix(reward=f"{sum(r['reward'] for r in recent) / len(recent):.3f}",
-                            zero=f"{rec['zero_spread_groups']:.2f}", kl=f"{rec.get('kl', 0):.4f}",
+                            zero=f"{rec['zero_spread_groups']:.2f}",
+                            **({"kl": f"{rec['kl']:.4f}"} if "kl" in rec else {}),  # --kl-coef 0 measures none
                             clip=f"{rec['clip_fraction']:.3f}", len=f"{rec['reply_length']:.0f}",
                             sample=f"{rec['sample_tokens_per_second'] / 1e3:.1f}k",
                             train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k")
@@ -464,7 +474,7 @@ def train(config):
               + ", ".join(f"pass@{k} {v['before']:.1%} -> {v['after']:.1%}" for k, v in pk.items()))
         print(f"rlvr: judge score {metrics['judge_score_before']:.2f} -> {metrics['judge_score_after']:.2f}; "
               f"reply length {metrics['length_before']:.0f} -> {metrics['length_after']:.0f} chars; "
-              f"KL to the start {metrics['kl']:.2f} nats/reply")
+              f"KL to {config.eval_reference or 'the start'} {metrics['kl']:.2f} nats/reply")
     print(f"rlvr: sampling {metrics['sample_tokens_per_second'] / 1e3:.1f}k tok/s, training "
           f"{metrics['train_tokens_per_second'] / 1e3:.1f}k tok/s; RL stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
     return metrics

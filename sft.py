@@ -196,12 +196,13 @@ def check_config(config):
               f"comma-separated")
     M.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
                                     "pretrain_seq_len", "pretrain_lr", "sft_batch_size", "sft_lr", "max_new_tokens",
-                                    "eval_every", "log_every"),
+                                    "eval_every", "log_every", "grad_clip"),
                   non_negative=("warmup_steps", "weight_decay", "eval_problems"))
     M.require(config.pretrain_steps > 0 or "pretrain" not in stages, f"--pretrain-steps must be > 0, got "
               f"{config.pretrain_steps} (leave the stage out with --stages sft)")
     M.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
               f"(leave the stage out with --stages pretrain)")
+    M.check_out(config.out)
     M.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
               f"{config.n_head} (each head gets n_embd / n_head dimensions)")
     M.require(config.pretrain_seq_len <= config.block_size or "pretrain" not in stages, f"--pretrain-seq-len "
@@ -258,14 +259,19 @@ def train(config):
             if not os.path.exists(path):
                 sys.exit(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
             gpt, _ = M.load_checkpoint(path, device, tok_path)
+            shape = ("n_layer", "n_head", "n_embd", "block_size")
+            if any(getattr(gpt.config, k) != getattr(config, k) for k in shape):  # the flags shape a new model only
+                print(f"sft: the model's shape comes from {path} (" + ", ".join(
+                    f"{k} {getattr(gpt.config, k)}" for k in shape) + "); --n-layer, --n-head, --n-embd and "
+                    "--block-size shape the model pretraining builds")
         print(f"sft: {M.describe(gpt, device)}")
-        train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), config.block_size)
-        val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), config.block_size)
+        train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), gpt.config.block_size)
+        val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), gpt.config.block_size)
         pad = M.special(enc, "endoftext")
         order = []
 
         def next_batch():
-            if len(order) < config.sft_batch_size:  # reshuffle each epoch
+            while len(order) < config.sft_batch_size:  # reshuffle each epoch (several, for a file smaller than a batch)
                 more = list(range(len(train_rows)))
                 rng.shuffle(more)
                 order.extend(more)
@@ -275,10 +281,14 @@ def train(config):
         val_batches = [M.pad_batch([r[0] for r in val_rows[i: i + 64]], [r[1] for r in val_rows[i: i + 64]], pad, device)
                        for i in range(0, len(val_rows), 64)]
         sft_dir = os.path.join(config.out, "sft")
+        problems = []
+        if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
+            test_path = os.path.join(config.data_dir, "test.jsonl")
+            problems = [r for _, r in M.read_jsonl(test_path)][: config.eval_problems]
+            M.check_replies_fit(gpt, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
         metrics = train_stage("sft", gpt, next_batch, val_batches, config.sft_steps, config.sft_lr,
                               config, sft_dir, device)
-        if config.eval_problems > 0:
-            problems = [r for _, r in M.read_jsonl(os.path.join(config.data_dir, "test.jsonl"))][: config.eval_problems]
+        if problems:
             t_eval = time.time()
             ev, greedy, sampled = evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
             metrics.update(ev)
@@ -293,7 +303,8 @@ def train(config):
                           train_config=asdict(config), metrics=metrics)
         M.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
         print(f"sft: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
-              f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%}")
+              f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
+              f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s)")
         if "accuracy" in metrics:
             shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics["style_shares"].items())
             print(f"sft: held-out accuracy greedy {metrics['accuracy']:.1%} "

@@ -586,6 +586,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--label-noise", "1.5"], "--label-noise is a share"),
     (["--label-smoothing", "0.5"], "--label-smoothing is the assumed share"),
     (["--log-every", "0"], "--log-every must be > 0"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0"),  # 0 would zero every update, a negative one reverse it
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
     (["--lora-rank", "4", "--lora-targets", "attn,mpl"], "unknown LoRA targets ['mpl']"),
     (["--lora-targets", "attn,foo"], "unknown LoRA targets ['foo']"),  # checked without --lora-rank too

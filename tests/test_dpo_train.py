@@ -279,3 +279,12 @@ def test_without_a_reference_the_warning_watches_a_fixed_batch(tiny_sft_ckpt, ti
     assert metrics["warning_step"] is not None and len(lines) == 1
     assert "nats below their start (a fixed batch) on the same replies" in lines[0]
     assert lines[0].endswith("(over-optimisation; lower --lr or --epochs)")
+
+
+def test_a_reply_budget_past_the_context_stops_before_training(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    # the evaluations sample after training: a budget that cannot fit must fail before the first step
+    out = tmp_path / "out"
+    with pytest.raises(M.ConfigError, match=r"^--max-new-tokens 1000 does not fit: the longest prompt in .*test"):
+        dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(out), max_new_tokens=1000, eval_problems=4))
+    assert not (out / "dpo" / "model.pt").exists() and (out / "dpo" / "log.jsonl").read_text() == ""
+    dpo.check_config(dpo.DPOConfig(max_new_tokens=1000))  # alone it is no error: no model, no prompts yet

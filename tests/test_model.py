@@ -543,6 +543,35 @@ def test_warmup_note_exactly_when_every_step_of_the_run_is_warmup():
             assert note.endswith(f"climbs to at most {lrs[-1] / 2.0:.0%} of its peak")
 
 
+def test_replies_that_would_run_past_the_context_are_refused_in_one_line(tiny_enc):
+    # the boundary worked by hand: a prompt of L tokens and a context of L + 5 leave room for 5 new tokens
+    prompt = "Ben has 3 cards. He gets 2 more. How many cards does Ben have?"
+    L = len(M.render_prompt(tiny_enc, prompt))
+    model = helpers.tiny_gpt(tiny_enc.n_vocab, block_size=L + 5).eval()
+    M.check_replies_fit(model, tiny_enc, [prompt, "Hi?"], 5, "test.jsonl")  # exactly fits
+    with pytest.raises(M.ConfigError, match=rf"^--max-new-tokens 6 does not fit: the longest prompt in test.jsonl "
+                                            rf"takes {L} of the model's {L + 5} context tokens, leaving 5$"):
+        M.check_replies_fit(model, tiny_enc, ["Hi?", prompt], 6, "test.jsonl")
+    M.check_replies_fit(model, tiny_enc, [], 6, "test.jsonl")  # no prompts, nothing to sample
+    ids = [M.render_prompt(tiny_enc, prompt)]
+    replies, _ = M.generate(model, ids, 5, stop_token=-1, temperature=0.0)  # never stops early: uses all 5
+    assert len(replies[0]) == 5
+    with pytest.raises(M.ConfigError, match=rf"after a prompt of {L} tokens runs past the model's context"):
+        M.generate(model, ids, 6, stop_token=-1, temperature=0.0)  # was an AssertionError deep in forward()
+
+
+@pytest.mark.parametrize("stage", ["dpo", "sft", "rlvr"])
+def test_each_stage_refuses_an_out_that_is_a_file(tmp_path, stage):
+    module = __import__(stage)
+    not_a_dir = tmp_path / "notes.txt"
+    not_a_dir.write_text("x")
+    data = tmp_path / "data"  # does not exist: a run past the checks would build it
+    with pytest.raises(SystemExit) as e:
+        module.main(["--out", str(not_a_dir), "--data-dir", str(data), "--device", "cpu"])
+    assert e.value.code == f"error: --out {not_a_dir}: exists and is not a directory"
+    assert not data.exists() and not_a_dir.read_text() == "x"
+
+
 # ----------------------------------------------------------------------------------------------
 # Config on the command line
 

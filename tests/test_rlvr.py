@@ -590,6 +590,8 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
     (["--kl-coef", "-0.1"], "--kl-coef must be >= 0, got -0.1"),
     (["--eval-samples", "0"], "--eval-samples must be > 0, got 0"),
+    (["--grad-clip", "0"], "--grad-clip must be > 0, got 0.0"),
+    (["--clip-eps", "1.5"], "--clip-eps must be below 1"),
 ])
 def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
     out = tmp_path / "out"  # holds no checkpoint: a run that got past the checks would build one
@@ -815,3 +817,34 @@ def test_tiny_end_to_end_run(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
     assert ckpt["stage"] == "rlvr" and ckpt["train_config"]["group_size"] == 4
     assert model.config == start.config
+
+
+def test_a_problem_file_smaller_than_a_step_is_repeated(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    # one problem, three prompts per step: the pass over the file repeats (it used to pop an empty list)
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"prompt": "Mia has 3 pens. She gets 2 more. How many pens does Mia have?",
+                                "answer": 5}) + "\n")
+    metrics = rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), data=str(path),
+                                        prompts_per_step=3, steps=2))
+    assert metrics["steps"] == 2 and metrics["samples"] == 2 * 3 * 4
+
+
+def test_a_reply_budget_past_the_context_stops_before_any_rollout(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(M.ConfigError, match=r"^--max-new-tokens 1000 does not fit: the longest prompt in .*rl.jsonl"):
+        rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(out), max_new_tokens=1000))
+    assert not (out / "rlvr" / "model.pt").exists() and not (out / "rlvr" / "log.jsonl").exists()
+
+
+def test_steps_without_an_update_log_the_scheduled_learning_rate(tiny_sft_ckpt, tiny_data_dir, tmp_path,
+                                                                  monkeypatch):
+    # every reply scores 0, so no group has any spread and no step updates; the log still reports the
+    # schedule's lr for each step (it used to repeat the optimiser's initial lr) and a ratio of 1
+    monkeypatch.setattr(rlvr, "reward", lambda *args: 0.0)
+    out = str(tmp_path / "out")
+    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, out, steps=2, warmup_steps=4, lr=1e-3))
+    log = read_log(out)
+    assert [r["zero_spread_groups"] for r in log] == [1.0, 1.0]
+    assert [r["lr"] for r in log] == pytest.approx([M.scheduled_lr("constant", s, 2, 1e-3, 4) for s in range(2)])
+    assert [r["lr"] for r in log] == pytest.approx([2.5e-4, 5e-4])  # by hand: peak * (step + 1) / warmup
+    assert [r["ratio"] for r in log] == [1.0, 1.0]

@@ -301,6 +301,7 @@ def test_cli_help():
     (["--pretrain-seq-len", "500"], "--pretrain-seq-len 500 is longer than the model's context, --block-size 192"),
     (["--sft-batch-size", "0"], "--sft-batch-size must be > 0, got 0"),
     (["--pretrain-steps", "0"], "--pretrain-steps must be > 0, got 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),  # a negative limit flips every gradient
 ])
 def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
     # a typo in --stages used to run no stage at all, silently
@@ -317,3 +318,21 @@ def test_pretraining_flags_are_checked_only_when_pretraining_runs():
     sft.check_config(sft.SFTConfig(stages="sft", block_size=50, pretrain_seq_len=128))
     with pytest.raises(M.ConfigError, match="--pretrain-seq-len 128 is longer than the model's context"):
         sft.check_config(sft.SFTConfig(stages="pretrain,sft", block_size=50, pretrain_seq_len=128))
+
+
+def test_sft_stage_alone_says_whose_shape_it_trains_and_checks_replies_fit_first(tiny_sft_ckpt, tiny_data_dir,
+                                                                                tmp_path, capsys):
+    # --stages sft continues the pretrained checkpoint (1 layer, width 32 here): the shape flags, at
+    # their defaults, do not describe it, and the run says so. A reply budget past the model's context
+    # stops the run before any step, not in the final evaluation after the training.
+    os.makedirs(tmp_path / "pretrain")
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(tiny_sft_ckpt)), "pretrain", "model.pt"),
+                tmp_path / "pretrain" / "model.pt")
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--stages", "sft", "--out", str(tmp_path), "--data-dir", tiny_data_dir, "--device", "cpu",
+                  "--eval-problems", "4", "--max-new-tokens", "1000", "--sft-steps", "2"])
+    assert e.value.code.startswith("error: --max-new-tokens 1000 does not fit: the longest prompt in ")
+    assert not (tmp_path / "sft" / "log.jsonl").exists()
+    out = capsys.readouterr().out
+    assert ("the model's shape comes from " + str(tmp_path / "pretrain" / "model.pt") +
+            " (n_layer 1, n_head 2, n_embd 32, block_size 192)") in out
