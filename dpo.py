@@ -648,8 +648,9 @@ def train(config):
     tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
     # --eval-reference is used only after training: a file that cannot serve must fail now, and
     # before the seed is set (building a model draws random weights, which would shift LoRA's init)
+    eval_reference_context = None
     if config.eval_reference:
-        M.load_checkpoint(config.eval_reference, "cpu", tokenizer_path)
+        eval_reference_context = M.load_checkpoint(config.eval_reference, "cpu", tokenizer_path)[0].config.block_size
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -786,8 +787,11 @@ def train(config):
     problems = user_problems or read_problems(problems_path)  # held-out problems for the sampling evaluations
     sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
     if sampled:  # the evaluations sample replies after these prompts: they must fit, checked before training
-        M.check_replies_fit(policy, enc, [p["prompt"] for p in problems[:sampled]], config.max_new_tokens,
-                            problems_path)
+        prompts = [p["prompt"] for p in problems[:sampled]]
+        M.check_replies_fit(policy.config.block_size, enc, prompts, config.max_new_tokens, problems_path)
+        if config.eval_problems and eval_reference_context is not None:  # the final one samples that model too
+            M.check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
+                                problems_path, model=config.eval_reference)
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
     peak = M.peak_flops(device)
 
@@ -797,11 +801,7 @@ def train(config):
     tokens, t_train, eval_seconds = 0, time.time(), 0.0
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
-        if len(order) < batch_size:  # a new epoch: reshuffle
-            more = list(range(len(examples)))
-            rng.shuffle(more)
-            order.extend(more)
-        idx = [order.pop() for _ in range(batch_size)]
+        idx = M.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
         ids, mask = collate([examples[i] for i in idx], pad, device)
         B = len(idx)
         logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows

@@ -307,8 +307,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     model.eval()
     device = next(model.parameters()).device
     B, P = len(prompts), max(len(p) for p in prompts)
-    require(P + max_new_tokens <= model.config.block_size, f"--max-new-tokens {max_new_tokens} after a prompt of "
-            f"{P} tokens runs past the model's context of {model.config.block_size} tokens")
+    require(P + max_new_tokens <= model.config.block_size, f"a reply of {max_new_tokens} tokens (--max-new-tokens) "
+            f"after a prompt of {P} tokens runs past the model's context of {model.config.block_size} tokens")
     T_max = P + max_new_tokens
     idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
     valid = torch.zeros(B, T_max, dtype=torch.bool, device=device)  # real (non-pad) tokens
@@ -811,6 +811,18 @@ def warmup_note(stage, warmup, steps):
             f"climbs to at most {steps / warmup:.0%} of its peak")
 
 
+def next_indices(order, n, batch, rng):
+    """The next `batch` indices into n examples, popped from the end of `order`, a list of shuffled
+    passes over range(n) to which a new pass is appended (one rng.shuffle each) when fewer than
+    `batch` are left. Every index comes once per pass (the few left of a pass wait below the next
+    one), and a file smaller than a batch repeats within the batch."""
+    while len(order) < batch:
+        more = list(range(n))
+        rng.shuffle(more)
+        order.extend(more)
+    return [order.pop() for _ in range(batch)]
+
+
 def pad_batch(seqs, masks, pad_id, device="cpu"):
     """Right-pad token lists (and their masks) to the batch's own longest row.
     -> ids (B, T) LongTensor, mask (B, T) LongTensor with 0 on padding."""
@@ -879,13 +891,14 @@ def check_out(out):
     require(not os.path.exists(out) or os.path.isdir(out), f"--out {out}: exists and is not a directory")
 
 
-def check_replies_fit(model, enc, prompts, max_new_tokens, source):
+def check_replies_fit(context, enc, prompts, max_new_tokens, source, model="the model"):
     """Stop before any training when a reply of max_new_tokens after the longest of these prompts
-    would run past the model's context (generation would fail there, after the work was done)."""
+    would run past a model's context of `context` tokens (generation would fail there, after the
+    work was done)."""
     longest = max((len(render_prompt(enc, p)) for p in prompts), default=0)
-    room = model.config.block_size - longest
+    room = context - longest
     require(max_new_tokens <= room, f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt in "
-            f"{source} takes {longest} of the model's {model.config.block_size} context tokens, leaving {room}")
+            f"{source} takes {longest} of {model}'s {context} context tokens, leaving {max(room, 0)}")
 
 
 def previous_stage(init, default_path, build, announcement):

@@ -282,7 +282,7 @@ def check_config(config):
                                 "clip_eps", "clip_eps_high", "format_reward"))
     M.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
               f"to the same prompt), got {config.group_size}")
-    M.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio is clipped to [1 - eps, 1 + eps]), "
+    M.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio's lower clip is 1 - eps), "
               f"got {config.clip_eps}")
     M.check_out(config.out)
     M.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
@@ -319,9 +319,10 @@ def train(config):
     policy.eval()  # dropout off: the log-probs must be those the sampler saw
     print(f"rlvr: start from {init} | {M.describe(policy, device)} | {len(problems)} RL problems, "
           f"{len(eval_problems)} held-out")
-    M.check_replies_fit(policy, enc, [p["prompt"] for p in problems], config.max_new_tokens,
-                        config.data or os.path.join(config.data_dir, "rl.jsonl"))
-    M.check_replies_fit(policy, enc, [p["prompt"] for p in eval_problems], config.max_new_tokens,
+    if config.steps:  # rollouts sample after the training problems (--steps 0 only evaluates)
+        M.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
+                            config.data or os.path.join(config.data_dir, "rl.jsonl"))
+    M.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in eval_problems], config.max_new_tokens,
                         config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl"))
 
     if config.measure_kv_cache:
@@ -357,11 +358,7 @@ def train(config):
         if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
             tqdm.write(f"rlvr: time budget of {config.max_seconds:g}s spent after {step} steps")
             break
-        while len(order) < config.prompts_per_step:  # a new pass over the problems: reshuffle (a small file: several)
-            more = list(range(len(problems)))
-            rng.shuffle(more)
-            order.extend(more)
-        batch = [problems[order.pop()] for _ in range(config.prompts_per_step)]
+        batch = [problems[i] for i in M.next_indices(order, len(problems), config.prompts_per_step, rng)]
 
         # 1. rollouts: G replies per prompt from the current policy, scored by the verifier
         t_sample = time.time()

@@ -271,11 +271,7 @@ def train(config):
         order = []
 
         def next_batch():
-            while len(order) < config.sft_batch_size:  # reshuffle each epoch (several, for a file smaller than a batch)
-                more = list(range(len(train_rows)))
-                rng.shuffle(more)
-                order.extend(more)
-            batch = [train_rows[order.pop()] for _ in range(config.sft_batch_size)]
+            batch = [train_rows[i] for i in M.next_indices(order, len(train_rows), config.sft_batch_size, rng)]
             return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
 
         val_batches = [M.pad_batch([r[0] for r in val_rows[i: i + 64]], [r[1] for r in val_rows[i: i + 64]], pad, device)
@@ -285,7 +281,8 @@ def train(config):
         if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
             test_path = os.path.join(config.data_dir, "test.jsonl")
             problems = [r for _, r in M.read_jsonl(test_path)][: config.eval_problems]
-            M.check_replies_fit(gpt, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+            M.check_replies_fit(gpt.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
+                                test_path)
         metrics = train_stage("sft", gpt, next_batch, val_batches, config.sft_steps, config.sft_lr,
                               config, sft_dir, device)
         if problems:

@@ -288,3 +288,17 @@ def test_a_reply_budget_past_the_context_stops_before_training(tiny_sft_ckpt, ti
         dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(out), max_new_tokens=1000, eval_problems=4))
     assert not (out / "dpo" / "model.pt").exists() and (out / "dpo" / "log.jsonl").read_text() == ""
     dpo.check_config(dpo.DPOConfig(max_new_tokens=1000))  # alone it is no error: no model, no prompts yet
+
+
+def test_an_eval_reference_with_a_shorter_context_is_checked_before_training(tiny_sft_ckpt, tiny_data_dir, tiny_enc,
+                                                                             tmp_path):
+    # the final evaluation samples the --eval-reference too: a context too short for its replies fails first
+    tok = tiny_path(tiny_data_dir, "tokenizer.json")
+    short = M.GPT(M.GPTConfig(vocab_size=tiny_enc.n_vocab, block_size=40, n_layer=1, n_head=2, n_embd=32))
+    M.save_checkpoint(str(tmp_path / "short.pt"), short, tok)
+    out = tmp_path / "out"
+    with pytest.raises(M.ConfigError, match=r"^--max-new-tokens 16 does not fit: the longest prompt in .* takes "
+                                            r"\d+ of .*short.pt's 40 context tokens"):
+        dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(out), eval_problems=4,
+                                  eval_reference=str(tmp_path / "short.pt")))
+    assert not (out / "dpo" / "model.pt").exists()

@@ -543,16 +543,34 @@ def test_warmup_note_exactly_when_every_step_of_the_run_is_warmup():
             assert note.endswith(f"climbs to at most {lrs[-1] / 2.0:.0%} of its peak")
 
 
+def test_next_indices_covers_each_pass_once_and_repeats_a_small_file():
+    import random
+    rng, order = random.Random(0), []
+    first = M.next_indices(order, 6, 4, rng)
+    # by hand: the first pass is one shuffle of range(6), drawn from its end
+    one_pass = list(range(6))
+    random.Random(0).shuffle(one_pass)
+    assert first == one_pass[::-1][:4] and order == one_pass[:2]
+    # two more draws complete two whole passes (the two left of the first wait below the second): 12
+    # indices, each index exactly twice
+    flat = first + M.next_indices(order, 6, 4, rng) + M.next_indices(order, 6, 4, rng)
+    assert sorted(flat) == sorted(list(range(6)) * 2) and order == []
+    small = M.next_indices([], 2, 5, random.Random(1))  # a file of 2 for a batch of 5: three passes drawn
+    assert len(small) == 5 and sorted(small).count(0) >= 2 and sorted(small).count(1) >= 2
+
+
 def test_replies_that_would_run_past_the_context_are_refused_in_one_line(tiny_enc):
     # the boundary worked by hand: a prompt of L tokens and a context of L + 5 leave room for 5 new tokens
     prompt = "Ben has 3 cards. He gets 2 more. How many cards does Ben have?"
     L = len(M.render_prompt(tiny_enc, prompt))
     model = helpers.tiny_gpt(tiny_enc.n_vocab, block_size=L + 5).eval()
-    M.check_replies_fit(model, tiny_enc, [prompt, "Hi?"], 5, "test.jsonl")  # exactly fits
+    M.check_replies_fit(L + 5, tiny_enc, [prompt, "Hi?"], 5, "test.jsonl")  # exactly fits
     with pytest.raises(M.ConfigError, match=rf"^--max-new-tokens 6 does not fit: the longest prompt in test.jsonl "
                                             rf"takes {L} of the model's {L + 5} context tokens, leaving 5$"):
-        M.check_replies_fit(model, tiny_enc, ["Hi?", prompt], 6, "test.jsonl")
-    M.check_replies_fit(model, tiny_enc, [], 6, "test.jsonl")  # no prompts, nothing to sample
+        M.check_replies_fit(L + 5, tiny_enc, ["Hi?", prompt], 6, "test.jsonl")
+    with pytest.raises(M.ConfigError, match=rf"takes {L} of ref.pt's {L - 2} context tokens, leaving 0$"):
+        M.check_replies_fit(L - 2, tiny_enc, [prompt], 1, "test.jsonl", model="ref.pt")  # a prompt past it
+    M.check_replies_fit(L + 5, tiny_enc, [], 6, "test.jsonl")  # no prompts, nothing to sample
     ids = [M.render_prompt(tiny_enc, prompt)]
     replies, _ = M.generate(model, ids, 5, stop_token=-1, temperature=0.0)  # never stops early: uses all 5
     assert len(replies[0]) == 5

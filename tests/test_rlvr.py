@@ -848,3 +848,27 @@ def test_steps_without_an_update_log_the_scheduled_learning_rate(tiny_sft_ckpt, 
     assert [r["lr"] for r in log] == pytest.approx([M.scheduled_lr("constant", s, 2, 1e-3, 4) for s in range(2)])
     assert [r["lr"] for r in log] == pytest.approx([2.5e-4, 5e-4])  # by hand: peak * (step + 1) / warmup
     assert [r["ratio"] for r in log] == [1.0, 1.0]
+
+
+def test_only_the_prompts_a_run_samples_after_are_checked(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    # a training problem too long for its replies stops a run that trains, but not an evaluation-only
+    # one (--steps 0), which never samples after it
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "Mia has 3 pens. " * 40 + "How many pens does Mia have?", "answer": 3}) + "\n")
+    config = dict(data=str(path), max_new_tokens=60, eval_problems=2, eval_samples=2)
+    with pytest.raises(M.ConfigError, match=r"^--max-new-tokens 60 does not fit: the longest prompt in .*long.jsonl"):
+        rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "a"), steps=1, **config))
+    metrics = rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "b"), steps=0, **config))
+    assert metrics["steps"] == 0
+
+
+def test_the_summary_names_what_it_measured(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
+    # pass@k only for the k the samples allow (no 'pass@8 nan' from 4 samples), the KL named after the
+    # model it was measured against, and no kl in the progress bar when --kl-coef 0 measures none
+    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), steps=1, eval_problems=2,
+                              eval_samples=4, eval_reference=tiny_sft_ckpt, kl_coef=0.0))
+    captured = capsys.readouterr()
+    (before,) = [line for line in captured.out.splitlines() if line.startswith("rlvr: before:")]
+    assert "pass@1 " in before and "pass@4 " in before and "pass@8" not in before and "nan" not in before
+    assert f"KL to {tiny_sft_ckpt} " in captured.out
+    assert "kl=" not in captured.err  # tqdm writes its bar to stderr

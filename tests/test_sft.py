@@ -336,3 +336,19 @@ def test_sft_stage_alone_says_whose_shape_it_trains_and_checks_replies_fit_first
     out = capsys.readouterr().out
     assert ("the model's shape comes from " + str(tmp_path / "pretrain" / "model.pt") +
             " (n_layer 1, n_head 2, n_embd 32, block_size 192)") in out
+
+
+def test_sft_stage_alone_cuts_rows_to_the_checkpoints_context(tiny_sft_ckpt, tiny_data_dir, tmp_path, monkeypatch):
+    # --block-size shapes only the model pretraining builds: SFT on a pretrained checkpoint cuts its
+    # rows to that checkpoint's context (192 here), not to the flag's 64
+    os.makedirs(tmp_path / "pretrain")
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(tiny_sft_ckpt)), "pretrain", "model.pt"),
+                tmp_path / "pretrain" / "model.pt")
+    seen = []
+    original = sft.sft_examples
+    monkeypatch.setattr(sft, "sft_examples", lambda enc, path, block_size: seen.append(block_size) or
+                        original(enc, path, block_size))
+    sft.train(sft.SFTConfig(stages="sft", block_size=64, pretrain_seq_len=32, sft_steps=1, sft_batch_size=4,
+                            eval_problems=0, out=str(tmp_path), data_dir=tiny_data_dir, device="cpu",
+                            warmup_steps=1, log_every=1))
+    assert seen == [192, 192]
