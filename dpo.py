@@ -766,8 +766,7 @@ def train(config):
 
     # --- 4. training
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
-    if note := M.warmup_note("dpo", config.warmup_steps, steps):
-        print(note)
+    M.warmup_note("dpo", config.warmup_steps, steps)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
     log_path = os.path.join(out_dir, "log.jsonl")

@@ -802,13 +802,15 @@ def scheduled_lr(schedule, step, total, peak, warmup, min_ratio=0.0):
 
 
 def warmup_note(stage, warmup, steps):
-    """The line a stage prints when its warmup covers the whole run (warmup >= steps > 0), else
+    """Print (and return) a note when the warmup covers the whole run (warmup >= steps > 0); else
     None: the learning rate then climbs to at most steps / warmup of its peak and never starts its
     schedule, which a short test run (--steps 4 against a warmup of 10) would otherwise do silently."""
     if steps == 0 or warmup < steps:
         return None
-    return (f"{stage}: note: --warmup-steps {warmup} covers the whole run of {steps} steps: the learning rate "
+    note = (f"{stage}: note: --warmup-steps {warmup} covers the whole run of {steps} steps: the learning rate "
             f"climbs to at most {steps / warmup:.0%} of its peak")
+    print(note)
+    return note
 
 
 def next_indices(order, n, batch, rng):

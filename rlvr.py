@@ -347,8 +347,7 @@ def train(config):
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
-    if note := M.warmup_note("rlvr", config.warmup_steps, config.steps):
-        print(note)
+    M.warmup_note("rlvr", config.warmup_steps, config.steps)
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     order, curve = [], []

@@ -126,8 +126,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     opt = make_optimizer(model, lr, config.weight_decay)
-    if note := M.warmup_note(name, config.warmup_steps, steps):
-        print(note)
+    M.warmup_note(name, config.warmup_steps, steps)
     peak = M.peak_flops(device)
     model.train()
     tokens_seen, t_start, t_log, tok_log = 0, time.time(), time.time(), 0
