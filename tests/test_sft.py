@@ -223,6 +223,17 @@ def test_training_losses_fall(sft_run, tiny_enc, stage):
             assert json.load(f)["tokens"] == 30 * 8 * 32  # steps x windows x window length
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_log_lines_are_strict_json_with_a_throughput_on_every_line(sft_run, stage):
+    # NaN and Infinity are not JSON: jq and most readers outside Python refuse the line
+    def refuse(constant):
+        raise ValueError(f"{stage}/log.jsonl holds {constant}")
+    out, _ = sft_run
+    with open(os.path.join(out, stage, "log.jsonl")) as f:
+        rows = [json.loads(line, parse_constant=refuse) for line in f]
+    assert rows and all(r["tokens_per_second"] > 0 and r["mfu"] > 0 for r in rows)
+
+
 def test_outputs_are_written(sft_run, tiny_data_dir, tiny_enc):
     out, metrics = sft_run
     for stage in ("pretrain", "sft"):
