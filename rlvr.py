@@ -95,8 +95,8 @@ class RLVRConfig:
     device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = M.option(1337, "random seed", "run")
     log_every: int = M.option(1, "steps between log lines", "run")
-    measure_kv_cache: bool = M.option(False, "first time sampling 64 replies of 64 tokens with and without the "
-                                      "KV cache, and print the speed-up", "run")
+    measure_kv_cache: bool = M.option(False, "first time sampling 64 replies of 64 tokens (fewer if the context "
+                                      "lacks room) with and without the KV cache, and print the speed-up", "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,8 +327,12 @@ def train(config):
 
     if config.measure_kv_cache:
         batch = [M.render_prompt(enc, p["prompt"]) for p in problems[:64]]
-        cached, uncached = kv_cache_speedup(policy, batch)
-        print(f"rlvr: sampling {len(batch)} replies x 64 tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
+        # 64 new tokens, or as many as the longest prompt leaves room for in the context
+        new_tokens = min(64, policy.config.block_size - max(len(ids) for ids in batch))
+        M.require(new_tokens > 0, f"--measure-kv-cache: the longest of the first {len(batch)} prompts in "
+                  f"{config.data or os.path.join(config.data_dir, 'rl.jsonl')} fills the model's context")
+        cached, uncached = kv_cache_speedup(policy, batch, new_tokens)
+        print(f"rlvr: sampling {len(batch)} replies x {new_tokens} tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
               f"recomputing the prefix: {uncached / cached:.1f}x faster")
 
     # the evaluation's KL is against the start, or against --eval-reference (a third model, eval only)

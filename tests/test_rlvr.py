@@ -862,6 +862,22 @@ def test_only_the_prompts_a_run_samples_after_are_checked(tiny_sft_ckpt, tiny_da
     assert metrics["steps"] == 0
 
 
+def test_the_kv_cache_benchmark_samples_only_what_the_context_has_room_for(tiny_sft_ckpt, tiny_data_dir,
+                                                                          tmp_path, capsys):
+    # a prompt that leaves fewer than 64 free context tokens: the benchmark samples that many (it used
+    # to fail in generate() with a message naming --max-new-tokens, a flag it never used)
+    enc = M.load_tokenizer(os.path.join(tiny_data_dir, "tokenizer.json"))
+    prompt = "Mia has 3 pens. " * 25 + "How many pens does Mia have?"
+    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
+    room = model.config.block_size - len(M.render_prompt(enc, prompt))
+    assert 0 < room < 64  # the premise
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "answer": 3}) + "\n")
+    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), steps=0, data=str(path),
+                              measure_kv_cache=True))
+    assert f"rlvr: sampling 1 replies x {room} tokens: " in capsys.readouterr().out
+
+
 def test_the_summary_names_what_it_measured(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
     # pass@k only for the k the samples allow (no 'pass@8 nan' from 4 samples), the KL named after the
     # model it was measured against, and no kl in the progress bar when --kl-coef 0 measures none
