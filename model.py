@@ -776,8 +776,12 @@ def write_json(path, obj):
 
 
 def append_jsonl(path, record):
+    """One log line. A value that is not a finite number (a diverged loss, a validation loss with no
+    validation batch) is written as null: NaN and Infinity are not JSON, and readers outside Python
+    refuse the whole line."""
+    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
 LR_SCHEDULES = ("linear", "cosine", "constant")

@@ -149,7 +149,8 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
             val_loss = evaluate_loss(model, val_batches)
         if step % config.log_every == 0 or last:
             dt = time.time() - t_log
-            tps = tok_log / dt  # step 0 is timed too: its one-time costs make it read low
+            # step 0 is timed too; it reads low, as its time holds one-time costs and a validation pass
+            tps = tok_log / max(1e-9, dt)
             mfu = tps * M.flops_per_token(model, ids.shape[1]) / peak
             rec = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
                    "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu}

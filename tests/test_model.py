@@ -8,6 +8,7 @@ code paths cannot flip on a rounding-level near tie.
 """
 
 import argparse
+import json
 import math
 import os
 import pickle
@@ -648,6 +649,17 @@ def test_pad_batch_right_pads():
     assert ids.tolist() == [[1, 2, 3], [4, 9, 9]]
     assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
     assert ids.dtype == mask.dtype == torch.long
+
+
+def test_append_jsonl_writes_non_finite_numbers_as_null(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"log line holds {constant}")
+    path = tmp_path / "log.jsonl"
+    M.append_jsonl(str(path), {"step": 0, "loss": float("nan"), "val_loss": float("inf"), "lr": 1e-3})
+    M.append_jsonl(str(path), {"step": 1, "loss": 2.5, "val_loss": float("-inf"), "lr": 0.0})
+    rows = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    assert rows == [{"step": 0, "loss": None, "val_loss": None, "lr": 1e-3},
+                    {"step": 1, "loss": 2.5, "val_loss": None, "lr": 0.0}]
 
 
 def test_read_jsonl_reads_rows_with_line_numbers(tmp_path):
