@@ -328,9 +328,11 @@ def train(config):
     if config.measure_kv_cache:
         batch = [M.render_prompt(enc, p["prompt"]) for p in problems[:64]]
         # 64 new tokens, or as many as the longest prompt leaves room for in the context
-        new_tokens = min(64, policy.config.block_size - max(len(ids) for ids in batch))
-        M.require(new_tokens > 0, f"--measure-kv-cache: the longest of the first {len(batch)} prompts in "
-                  f"{config.data or os.path.join(config.data_dir, 'rl.jsonl')} fills the model's context")
+        longest, context = max(len(ids) for ids in batch), policy.config.block_size
+        new_tokens = min(64, context - longest)
+        M.require(new_tokens > 0, f"--measure-kv-cache: the longest prompt it samples after, in "
+                  f"{config.data or os.path.join(config.data_dir, 'rl.jsonl')}, takes {longest} of the "
+                  f"model's {context} context tokens, leaving no room to sample")
         cached, uncached = kv_cache_speedup(policy, batch, new_tokens)
         print(f"rlvr: sampling {len(batch)} replies x {new_tokens} tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
               f"recomputing the prefix: {uncached / cached:.1f}x faster")

@@ -876,6 +876,13 @@ def test_the_kv_cache_benchmark_samples_only_what_the_context_has_room_for(tiny_
     rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), steps=0, data=str(path),
                               measure_kv_cache=True))
     assert f"rlvr: sampling 1 replies x {room} tokens: " in capsys.readouterr().out
+    # a prompt with no room left at all stops in one line that says so
+    path.write_text(json.dumps({"prompt": "Mia has 3 pens. " * 40 + "How many pens does Mia have?",
+                                "answer": 3}) + "\n")
+    with pytest.raises(M.ConfigError, match=r"^--measure-kv-cache: the longest prompt it samples after, in "
+                       r".*long\.jsonl, takes \d+ of the model's 192 context tokens, leaving no room to sample$"):
+        rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out2"), steps=0, data=str(path),
+                                  measure_kv_cache=True))
 
 
 def test_the_summary_names_what_it_measured(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
