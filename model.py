@@ -768,20 +768,29 @@ def one_line_errors(fn, *args):
         sys.exit(f"error: {e}")
 
 
+def strict_json(obj):
+    """obj with every number that is not finite (a diverged loss, a validation loss with no validation
+    batch) replaced by None, written as null: NaN and Infinity are not JSON, and readers outside
+    Python refuse the whole file or line that holds one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(strict_json(obj), f, indent=1, allow_nan=False)
     os.replace(path + ".tmp", path)
 
 
 def append_jsonl(path, record):
-    """One log line. A value that is not a finite number (a diverged loss, a validation loss with no
-    validation batch) is written as null: NaN and Infinity are not JSON, and readers outside Python
-    refuse the whole line."""
-    record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+        f.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
 
 LR_SCHEDULES = ("linear", "cosine", "constant")

@@ -662,6 +662,20 @@ def test_append_jsonl_writes_non_finite_numbers_as_null(tmp_path):
                     {"step": 1, "loss": 2.5, "val_loss": None, "lr": 0.0}]
 
 
+def test_write_json_writes_non_finite_numbers_as_null_at_any_depth(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"metrics.json holds {constant}")
+    path = tmp_path / "out" / "metrics.json"
+    metrics = {"loss": 0.5, "memory_mb": {"total": 17.5, "peak_process": float("nan")},
+               "curve": [1.0, float("inf"), {"kl": float("-inf")}], "by_ops": (0.25, float("nan")), "name": "dpo"}
+    M.write_json(str(path), metrics)
+    assert json.loads(path.read_text(), parse_constant=refuse) == {
+        "loss": 0.5, "memory_mb": {"total": 17.5, "peak_process": None},
+        "curve": [1.0, None, {"kl": None}], "by_ops": [0.25, None], "name": "dpo"}
+    assert math.isnan(metrics["memory_mb"]["peak_process"])  # the caller's dict is left as it was
+    assert not (tmp_path / "out" / "metrics.json.tmp").exists()
+
+
 def test_read_jsonl_reads_rows_with_line_numbers(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n')
