@@ -81,8 +81,7 @@ def dpo_config(s, run, **overrides):
 
 def write_results(s, results, columns, title, takeaway=""):
     """results.json (the figures), results.md (a table of results["rows"], or of the scalars)."""
-    with open(os.path.join(s["dir"], "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    M.write_json(os.path.join(s["dir"], "results.json"), results)  # atomic; NaN written as null
     rows = results.get("rows") or [{k: v for k, v in results.items() if not isinstance(v, (list, dict))}]
     if s["quick"]:
         title = f"[--quick: a tiny world and model; the figures test the plumbing, they mean nothing] {title}"

@@ -186,6 +186,16 @@ def test_plot_without_matplotlib_says_how_and_still_writes_results(tmp_path, mon
     assert not os.path.exists(tmp_path / "plot.png")
 
 
+def test_results_hold_strict_json_and_the_table_says_nan(tmp_path):
+    def refuse(constant):
+        raise ValueError(f"results.json holds {constant}")
+    s = {"dir": str(tmp_path), "quick": False}
+    common.write_results(s, {"rows": [{"beta": 0.1, "kl": float("nan")}]}, ["beta", "kl"], "t")
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f, parse_constant=refuse) == {"rows": [{"beta": 0.1, "kl": None}]}
+    assert "| 0.1 | nan |" in (tmp_path / "results.md").read_text()
+
+
 def test_plot_with_matplotlib_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")  # CI installs it; requirements.txt does not
     path = common.plot({"dir": str(tmp_path), "quick": True}, lambda plt: plt.plot([0, 1], [0, 1]))
