@@ -782,6 +782,7 @@ def strict_json(obj):
 
 
 def write_json(path, obj):
+    """Temp file, then rename: a run killed mid-write leaves the old file, never half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(strict_json(obj), f, indent=1, allow_nan=False)

@@ -253,9 +253,9 @@ def kv_cache_speedup(model, prompt_ids, new_tokens=64, seed=0):
     seconds = []
     for use_cache in (True, False):
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        t = time.time()
+        t = time.perf_counter()  # a fine clock: a short sample can take less than time.time()'s tick
         M.generate(model, prompt_ids, new_tokens, stop_token=-1, generator=gen, use_cache=use_cache)  # never stops early
-        seconds.append(time.time() - t)
+        seconds.append(time.perf_counter() - t)
     return tuple(seconds)
 
 
@@ -331,8 +331,8 @@ def train(config):
         longest, context = max(len(ids) for ids in batch), policy.config.block_size
         new_tokens = min(64, context - longest)
         M.require(new_tokens > 0, f"--measure-kv-cache: the longest prompt it samples after, in "
-                  f"{config.data or os.path.join(config.data_dir, 'rl.jsonl')}, takes {longest} of the "
-                  f"model's {context} context tokens, leaving no room to sample")
+                  f"{config.data or os.path.join(config.data_dir, 'rl.jsonl')}, is {longest} tokens long, "
+                  f"leaving no room in the model's {context}-token context")
         cached, uncached = kv_cache_speedup(policy, batch, new_tokens)
         print(f"rlvr: sampling {len(batch)} replies x {new_tokens} tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
               f"recomputing the prefix: {uncached / cached:.1f}x faster")

@@ -81,7 +81,7 @@ def dpo_config(s, run, **overrides):
 
 def write_results(s, results, columns, title, takeaway=""):
     """results.json (the figures), results.md (a table of results["rows"], or of the scalars)."""
-    M.write_json(os.path.join(s["dir"], "results.json"), results)  # atomic; NaN written as null
+    M.write_json(os.path.join(s["dir"], "results.json"), results)
     rows = results.get("rows") or [{k: v for k, v in results.items() if not isinstance(v, (list, dict))}]
     if s["quick"]:
         title = f"[--quick: a tiny world and model; the figures test the plumbing, they mean nothing] {title}"
@@ -122,8 +122,10 @@ def plot(s, draw):
 
 
 def read_log(path):
+    """The records of a stage's log.jsonl, with null read back as NaN: the log writes a number that
+    is not finite as null (strict JSON), and the tables and plots here expect numbers."""
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return [{k: float("nan") if v is None else v for k, v in json.loads(line).items()} for line in f]
 
 
 def spearman(xs, ys):

@@ -196,6 +196,13 @@ def test_results_hold_strict_json_and_the_table_says_nan(tmp_path):
     assert "| 0.1 | nan |" in (tmp_path / "results.md").read_text()
 
 
+def test_read_log_reads_a_logged_nan_back_as_nan(tmp_path):
+    path = str(tmp_path / "log.jsonl")
+    common.M.append_jsonl(path, {"step": 0, "loss": float("nan"), "kl": 0.5})
+    (rec,) = common.read_log(path)
+    assert rec["step"] == 0 and rec["kl"] == 0.5 and math.isnan(rec["loss"])
+
+
 def test_plot_with_matplotlib_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")  # CI installs it; requirements.txt does not
     path = common.plot({"dir": str(tmp_path), "quick": True}, lambda plt: plt.plot([0, 1], [0, 1]))

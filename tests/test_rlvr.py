@@ -880,7 +880,7 @@ def test_the_kv_cache_benchmark_samples_only_what_the_context_has_room_for(tiny_
     path.write_text(json.dumps({"prompt": "Mia has 3 pens. " * 40 + "How many pens does Mia have?",
                                 "answer": 3}) + "\n")
     with pytest.raises(M.ConfigError, match=r"^--measure-kv-cache: the longest prompt it samples after, in "
-                       r".*long\.jsonl, takes \d+ of the model's 192 context tokens, leaving no room to sample$"):
+                       r".*long\.jsonl, is \d+ tokens long, leaving no room in the model's 192-token context$"):
         rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out2"), steps=0, data=str(path),
                                   measure_kv_cache=True))
 

@@ -231,7 +231,9 @@ def test_log_lines_are_strict_json_with_a_throughput_on_every_line(sft_run, stag
     out, _ = sft_run
     with open(os.path.join(out, stage, "log.jsonl")) as f:
         rows = [json.loads(line, parse_constant=refuse) for line in f]
-    assert rows and all(r["tokens_per_second"] > 0 and r["mfu"] > 0 for r in rows)
+    # (a NaN is written as null, so the real check is that step 0 has a throughput at all)
+    assert rows and all(r["tokens_per_second"] is not None and r["tokens_per_second"] > 0 and r["mfu"] > 0
+                        for r in rows)
 
 
 def test_outputs_are_written(sft_run, tiny_data_dir, tiny_enc):
