@@ -17,25 +17,35 @@ the policy as it was at sampling time, pi_old; |o_i| the reply's length in token
   advantage       A_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G)       (Dr. GRPO: no division)
   ratio           rho_{i,t} = pi_theta(o_{i,t} | q, o_{i,<t}) / pi_old(o_{i,t} | q, o_{i,<t})
   clipped term    min( rho_{i,t} A_i, clip(rho_{i,t}, 1 - eps, 1 + eps) A_i )        (PPO)
-  KL to pi_ref    D_{i,t} = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1   (k3: unbiased, >= 0)
-  J(theta) = E_q [ 1/sum_i|o_i| * sum_i sum_t ( clipped term - beta_KL * D_{i,t} ) ]
+  KL to pi_ref    D_{i,t} = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1                (eq. 4)
+  J(theta) = E_q [ 1/G sum_i 1/|o_i| sum_t ( clipped term - beta_KL * D_{i,t} ) ]    (eq. 3)
 
-and we minimise -J. Every reply token is scored: the mask is 1 on the reply's tokens (its <|end|>
+and we minimise -J. D is Schulman's k3 estimator: >= 0, and on the policy's own samples an unbiased
+estimate of the value KL(pi_theta || pi_ref). As a loss on those samples, though, its expected
+gradient is that of KL(pi_ref || pi_theta), the other direction; GRPO uses it so, and so do we. Every reply token is scored: the mask is 1 on the reply's tokens (its <|end|>
 included) and 0 on prompt and padding, the convention sequence_logprobs in dpo.py uses, built on
 the same model.shifted_logprobs.
 
 How this departs from the GRPO paper:
-1. The aggregation is a token-level mean over the whole batch (DAPO, Dr. GRPO): each token weighs
-   the same, so long replies are not down-weighted; --aggregation sequence gives the paper's
-   per-reply mean, then the mean over replies.
+1. The aggregation is a token-level mean over the whole batch (DAPO, Dr. GRPO):
+   J = 1/(scored tokens of the step) * sum over every scored reply i and token t of its term,
+   so each token weighs the same and long replies are not down-weighted; --aggregation sequence
+   gives the paper's per-reply mean, then the mean over the step's scored replies.
 2. Groups whose replies all scored the same (all right or all wrong) have zero advantage: they
-   are counted and left out of the loss's normaliser instead of diluting it.
+   are counted and left out of the loss entirely, its normaliser and their KL term included (in
+   the paper the KL term still acts on them). The batch is not refilled with other prompts, as
+   DAPO's dynamic sampling does; --mask-truncated leaves out cut-off replies the same way.
 3. With one update per batch of rollouts (--inner-steps 1, the default) the data is on-policy, so
    pi_old is the policy itself: the ratio is exactly 1 and only its gradient acts (then the
    clipped objective reduces to the plain policy gradient A_i * grad log pi).
 4. The reward is the verifier's 0/1 and nothing else by default (--format-reward adds a small
    term for a well-formed final line); a reply cut off before <|end|> scores 0.
-5. The model is ~1M parameters and the problems a toy world's (data/world.py).
+5. The group's std is the sample std (Bessel's correction) floored at --std-floor, so a group that
+   is nearly constant (possible with --format-reward) cannot blow its advantages up; with 0/1
+   rewards and G = 8 the floor never acts.
+6. Ratio and KL are taken at the sampling temperature (--temperature), the distribution the replies
+   were drawn from, so the KL is between the tempered policy and the tempered reference.
+7. The model is ~1M parameters and the problems a toy world's (data/world.py).
 """
 
 import math
@@ -66,7 +76,7 @@ class RLVRConfig:
     scale_rewards: bool = M.option(True, "divide advantages by the group's std (GRPO); "
                                    "--no-scale-rewards: only subtract the mean (Dr. GRPO)", "objective")
     std_floor: float = M.option(0.1, "smallest std divided by, so a near-constant group cannot explode", "objective")
-    clip_eps: float = M.option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps_high]", "objective")
+    clip_eps: float = M.option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps] (see --clip-eps-high)", "objective")
     clip_eps_high: float = M.option(0.0, "upper clip eps (DAPO's clip-higher); 0 = same as --clip-eps", "objective")
     kl_coef: float = M.option(0.02, "beta_KL: weight of the k3 KL penalty to the reference (0 = no reference pass)", "objective")
     aggregation: str = M.option("token", "token: mean over all reply tokens of the batch; "
@@ -125,7 +135,8 @@ def group_advantages(rewards, scale=True, std_floor=0.1):
     advantages = rewards - mean  # (P, G), sums to 0 per group
     has_spread = (rewards != rewards[:, :1]).any(dim=1)  # (P,)
     if scale:
-        std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)
+        # the sample std (Bessel's correction), floored: departure 5 of the docstring
+        std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)  # (P, 1)
         advantages = advantages / std.clamp(min=std_floor)  # (P, G)
     return advantages * has_spread[:, None], has_spread
 
@@ -154,7 +165,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
     normaliser: what the summed loss is divided by: the number of scored tokens (aggregation
     "token") or of scored replies ("sequence"). By default this batch's own; pass the whole step's
     when it is split into micro-batches, so the loss and gradient do not depend on the split.
-    -> (loss scalar, {"kl", "clip_fraction", "ratio"} detached, summed over the mask)."""
+    -> (loss scalar, stats): stats holds sums over the mask, detached, for the caller to divide by
+    "tokens": "kl" (of D), "ratio" (of rho), "clipped" (tokens whose clipped branch won), "tokens"."""
     mask = mask.bool()
     clip_eps_high = clip_eps if not clip_eps_high else clip_eps_high
     # where(), not a product with the mask: padded positions may hold anything (even inf or NaN)
@@ -163,12 +175,12 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
     log_ratio = torch.where(mask, logps - old_logps, 0.0).clamp(-20, 20)  # (N, T)
     ratio = log_ratio.exp()  # rho_{i,t}; exactly 1 when pi_old is the policy itself
     A = advantages[:, None]  # (N, 1)
-    unclipped = ratio * A
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high) * A
+    unclipped = ratio * A  # (N, T)
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps_high) * A  # (N, T)
     objective = torch.min(unclipped, clipped)  # PPO's pessimistic bound: no gain from leaving the clip range
     per_token = -objective  # negate: we minimise
     ref_log_ratio = torch.where(mask, ref_logps - logps, 0.0).clamp(-20, 20)  # log pi_ref/pi_theta
-    kl = ref_log_ratio.exp() - ref_log_ratio - 1  # k3 estimator of KL(pi_theta || pi_ref), >= 0
+    kl = ref_log_ratio.exp() - ref_log_ratio - 1  # (N, T) D_{i,t}, eq. 4: k3, >= 0
     if kl_coef:
         per_token = per_token + kl_coef * kl
     per_token = torch.where(mask, per_token, 0.0)  # (N, T)
@@ -186,7 +198,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
     with torch.no_grad():
         # a token is clipped when the clipped branch is the smaller one and strictly so
         clipped_now = (clipped < unclipped) & mask
-        stats = {"kl": (kl * mask).sum().item(), "clip_fraction": clipped_now.sum().item(),
+        stats = {"kl": (kl * mask).sum().item(), "clipped": clipped_now.sum().item(),
                  "ratio": (ratio * mask).sum().item(), "tokens": mask.sum().item()}
     return loss, stats
 
@@ -195,26 +207,28 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
 # Rollouts and evaluation
 
 
-def token_logprobs(model, input_ids, loss_mask, temperature=1.0):
-    """Per-token log-probs of the reply tokens at the sampling temperature, aligned with the
-    shifted mask: -> logps (N, T-1), mask (N, T-1)."""
+def reply_logprobs(model, input_ids, loss_mask, temperature=1.0):
+    """Per-token log-probs at the sampling temperature, at every position of the shifted sequence
+    (meaningful where the mask is 1, on the reply's tokens): -> logps (N, T-1), mask (N, T-1)."""
     return M.shifted_logprobs(model, input_ids, loss_mask, temperature)
 
 
 def rollout(policy, enc, problems, group_size, config, generator):
     """Sample group_size replies to each problem and score them.
-    -> dict of per-reply lists (prompt_ids, reply_ids, sample_logps, finished, text) and
-    rewards (P, G)."""
+    -> dict of per-reply lists (prompt_ids, reply_ids, sample_logps, finished, correct, texts) and
+    rewards (P, G). sample_logps are the sampler's own log-probs; training recomputes them (see
+    train), and the tests check that the two agree."""
     end = M.special(enc, "end")
     prompt_ids = [M.render_prompt(enc, p["prompt"]) for p in problems for _ in range(group_size)]
     reply_ids, sample_logps = M.generate(policy, prompt_ids, config.max_new_tokens, end,
                                          config.temperature, generator=generator)
     finished = [len(r) > 0 and r[-1] == end for r in reply_ids]
     texts = [M.decode_reply(enc, r) for r in reply_ids]
+    correct = [f and world.verify(problems[i // group_size], t) for i, (f, t) in enumerate(zip(finished, texts))]
     rewards = torch.tensor([reward(problems[i // group_size], texts[i], finished[i], config.format_reward)
                             for i in range(len(texts))]).view(len(problems), group_size)  # (P, G)
     return {"prompt_ids": prompt_ids, "reply_ids": reply_ids, "sample_logps": sample_logps,
-            "finished": finished, "texts": texts, "rewards": rewards}
+            "finished": finished, "correct": correct, "texts": texts, "rewards": rewards}
 
 
 @torch.no_grad()
@@ -300,6 +314,7 @@ def train(config):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)
     ensure_data(config.data_dir)
+    peak = M.peak_flops(device)  # before seeding: the CPU probe draws from the global RNG
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -357,7 +372,7 @@ def train(config):
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     order, curve = [], []
-    sample_tokens, sample_seconds, train_tokens, train_seconds = 0, 0.0, 0, 0.0
+    sample_tokens, sample_seconds, train_tokens, train_seconds, train_flops = 0, 0.0, 0, 0.0, 0.0
     bar = tqdm(range(config.steps), desc="rlvr", dynamic_ncols=True)
     for step in bar:
         if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
@@ -380,8 +395,9 @@ def train(config):
 
         # 3. the update(s): per-token clipped ratios and the KL penalty, on the informative replies
         t_train = time.time()
-        stats = {"kl": 0.0, "clip_fraction": 0.0, "ratio": 0.0, "tokens": 0}
+        stats = {"kl": 0.0, "clipped": 0.0, "ratio": 0.0, "tokens": 0}
         grad_norm = step_loss = clipped = 0.0
+        ratio_sum = 0.0  # rho summed over the last inner step's tokens: how far pi_theta has moved from pi_old
         for g in opt.param_groups:  # one lr per step, whatever the number of inner steps (or none)
             g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
         if rows:
@@ -392,40 +408,51 @@ def train(config):
             ref_logps = [None] * len(chunks)
             if config.kl_coef:
                 with torch.no_grad():
-                    ref_logps = [token_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
+                    ref_logps = [reply_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
             normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
             old_logps = [None] * len(chunks)
             for inner in range(config.inner_steps):
                 opt.zero_grad(set_to_none=True)
                 for j, c in enumerate(chunks):
-                    logps, m = token_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
+                    logps, m = reply_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
                     if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
+                        # recomputed, not the sampler's log-probs: the sampler's KV-cache forward (bf16
+                        # on CUDA) rounds differently, and the ratio would not be exactly 1
                         old_logps[j] = logps.detach()
                     ref = ref_logps[j] if ref_logps[j] is not None else logps.detach()
                     loss, s = grpo_loss(logps, old_logps[j], ref, adv[c], m, config.clip_eps,
                                         config.clip_eps_high, config.kl_coef, config.aggregation, normaliser)
                     loss.backward()
-                    clipped += s["clip_fraction"]  # over every inner step: clipping needs mu > 1
+                    clipped += s["clipped"]  # over every inner step: clipping needs mu > 1
+                    ratio_sum = s["ratio"] + (ratio_sum if j else 0.0)  # the last inner step's
                     if inner == 0:  # the figures of the rollouts as sampled (ratio 1: on-policy)
                         step_loss += loss.item()
                         for k in stats:
                             stats[k] += s[k]
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip).item()
                 opt.step()
+            # tokens through the policy, prompt and padding included (they cost FLOPs); the reference's
+            # forward and the sampling are not counted in the training MFU
             train_tokens += ids[:, 1:].numel() * config.inner_steps
+            train_flops += ids[:, 1:].numel() * config.inner_steps * M.flops_per_token(policy, ids.shape[1] - 1)
+            if step == 0:  # the invariant before any update moved the policy: pi_old = pi_theta = pi_ref
+                tqdm.write(f"rlvr: step-0 check: ratio {stats['ratio'] / stats['tokens']:.4f} (1 on-policy)"
+                           + (f", KL {stats['kl'] / stats['tokens']:.4f} (0 at the start)" if config.kl_coef else ""))
         train_seconds += time.time() - t_train
 
         n_tok = max(1, stats["tokens"])
         rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
-               "accuracy": sum(r >= 1 for r in ro["rewards"].flatten().tolist()) / ro["rewards"].numel(),
+               "accuracy": sum(ro["correct"]) / len(ro["correct"]),
                "zero_spread_groups": 1 - has_spread.float().mean().item(),
-               "ratio": stats["ratio"] / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
+               # rho at the last inner step: exactly 1 with --inner-steps 1; with more, the drift
+               "ratio": ratio_sum / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
                "clip_fraction": clipped / (n_tok * config.inner_steps),
                "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
                "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
                "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
                "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
-               "train_tokens_per_second": train_tokens / max(1e-9, train_seconds)}
+               "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
+               "mfu": train_flops / max(1e-9, train_seconds) / peak}
         if config.kl_coef:  # measured only when the reference runs (--kl-coef 0 skips it)
             rec["kl"] = stats["kl"] / n_tok
         curve.append(rec)
@@ -437,12 +464,13 @@ def train(config):
                             **({"kl": f"{rec['kl']:.4f}"} if "kl" in rec else {}),  # --kl-coef 0 measures none
                             clip=f"{rec['clip_fraction']:.3f}", len=f"{rec['reply_length']:.0f}",
                             sample=f"{rec['sample_tokens_per_second'] / 1e3:.1f}k",
-                            train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k")
+                            train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
 
     metrics = {"steps": len(curve), "samples": len(curve) * config.prompts_per_step * config.group_size,
                "reward_curve": [r["reward"] for r in curve],
                "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
                "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
+               "mfu": train_flops / max(1e-9, train_seconds) / peak,
                "sample_seconds": sample_seconds, "train_seconds": train_seconds}
     if eval_problems:
         after = before
@@ -460,7 +488,7 @@ def train(config):
         print("\n--- three held-out prompts after RL (greedy | sampled) ---")
         for p, g, s in list(zip(eval_problems, greedy, sampled))[:3]:
             print(f"USER: {p['prompt']}  (answer {p['answer']})\n[greedy]  {g!r}\n[sampled] {s!r}\n")
-    metrics.update({"peak_flops": M.peak_flops(device), "wall_seconds": time.time() - t0,
+    metrics.update({"peak_flops": peak, "wall_seconds": time.time() - t0,
                     "total_wall_seconds": time.time() - t_all})
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="rlvr",
                       train_config=asdict(config), metrics=metrics)
@@ -478,7 +506,8 @@ def train(config):
               f"reply length {metrics['length_before']:.0f} -> {metrics['length_after']:.0f} chars; "
               f"KL to {config.eval_reference or 'the start'} {metrics['kl']:.2f} nats/reply")
     print(f"rlvr: sampling {metrics['sample_tokens_per_second'] / 1e3:.1f}k tok/s, training "
-          f"{metrics['train_tokens_per_second'] / 1e3:.1f}k tok/s; RL stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+          f"{metrics['train_tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} (peak {peak / 1e9:.0f} "
+          f"GFLOP/s); RL stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
     return metrics
 
 

@@ -62,7 +62,7 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
     assert len({len(p) for p in ro["prompt_ids"]}) == 3  # prompts of different lengths, one batch
     ids, mask = M.prompt_response_batch(ro["prompt_ids"], ro["reply_ids"], pad_id(tiny_enc), "cpu")
     with torch.no_grad():
-        logps, m = rlvr.token_logprobs(model, ids, mask, temperature)
+        logps, m = rlvr.reply_logprobs(model, ids, mask, temperature)
     forced = masked_rows(logps, m)
     flat = []
     for sampled, recomputed in zip(ro["sample_logps"], forced):
@@ -74,7 +74,7 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
     assert all(abs(x + math.log(tiny_enc.n_vocab)) > 1e-3 for x in flat[:5])
     # ... and a recomputation at the wrong temperature would be caught
     with torch.no_grad():
-        other, _ = rlvr.token_logprobs(model, ids, mask, 1.0 if temperature != 1.0 else 0.5)
+        other, _ = rlvr.reply_logprobs(model, ids, mask, 1.0 if temperature != 1.0 else 0.5)
     wrong = masked_rows(other, m)
     assert max(abs(a - b) for s, w in zip(ro["sample_logps"], wrong) for a, b in zip(s, w)) > 1e-2
 
@@ -91,7 +91,7 @@ def test_sampler_logprobs_match_with_replies_of_different_lengths(tiny_enc):
     assert len({len(r) for r in replies}) > 1 and any(r[-1] == stop for r in replies)
     ids, mask = M.prompt_response_batch(prompt_ids, replies, pad_id(tiny_enc), "cpu")
     with torch.no_grad():
-        logps, m = rlvr.token_logprobs(model, ids, mask, 0.8)
+        logps, m = rlvr.reply_logprobs(model, ids, mask, 0.8)
     for s, f in zip(sampled, masked_rows(logps, m)):
         assert len(s) == len(f)
         assert max(abs(a - b) for a, b in zip(s, f)) < 1e-5
@@ -143,7 +143,7 @@ def test_reply_mask_covers_the_reply_and_its_end_token_and_nothing_else(tiny_enc
 
     model = tiny_gpt(enc.n_vocab, seed=14, std=0.1).eval()
     with torch.no_grad():
-        logps, m = rlvr.token_logprobs(model, ids, mask)
+        logps, m = rlvr.reply_logprobs(model, ids, mask)
     assert logps.shape == m.shape == (2, T - 1)
     for b, (p, r) in enumerate(zip(prompts, replies)):
         scored = m[b].nonzero().flatten().tolist()
@@ -286,7 +286,7 @@ def test_ratio_is_exactly_one_and_kl_exactly_zero_when_policy_is_old_and_referen
         loss, stats = rlvr.grpo_loss(logps, logps.detach(), logps.detach().clone(), adv, mask,
                                      kl_coef=0.1, aggregation=aggregation)
         assert stats["ratio"] == stats["tokens"] == mask.sum().item()
-        assert stats["kl"] == 0.0 and stats["clip_fraction"] == 0
+        assert stats["kl"] == 0.0 and stats["clipped"] == 0
         # and only the ratio's gradient acts: the plain policy gradient -A * grad log pi / normaliser
         (grad,) = torch.autograd.grad(loss, logps)
         if aggregation == "token":
@@ -322,7 +322,7 @@ def test_clipping_stops_the_gradient_only_in_the_direction_the_advantage_pushes(
     for (a, r, clipped), g in zip(cases, logps.grad.flatten().tolist()):
         # d/dlogp of -A * exp(logp) / N = -A * ratio / N, unless clipped
         assert g == (0.0 if clipped else pytest.approx(-a * r / N, abs=1e-7)), (a, r, g)
-    assert stats["clip_fraction"] == sum(c for _, _, c in cases)
+    assert stats["clipped"] == sum(c for _, _, c in cases)
 
 
 def test_clip_eps_high_moves_the_upper_bound_only():
@@ -455,7 +455,7 @@ def test_micro_batches_give_the_same_loss_and_gradient_as_one_batch(tiny_enc, ag
     ids, mask = M.prompt_response_batch(prompts, replies, pad_id(tiny_enc), "cpu")
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        logps0, m = rlvr.token_logprobs(model, ids, mask, 0.8)
+        logps0, m = rlvr.reply_logprobs(model, ids, mask, 0.8)
     old = logps0 + 0.3 * torch.randn(logps0.shape, generator=g)  # ratios off 1: some tokens clipped
     ref = logps0 + 0.5 * torch.randn(logps0.shape, generator=g)
     adv = torch.randn(7, generator=g)
@@ -466,12 +466,12 @@ def test_micro_batches_give_the_same_loss_and_gradient_as_one_batch(tiny_enc, ag
         total, clipped = 0.0, 0
         for i in range(0, 7, mb):
             c = slice(i, i + mb)
-            lp, mc = rlvr.token_logprobs(model, ids[c], mask[c], 0.8)
+            lp, mc = rlvr.reply_logprobs(model, ids[c], mask[c], 0.8)
             loss, stats = rlvr.grpo_loss(lp, old[c], ref[c], adv[c], mc, 0.2, None, 0.1, aggregation,
                                          normaliser if whole_normaliser else None)
             loss.backward()
             total += loss.item()
-            clipped += stats["clip_fraction"]
+            clipped += stats["clipped"]
         return total, [p.grad.clone() for p in model.parameters()], clipped
 
     loss1, grads1, clipped = run(7)
@@ -498,13 +498,13 @@ def test_one_update_raises_the_rewarded_reply_over_the_unrewarded_one(tiny_enc):
 
     def reply_logps():
         with torch.no_grad():
-            lp, m = rlvr.token_logprobs(model, ids, mask)
+            lp, m = rlvr.reply_logprobs(model, ids, mask)
         return (lp * m).sum(-1)  # (2,)
 
     before = reply_logps()
     adv, spread = rlvr.group_advantages(rewards)
     assert spread.tolist() == [True] and adv[0, 0] > 0 > adv[0, 1]
-    logps, m = rlvr.token_logprobs(model, ids, mask)
+    logps, m = rlvr.reply_logprobs(model, ids, mask)
     loss, _ = rlvr.grpo_loss(logps, logps.detach(), logps.detach(), adv.flatten(), m)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     opt.zero_grad()
@@ -740,8 +740,30 @@ def test_first_inner_step_has_ratio_one_and_kl_zero(tiny_data_dir, tiny_init_ckp
     assert torch.equal(old0, lp0) and torch.equal(old1, lp0)
     assert s0["ratio"] == s0["tokens"] and s0["kl"] == 0.0
     assert not torch.equal(lp1, lp0) and s1["ratio"] != s1["tokens"] and s1["kl"] > 0
-    # the log reports the rollouts as sampled: the first inner step's figures (ratio 1, KL 0)
-    assert read_log(out)[0]["kl"] == 0.0 and read_log(out)[0]["ratio"] == 1.0
+    # the log reports the KL of the rollouts as sampled (the first inner step's: 0), and the ratio of
+    # the last inner step, which shows how far the policy has moved from the one that sampled
+    (rec,) = read_log(out)
+    assert rec["kl"] == 0.0
+    assert rec["ratio"] == pytest.approx(s1["ratio"] / s1["tokens"]) and rec["ratio"] != 1.0
+
+
+def test_logged_accuracy_is_the_verifiers_and_mfu_and_the_step0_check_are_reported(
+        tiny_data_dir, tiny_init_ckpt, tmp_path, monkeypatch, capsys):
+    # a reward of 1 does not make a reply right (--format-reward 1 pays a well-formed wrong one 1):
+    # the logged accuracy counts the verifier's verdicts, here none
+    monkeypatch.setattr(rlvr, "reward", stand_in_reward)
+    monkeypatch.setattr(rlvr.world, "verify", lambda problem, reply: False)
+    out = str(tmp_path)
+    metrics = rlvr.train(tiny_rl_config(tiny_data_dir, tiny_init_ckpt, out, steps=2))
+    log = read_log(out)
+    assert all(r["reward"] > 0 and r["accuracy"] == 0.0 for r in log)
+    # the training MFU, as sft.py and dpo.py report it: 6 x params x tokens/s (plus attention)
+    # against the probe's peak, so below 1 and above 0 on any device
+    assert all(0 < r["mfu"] < 1 for r in log) and 0 < metrics["mfu"] < 1
+    captured = capsys.readouterr()
+    # the invariant before the first update: the policy is the sampler and the reference
+    assert "rlvr: step-0 check: ratio 1.0000 (1 on-policy), KL 0.0000 (0 at the start)" in captured.err + captured.out
+    assert "MFU" in [line for line in captured.out.splitlines() if line.startswith("rlvr: sampling")][-1]
 
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
