@@ -26,7 +26,6 @@ How this departs from a real pipeline:
 
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -101,6 +100,19 @@ def sft_examples(enc, path, block_size):
         ids, mask = M.render_chat(enc, msgs)
         out.append((ids[:block_size], mask[:block_size]))  # over-long rows are cut, not dropped
     return out
+
+
+def heldout_problems(path):
+    """The held-out problems the SFT model answers at the end: rows {"prompt": text, "answer":
+    integer}, checked (DataError naming the file and line)."""
+    problems = []
+    for n, row in M.read_jsonl(path):
+        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise M.DataError(f"{path}:{n}: 'prompt' must be non-empty text")
+        if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), int):
+            raise M.DataError(f"{path}:{n}: 'answer' must be an integer, got {row.get('answer')!r}")
+        problems.append(row)
+    return problems
 
 
 def lm_loss(model, ids, mask):
@@ -223,6 +235,30 @@ def train(config):
     pretrain_dir = os.path.join(config.out, "pretrain")
     metrics = {}
 
+    # Every file the SFT stage reads is read and checked now, before pretraining spends minutes: a
+    # bad row stops the run here, in one line with its file and line, and nothing is built
+    if "sft" in stages:
+        path = os.path.join(pretrain_dir, "model.pt")
+        if "pretrain" in stages:
+            context = config.block_size
+        else:
+            if not os.path.exists(path):
+                raise M.DataError(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
+            gpt, _ = M.load_checkpoint(path, device, tok_path)
+            context = gpt.config.block_size
+            shape = ("n_layer", "n_head", "n_embd", "block_size")
+            if any(getattr(gpt.config, k) != getattr(config, k) for k in shape):  # the flags shape a new model only
+                print(f"sft: the model's shape comes from {path} (" + ", ".join(
+                    f"{k} {getattr(gpt.config, k)}" for k in shape) + "); --n-layer, --n-head, --n-embd and "
+                    "--block-size shape the model pretraining builds")
+        train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), context)
+        val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
+        problems = []
+        if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
+            test_path = os.path.join(config.data_dir, "test.jsonl")
+            problems = heldout_problems(test_path)[: config.eval_problems]
+            M.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+
     if "pretrain" in stages:
         gpt = M.GPT(M.GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size,
                                 n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).to(device)
@@ -254,19 +290,7 @@ def train(config):
 
     if "sft" in stages:
         t_sft = time.time()
-        path = os.path.join(pretrain_dir, "model.pt")
-        if "pretrain" not in stages:
-            if not os.path.exists(path):
-                sys.exit(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
-            gpt, _ = M.load_checkpoint(path, device, tok_path)
-            shape = ("n_layer", "n_head", "n_embd", "block_size")
-            if any(getattr(gpt.config, k) != getattr(config, k) for k in shape):  # the flags shape a new model only
-                print(f"sft: the model's shape comes from {path} (" + ", ".join(
-                    f"{k} {getattr(gpt.config, k)}" for k in shape) + "); --n-layer, --n-head, --n-embd and "
-                    "--block-size shape the model pretraining builds")
         print(f"sft: {M.describe(gpt, device)}")
-        train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), gpt.config.block_size)
-        val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), gpt.config.block_size)
         pad = M.special(enc, "endoftext")
         order = []
 
@@ -277,12 +301,6 @@ def train(config):
         val_batches = [M.pad_batch([r[0] for r in val_rows[i: i + 64]], [r[1] for r in val_rows[i: i + 64]], pad, device)
                        for i in range(0, len(val_rows), 64)]
         sft_dir = os.path.join(config.out, "sft")
-        problems = []
-        if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
-            test_path = os.path.join(config.data_dir, "test.jsonl")
-            problems = [r for _, r in M.read_jsonl(test_path)][: config.eval_problems]
-            M.check_replies_fit(gpt.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
-                                test_path)
         metrics = train_stage("sft", gpt, next_batch, val_batches, config.sft_steps, config.sft_lr,
                               config, sft_dir, device)
         if problems:

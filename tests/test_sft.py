@@ -271,8 +271,10 @@ def test_sft_stage_alone_resumes_from_the_pretrained_checkpoint(sft_run, tiny_da
 
 
 def test_sft_stage_alone_without_checkpoint_exits(tiny_data_dir, tmp_path, monkeypatch):
-    with pytest.raises(SystemExit, match="no pretrained checkpoint"):
+    with pytest.raises(M.DataError, match="no pretrained checkpoint"):
         sft.train(tiny_sft_config(tiny_data_dir, str(tmp_path), stages="sft"))
+    with pytest.raises(SystemExit, match="no pretrained checkpoint"):  # one line on the command line
+        sft.main(["--data-dir", tiny_data_dir, "--out", str(tmp_path), "--stages", "sft", "--device", "cpu"])
 
 
 def test_main_reports_bad_data_file_and_line(tiny_data_dir, tmp_path, monkeypatch):
@@ -288,6 +290,24 @@ def test_main_reports_bad_data_file_and_line(tiny_data_dir, tmp_path, monkeypatc
     with pytest.raises(SystemExit) as e:
         sft.main(argv)
     assert "sft.jsonl:5" in str(e.value.code) and str(data) in str(e.value.code)
+    # found before pretraining spent its minutes: nothing was built
+    assert not (tmp_path / "out" / "pretrain").exists()
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"answer": 3}, "'prompt' must be non-empty text"),
+    ({"prompt": "Mia has 3 pens. How many pens does Mia have?", "answer": "three"}, "'answer' must be an integer"),
+])
+def test_a_bad_held_out_problem_stops_before_pretraining(tiny_data_dir, tmp_path, row, message):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    lines = (data / "test.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = json.dumps(row) + "\n"
+    (data / "test.jsonl").write_text("".join(lines))
+    out = tmp_path / "out"
+    with pytest.raises(M.DataError, match=f"test.jsonl:2: {message}"):
+        sft.train(tiny_sft_config(str(data), str(out), eval_problems=4))
+    assert not (out / "pretrain").exists()
 
 
 def test_train_does_not_rebuild_given_data(tiny_data_dir):
