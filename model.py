@@ -1,6 +1,8 @@
 """
 The pieces every stage shares: the GPT, the tokenizer and chat template, KV-cache sampling,
-checkpoints, LoRA adapters, the device, and a few small helpers (config CLI, logging, MFU).
+checkpoints, LoRA adapters, the device, and small helpers the scripts share (the config CLI and
+its errors, batching and padding, the learning-rate schedule, JSONL reading and strict-JSON
+writing, reply sampling, MFU).
 LoRA (Hu et al. 2021) is written out here, no peft: W' = W + (alpha / r) B A on chosen Linears.
 
 Nothing here knows about a stage or a data set. Read it first; then sft.py, dpo.py, rlvr.py.
@@ -67,7 +69,9 @@ def rope_angles(positions, head_dim, base=10000.0):
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x1_i, x2_i) of the two halves of x by its angle. x (B, H, T, D).
-    Then q_s . k_t depends on the positions only through s - t."""
+    Then q_s . k_t depends on the positions only through s - t. The paper pairs adjacent dimensions
+    (2i, 2i+1); pairing dimension i with i + D/2 (GPT-NeoX, Llama) is the same up to a fixed
+    permutation of the dimensions, which the learned weights absorb."""
     x1, x2 = x.chunk(2, dim=-1)  # (B, H, T, D/2) each
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
@@ -83,7 +87,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, rope, attn_mask=None, cache=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, D)
@@ -91,7 +95,10 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # append this chunk's keys and values, attend over all so far
             k, v = cache.update(k, v)  # (B, H, Tk, D)
         dropout = self.dropout if self.training else 0.0
-        if attn_mask is None:  # plain causal attention over the whole (unpadded) batch
+        if attn_mask is None:
+            # plain causal attention. Right padding is harmless here: no real token attends forward to
+            # it. Not for a cache: is_causal aligns its mask top-left, so a one-token decode step would
+            # see only key 0; sampling with a cache passes attn_mask
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
@@ -301,7 +308,10 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     reply does not depend on how long the other prompts are. A row stops at `stop_token` (which is
     kept) or after max_new_tokens. temperature 0 is greedy.
     Returns (replies, logprobs): per row the new token ids and, for each, its log-prob under the
-    sampling distribution (the logits / temperature), as the RL stage needs them.
+    sampling distribution: softmax(logits / temperature), renormalised over the top_k tokens when
+    top_k is given; with temperature 0 (greedy), under softmax(logits), the T = 1 distribution.
+    The tests check them against a teacher-forced pass (shifted_logprobs at the same temperature);
+    the RL update recomputes its own.
     use_cache=False recomputes the whole prefix at every step (same result, for comparison)."""
     was_training = model.training
     model.eval()
@@ -481,6 +491,8 @@ def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
 #   2. The fused q, k, v matrix (c_attn, (3C, C)) gets one A, B: one rank-r update shared by
 #      q, k and v, where the paper gives W_q and W_v a rank-r update each.
 #   3. One rank and alpha for every adapted layer.
+#   4. The MLP is adapted too by default (targets "attn" and "mlp"), where the paper adapts only
+#      attention weights and freezes the MLP; --lora-targets attn is the nearest to the paper's.
 
 LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"),  # q, k, v (fused) and the output projection
                 "mlp": ("mlp.c_fc", "mlp.c_proj")}
@@ -666,7 +678,10 @@ def load_lora(path, model):
 
 def flops_per_token(model, T):
     """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's
-    6 * n_layer * T * n_embd (the QK^T and AV matmuls, forward and backward; PaLM appendix B)."""
+    6 * n_layer * T * n_embd for the QK^T and AV matmuls, forward and backward. PaLM (appendix B)
+    and nanoGPT count 12 * n_layer * T * n_embd, every score of the T x T matrix; we count the half
+    a causal mask leaves, so MFU credits only useful work (the attention term is ~7% of the total
+    at the pretraining length, so the two counts differ by that much in MFU)."""
     cfg = model.config
     return 6 * model.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
 
@@ -675,8 +690,9 @@ _PEAK = {}
 
 
 def peak_flops(device):
-    """The device's peak fp32 (CPU) or bf16 (CUDA) matmul FLOP/s. On a CPU there is no spec sheet
-    to read, so a short matmul probe measures it (~0.5 s, once per process)."""
+    """The device's peak matmul FLOP/s in the dtype training runs in: fp32 on CPU and MPS, bf16 on
+    CUDA. An H100, H200 or A100 reads its spec sheet; anything else is measured by a short matmul
+    probe (once per process: ~0.5 s on the fast 2-core CPU, ~1.5 s on the slow one)."""
     device = torch.device(device)
     if device.type in _PEAK:
         return _PEAK[device.type]
@@ -687,8 +703,9 @@ def peak_flops(device):
             _PEAK[device.type] = peak
             return peak
     n = 1024
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as autocast() runs the forward
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     best = 0.0
