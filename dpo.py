@@ -47,8 +47,9 @@ How this departs from the paper:
    chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
    evaluation on the policy's own samples.
 
-The family (--loss-type) lives in dpo_family.py, one equation each; this file computes plain DPO
-(eq. 7) itself, and batch_loss below picks the member the config names.
+The family (--loss-type) lives in dpo_family.py, one equation each, so that this file stays one
+lesson read top to bottom; it computes plain DPO (eq. 7) itself, and batch_loss below picks the
+member the config names.
 """
 
 import contextlib
@@ -67,7 +68,7 @@ from tqdm import tqdm
 import model as M
 from data import world
 from data.prepare import DATA_DIR, ensure_data
-from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,
+from dpo_family import (LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,
                         odds_ratio_loss, paired_losses, simpo_loss)
 
 
@@ -391,8 +392,8 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
         return losses.mean(), chosen_rewards, rejected_rewards
     if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
         avg = logps / lengths.clamp(min=1)
-        odds_term, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
-        loss = chosen_nll(logps[:B], lengths[:B]) + odds_term
+        odds_losses, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
+        loss = chosen_nll(logps[:B], lengths[:B]) + odds_losses.mean()
         return loss, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
     if config.loss_type == "kto":
         good = labels
@@ -618,6 +619,11 @@ def check_config(config):
               f"{config.label_noise}")
     M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
               f"[0, 0.5), got {config.label_smoothing}")
+    # a flag that changes nothing would let a run pass for what it is not
+    M.require(config.label_smoothing > 0 or config.loss_type not in ("cdpo", "robust"), f"--loss-type "
+              f"{config.loss_type} needs --label-smoothing > 0: with 0 it is plain DPO (sigmoid)")
+    M.require(config.label_smoothing == 0 or config.loss_type in LABEL_SMOOTHED, f"--label-smoothing does nothing "
+              f"with --loss-type {config.loss_type}; it enters {', '.join(LABEL_SMOOTHED)}")
     M.check_out(config.out)
 
 

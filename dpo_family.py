@@ -31,6 +31,24 @@ s = sigmoid, eps = label_smoothing, n_w, n_l = response lengths in tokens.
   ORPO's term   -lam log s(log odds(y_w) - log odds(y_l)), odds = p/(1-p) of avg   ORPO (Hong et al. 2024)
   KTO           1 - s(beta (a - z0)) for a good reply, 1 - s(beta (z0 - b)) for a bad one, z0 = KL
                 estimate on mismatched pairs                         KTO (Ethayarajh et al. 2024, eq. 8)
+
+Run one with dpo.py:
+
+    python dpo.py --loss-type ipo
+    python dpo.py --loss-type robust --label-smoothing 0.1      (cdpo and robust need eps > 0)
+    python dpo.py --loss-type simpo [--simpo-beta 2 --simpo-gamma 0.5]
+    python dpo.py --loss-type orpo [--orpo-lambda 0.1]
+    python dpo.py --loss-type kto [--kto-desirable-weight 1 --kto-undesirable-weight 1]
+
+How this departs from TRL:
+1. cdpo is a name of its own here; TRL spells it sigmoid with label_smoothing > 0 (both work).
+2. bco_pair's baseline delta is this batch's mean reward, not a running mean over steps: a pure
+   function keeps no state (a running mean can be passed in).
+3. ipo averages each log-ratio over its response tokens, as TRL does; the IPO paper writes sums.
+4. discopop's tau is fixed at TRL's default, 0.05, and its exponential term is computed as
+   exp(log m - beta z), finite where m * exp(-beta z) overflows.
+5. ORPO's term is returned as a loss, per example (TRL returns its negative, and subtracts it).
+6. TRL's aot, aot_pair and sft loss types are left out.
 """
 
 import math
@@ -42,6 +60,7 @@ PAIRED_LOSS_TYPES = ["sigmoid", "cdpo", "robust", "hinge", "ipo", "sigmoid_norm"
                      "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"]
 DISCOPOP_TAU = 0.05  # TRL's default discopop_tau
 REFERENCE_FREE = ["simpo", "orpo"]  # no reference model: one model in memory, no reference pass
+LABEL_SMOOTHED = ["sigmoid", "cdpo", "robust", "exo_pair", "simpo"]  # the losses label_smoothing enters
 
 
 def per_token(logratios, lengths, loss_type):
@@ -63,7 +82,10 @@ def paired_losses(loss_type, chosen_logratios, rejected_logratios, beta, label_s
     Shape: delta ()                 bco_pair's reward baseline (default: this batch's mean reward)
     Returns losses (B,)."""
     a, b, eps = chosen_logratios, rejected_logratios, label_smoothing
-    z = a - b  # the reference's log Z(x) has cancelled here, as in DPO
+    # z = a - b: the reference's beta log Z(x) has cancelled, as in DPO. The losses that use a or b
+    # alone (nca_pair, bco_pair, sppo_hard, apo_*) treat beta a as an absolute reward, in which it does
+    # not cancel; BCO's delta (and KTO's z0, below) stand in for that missing baseline
+    z = a - b
     if loss_type in ("sigmoid", "cdpo"):  # cDPO: the expected DPO loss when a label is wrong w.p. eps
         return -(1 - eps) * F.logsigmoid(beta * z) - eps * F.logsigmoid(-beta * z)
     if loss_type == "robust":  # rDPO: unbiased under flips w.p. eps, hence the division
@@ -131,13 +153,15 @@ def odds_ratio_loss(chosen_avg_logps, rejected_avg_logps, lam=0.1):
     """ORPO's odds-ratio term (Hong et al. 2024), added by ORPO to the SFT loss on y_w; with
     p = exp(avg logp), odds(y|x) = p / (1 - p):
         log_odds = (avg_w - avg_l) - (log(1 - exp(avg_w)) - log(1 - exp(avg_l)))
-        L_OR = -lam * mean( log sigmoid(log_odds) )
+        L_OR = -lam * log sigmoid(log_odds)            per example; ORPO adds its batch mean
+    (TRL's function of the same name returns +lam * log sigmoid(log_odds) and its trainer subtracts
+    the mean; here the term is a loss like every other, and is added.)
     Shape: chosen_avg_logps (B,)    log pi(y_w|x) / |y_w|, < 0
     Shape: rejected_avg_logps (B,)  log pi(y_l|x) / |y_l|, < 0
-    Returns (loss scalar, log_odds (B,) detached)."""
+    Returns (losses (B,), log_odds (B,) detached)."""
     log_odds = ((chosen_avg_logps - rejected_avg_logps)
                 - (log1mexp(chosen_avg_logps) - log1mexp(rejected_avg_logps)))  # log odds(y_w) / odds(y_l)
-    return (-lam * F.logsigmoid(log_odds)).mean(), log_odds.detach()
+    return -lam * F.logsigmoid(log_odds), log_odds.detach()
 
 
 def kto_loss(policy_desirable_logps, policy_undesirable_logps, ref_desirable_logps, ref_undesirable_logps,

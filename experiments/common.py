@@ -43,8 +43,9 @@ def run(main):
 
 
 def setup(name, args):
-    """-> {"dir", "data_dir", "init"}: where this experiment writes, the data, and the SFT
-    checkpoint every run starts from (built, announced, when missing)."""
+    """-> {"dir", "data_dir", "init", "stages", "quick", "device"}: where this experiment writes, the
+    data, the SFT checkpoint every run starts from (built, announced, when missing), where the
+    stages' own outputs go, whether this is a --quick run, and the device."""
     import sft
     M.pick_device(args.device)  # a device this machine lacks stops here, before anything is built
     # --quick writes apart, under experiments/quick/: its figures must never replace a real run's

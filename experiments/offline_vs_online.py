@@ -19,7 +19,8 @@ EVAL_PROBLEMS = 300
 
 
 def evaluate(s, name, init, **overrides):
-    """rlvr.py's held-out evaluation of a checkpoint (no RL step), KL against the SFT model."""
+    """A run of rlvr.py from `init`, KL against the SFT model. With its defaults (steps=0) only the
+    held-out evaluation; steps=N in overrides trains RL first, then evaluates."""
     kw = dict(init=init, data_dir=s["data_dir"], out=os.path.join(s["dir"], name), device=s["device"],
               steps=0, eval_reference=s["init"], eval_problems=EVAL_PROBLEMS)
     if s["quick"]:

@@ -1,7 +1,7 @@
 """
 How does DPO fail? One DPO run far past its useful length (six epochs over 1000 pairs at the
 paper's beta 0.1), logging the policy's log-prob of the chosen and of the rejected replies, the
-margin, and the held-out judge score every 20 steps. The DPO lesson warns that the margin can keep
+margin every 5 steps, and the held-out judge score every 20. The DPO lesson warns that the margin can keep
 growing while the chosen reply's own log-prob falls (both replies are pushed down, the rejected
 one faster); dpo.py prints an early warning when that happens. Does it, and when?
 

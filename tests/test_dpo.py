@@ -585,6 +585,11 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--lr-schedule", "step"], "--lr-schedule 'step' is unknown; known: linear, cosine, constant"),
     (["--label-noise", "1.5"], "--label-noise is a share"),
     (["--label-smoothing", "0.5"], "--label-smoothing is the assumed share"),
+    # flags that would change nothing: cDPO and rDPO at eps 0 are plain DPO; hinge has no eps
+    (["--loss-type", "cdpo"], "--loss-type cdpo needs --label-smoothing > 0: with 0 it is plain DPO (sigmoid)"),
+    (["--loss-type", "robust"], "--loss-type robust needs --label-smoothing > 0"),
+    (["--loss-type", "hinge", "--label-smoothing", "0.1"], "--label-smoothing does nothing with --loss-type hinge; "
+                                                           "it enters sigmoid, cdpo, robust, exo_pair, simpo"),
     (["--log-every", "0"], "--log-every must be > 0"),
     (["--grad-clip", "0"], "--grad-clip must be > 0"),  # 0 would zero every update, a negative one reverse it
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
