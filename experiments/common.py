@@ -42,7 +42,7 @@ def run(main):
     return M.one_line_errors(main)
 
 
-def setup(name, args):
+def setup(name, args, quick_data=QUICK_DATA, quick_sft=QUICK_SFT):
     """-> {"dir", "data_dir", "init", "stages", "quick", "device"}: where this experiment writes, the
     data, the SFT checkpoint every run starts from (built, announced, when missing), where the
     stages' own outputs go, whether this is a --quick run, and the device."""
@@ -55,9 +55,9 @@ def setup(name, args):
     if args.quick:
         data_dir = os.path.join(root, "data")
         if not os.path.exists(os.path.join(data_dir, "manifest.json")):
-            prepare(PrepareConfig(**QUICK_DATA), out_dir=data_dir, verbose=False)
+            prepare(PrepareConfig(**quick_data), out_dir=data_dir, verbose=False)
         stage_out = os.path.join(root, "stages")
-        config = sft.SFTConfig(**QUICK_SFT, data_dir=data_dir, out=stage_out, device=args.device)
+        config = sft.SFTConfig(**quick_sft, data_dir=data_dir, out=stage_out, device=args.device)
     else:
         data_dir = DATA_DIR
         ensure_data(data_dir)

@@ -1,8 +1,10 @@
 """
 Why IPO? The over-training run of overtraining.py, once with DPO's loss (sigmoid) and once with
 IPO's (Azar et al. 2023): IPO regresses the per-token log-ratio margin onto a target, 1/(2 beta),
-instead of pushing it ever higher, so its margin should level off where DPO's runs away, and its
-held-out judge score should suffer less from the over-training.
+instead of pushing it ever higher, so its margin should stay bounded where DPO's runs away, and its
+held-out judge score should suffer less from the over-training. The table and plot show the margin
+dpo.py logs, beta times the difference of the summed log-ratios; with a per-token target it levels
+off at a value the replies' lengths set, not at 1/(2 beta) itself.
 
     python experiments/ipo_vs_dpo.py            (4.3 min on a fast 2-core CPU, one thread)
     python experiments/ipo_vs_dpo.py --quick    (seconds: a tiny world, for tests)
@@ -24,7 +26,7 @@ def main(argv=None):
                      "win_rate": metrics["win_rate"], "kl": metrics["kl"]})
     common.write_results(s, {"rows": rows, "curves": curves},
                          ["loss_type", "margin_end", "chosen_logp_end", "judge_score_end", "win_rate", "kl"],
-                         "DPO and IPO over-trained (beta 0.1, 6 epochs over 1000 pairs)")
+                         f"DPO and IPO over-trained ({overtraining.WHAT})")
 
     def draw(plt):
         for loss_type, curve in curves.items():

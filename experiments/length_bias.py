@@ -38,12 +38,12 @@ def paddable(reply):
     return world.classify_style(reply) != "terse"
 
 
-def biased(rows):
-    """Every chosen reply gets the filler (but terse ones): longer is preferred more often."""
-    return [{**r, "chosen": pad(r["chosen"], FILLER)} if paddable(r["chosen"]) else r for r in rows]
+def biased(rows, filler=FILLER):
+    """Every chosen reply gets the filler lines (but terse ones): longer is preferred more often."""
+    return [{**r, "chosen": pad(r["chosen"], filler)} if paddable(r["chosen"]) else r for r in rows]
 
 
-def balanced(rows, rng):
+def balanced(rows, rng, filler=FILLER):
     """The shorter reply of each pair gets filler lines until it is at least as long as the other:
     after this, length no longer tells chosen from rejected. Pairs whose shorter reply is terse
     are left out: it cannot be padded without becoming another style."""
@@ -54,7 +54,7 @@ def balanced(rows, rng):
             continue
         lines = []
         while len(pad(r[short], lines)) < len(r[long_]):
-            lines.append(rng.choice(FILLER))
+            lines.append(rng.choice(filler))
         out.append({**r, short: pad(r[short], lines)})
     return out
 

@@ -18,11 +18,11 @@ import rlvr
 EVAL_PROBLEMS = 300
 
 
-def evaluate(s, name, init, **overrides):
+def evaluate(s, name, init, eval_problems=EVAL_PROBLEMS, **overrides):
     """A run of rlvr.py from `init`, KL against the SFT model. With its defaults (steps=0) only the
     held-out evaluation; steps=N in overrides trains RL first, then evaluates."""
     kw = dict(init=init, data_dir=s["data_dir"], out=os.path.join(s["dir"], name), device=s["device"],
-              steps=0, eval_reference=s["init"], eval_problems=EVAL_PROBLEMS)
+              steps=0, eval_reference=s["init"], eval_problems=eval_problems)
     if s["quick"]:
         kw.update(eval_problems=6, max_new_tokens=16, prompts_per_step=2, group_size=4)
     kw.update(overrides)

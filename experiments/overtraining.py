@@ -15,11 +15,13 @@ import common
 
 SETTINGS = dict(beta=0.1, max_pairs=1000, epochs=6, log_every=5, eval_every=20, eval_every_problems=80,
                 eval_problems=200)
+WHAT = "beta {beta}, {epochs} epochs over {max_pairs} pairs".format(**SETTINGS)  # for the tables' titles
 
 
-def run(s, name, **overrides):
-    """One over-training run -> (metrics, the log's curve)."""
-    settings = {**SETTINGS, **overrides}
+def run(s, name, settings=SETTINGS, **overrides):
+    """One over-training run (settings, then overrides, over dpo.py's defaults) -> (metrics, the
+    log's curve)."""
+    settings = {**settings, **overrides}
     if s["quick"]:
         settings.update(steps=6, eval_every=2, eval_every_problems=4, eval_problems=8)
     metrics = common.dpo.train(common.dpo_config(s, name, **settings))
@@ -41,7 +43,7 @@ def main(argv=None):
                "steps": metrics["steps"], "kl": metrics["kl"], "curve": curve}
     common.write_results(s, results, ["steps", "chosen_logp_start", "chosen_logp_end", "margin_start", "margin_end",
                                       "judge_score_start", "judge_score_best", "judge_score_end", "warning_step", "kl"],
-                         "DPO over-trained (beta 0.1, 6 epochs over 1000 pairs)")
+                         f"DPO over-trained ({WHAT})")
 
     def draw(plt):
         steps = [c["step"] for c in curve]
