@@ -56,7 +56,6 @@ import contextlib
 import math
 import os
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -82,8 +81,8 @@ class DPOConfig:
     beta: float = M.option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
     loss_type: str = M.option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
-    label_smoothing: float = M.option(0.0, "eps: the assumed share of wrong labels (cdpo, robust; sigmoid with eps "
-                                      "> 0 is cdpo)", "dpo")
+    label_smoothing: float = M.option(0.0, "eps: the assumed share of wrong labels, for " + ", ".join(LABEL_SMOOTHED)
+                                      + " (cdpo and robust need eps > 0; sigmoid with eps > 0 is cdpo)", "dpo")
     rpo_alpha: float = M.option(0.0, "RPO: add alpha * the chosen replies' NLL per token to the paired loss", "dpo")
     simpo_beta: float = M.option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "dpo")
     simpo_gamma: float = M.option(0.5, "SimPO's target reward margin gamma", "dpo")
@@ -156,38 +155,15 @@ def split_reply(value):
     "assistant", ...}] (TRL's implicit prompt, and the "-trl-style" sets). -> None when neither."""
     if isinstance(value, str):
         return [], value
-    if valid_prompt(value) and value[-1]["role"] == "assistant":
+    if M.valid_prompt(value) and value[-1]["role"] == "assistant":
         return value[:-1], value[-1]["content"]
     return None
-
-
-def valid_prompt(value):
-    """A prompt the chat template can render: a string, or a non-empty list of {role, content}
-    messages (also how a conversational reply's messages are checked, in split_reply)."""
-    if isinstance(value, str):
-        return True
-    return isinstance(value, list) and len(value) > 0 and all(
-        isinstance(m, dict) and m.get("role") in M.ROLES and isinstance(m.get("content"), str) for m in value)
-
-
-def check_row(path, n, row, keys):
-    """The checks every data file shares (preference, unpaired and RL rows): the fields are
-    there, and a prompt among them is something the chat template can render."""
-    for key in keys:
-        if key not in row:
-            raise M.DataError(f"{path}:{n}: missing field '{key}'")
-    if "prompt" not in keys:
-        return
-    if isinstance(row["prompt"], str) and not row["prompt"].strip():
-        raise M.DataError(f"{path}:{n}: 'prompt' must be non-empty text ('prompt' is empty)")
-    if not valid_prompt(row["prompt"]):
-        raise M.DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
 
 
 def checked_response(path, n, row, key):
     """row[key] as (the messages before the reply, its text) (see split_reply), or a DataError naming
     file and line."""
-    check_row(path, n, row, (key,))
+    M.check_row(path, n, row, (key,))
     split = split_reply(row[key])
     if split is None:
         raise M.DataError(f"{path}:{n}: '{key}' must be a string or a list of {{role, content}} messages ending "
@@ -203,7 +179,7 @@ def row_prompt(path, n, row, before):
     else the "prompt" field."""
     if before:
         return before
-    check_row(path, n, row, ("prompt",))
+    M.check_row(path, n, row, ("prompt",))
     return row["prompt"]
 
 
@@ -233,27 +209,11 @@ def read_unpaired(path):
     for n, row in M.read_jsonl(path):
         before, text = checked_response(path, n, row, "completion")
         prompt = row_prompt(path, n, row, before)
-        check_row(path, n, row, ("label",))
+        M.check_row(path, n, row, ("label",))
         if not isinstance(row["label"], bool):
             raise M.DataError(f"{path}:{n}: 'label' must be true or false, got {row['label']!r}")
         rows.append((prompt, text, row["label"]))
     return rows
-
-
-def read_problems(path):
-    """Validate a problem file (held-out problems to sample at evaluation, or RL prompts);
-    -> list of {"prompt", "answer": int, ...}. Any problem stops with a DataError naming the file
-    and line."""
-    problems = []
-    for n, row in M.read_jsonl(path):
-        check_row(path, n, row, ("prompt", "answer"))
-        answer = row["answer"]
-        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):
-            answer = int(answer)
-        if isinstance(answer, bool) or not isinstance(answer, int):
-            raise M.DataError(f"{path}:{n}: 'answer' must be an integer, got {row['answer']!r}")
-        problems.append({**row, "answer": answer})
-    return problems
 
 
 def flip_labels(pairs, share, rng):
@@ -646,7 +606,7 @@ def train(config):
             raise M.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
     held_out_hint = "; held-out rows are pairs, with --loss-type kto too"
     user_test_pairs = read_pairs(config.test_data, held_out_hint) if config.test_data else None
-    user_problems = read_problems(config.eval_problems_file) if config.eval_problems_file else None
+    user_problems = M.read_problems(config.eval_problems_file) if config.eval_problems_file else None
     if config.eval_reference and not os.path.exists(config.eval_reference):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)  # builds the data and the SFT model if missing
@@ -789,7 +749,7 @@ def train(config):
             return sequence_logprobs(policy, *probe)[:batch_size].mean().item()  # chosen rows come first
 
     probe_start = probe_chosen_logp() if probe is not None else None
-    problems = user_problems or read_problems(problems_path)  # held-out problems for the sampling evaluations
+    problems = user_problems or M.read_problems(problems_path)  # held-out problems for the sampling evaluations
     sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
     if sampled:  # the evaluations sample replies after these prompts: they must fit, checked before training
         prompts = [p["prompt"] for p in problems[:sampled]]

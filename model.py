@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -298,8 +299,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     Returns (replies, logprobs): per row the new token ids and, for each, its log-prob under the
     sampling distribution: softmax(logits / temperature), renormalised over the top_k tokens when
     top_k is given; with temperature 0 (greedy), under softmax(logits), the T = 1 distribution.
-    The tests check them against a teacher-forced pass (shifted_logprobs at the same temperature);
-    the RL update recomputes its own.
+    The tests check them (without top_k) against a teacher-forced pass (shifted_logprobs at the same
+    temperature); the RL update recomputes its own.
     use_cache=False recomputes the whole prefix at every step (same result, for comparison)."""
     was_training = model.training
     model.eval()
@@ -668,8 +669,8 @@ def flops_per_token(model, T):
     """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's
     6 * n_layer * T * n_embd for the QK^T and AV matmuls, forward and backward. PaLM (appendix B)
     and nanoGPT count 12 * n_layer * T * n_embd, every score of the T x T matrix; we count the half
-    a causal mask leaves, so MFU credits only useful work (the attention term is ~7% of the total
-    at the pretraining length, so the two counts differ by that much in MFU)."""
+    a causal mask leaves, so MFU credits only useful work (the attention term is ~6% of the total
+    at the pretraining length, so the two counts differ by about that much in MFU)."""
     cfg = model.config
     return 6 * model.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
 
@@ -690,7 +691,7 @@ def peak_flops(device):
         if peak is not None:
             _PEAK[device.type] = peak
             return peak
-    n = 1024
+    n = 4096 if device.type == "cuda" else 1024  # a GPU needs a large matmul to reach its peak
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as autocast() runs the forward
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -961,3 +962,42 @@ def read_jsonl(path):
     if not rows:
         raise DataError(f"{path}: the file has no rows")
     return rows
+
+
+def valid_prompt(value):
+    """A prompt the chat template can render: a string, or a non-empty list of {role, content}
+    messages."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, list) and len(value) > 0 and all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value)
+
+
+def check_row(path, n, row, keys):
+    """The checks every data file shares (preference, unpaired and RL rows): the fields are
+    there, and a prompt among them is something the chat template can render."""
+    for key in keys:
+        if key not in row:
+            raise DataError(f"{path}:{n}: missing field '{key}'")
+    if "prompt" not in keys:
+        return
+    if isinstance(row["prompt"], str) and not row["prompt"].strip():
+        raise DataError(f"{path}:{n}: 'prompt' must be non-empty text ('prompt' is empty)")
+    if not valid_prompt(row["prompt"]):
+        raise DataError(f"{path}:{n}: 'prompt' must be a non-empty string or a list of {{role, content}} messages")
+
+
+def read_problems(path):
+    """Validate a problem file (held-out problems to sample at evaluation, or RL prompts);
+    -> list of {"prompt", "answer": int, ...}. Any problem stops with a DataError naming the file
+    and line."""
+    problems = []
+    for n, row in read_jsonl(path):
+        check_row(path, n, row, ("prompt", "answer"))
+        answer = row["answer"]
+        if isinstance(answer, str) and re.fullmatch(r"\s*-?[0-9]+\s*", answer):
+            answer = int(answer)
+        if isinstance(answer, bool) or not isinstance(answer, int):
+            raise DataError(f"{path}:{n}: 'answer' must be an integer, got {row['answer']!r}")
+        problems.append({**row, "answer": answer})
+    return problems

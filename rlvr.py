@@ -308,8 +308,8 @@ def train(config):
     t_all = time.time()
     check_config(config)
     device = M.pick_device(config.device)
-    user_problems = dpo.read_problems(config.data) if config.data else None  # validate before anything expensive
-    user_eval = dpo.read_problems(config.eval_problems_file) if config.eval_problems_file else None
+    user_problems = M.read_problems(config.data) if config.data else None  # validate before anything expensive
+    user_eval = M.read_problems(config.eval_problems_file) if config.eval_problems_file else None
     if config.eval_reference and not os.path.exists(config.eval_reference):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)
@@ -324,8 +324,8 @@ def train(config):
     pad = M.special(enc, "endoftext")
     out_dir = os.path.join(config.out, "rlvr")
     os.makedirs(out_dir, exist_ok=True)
-    problems = user_problems or dpo.read_problems(os.path.join(config.data_dir, "rl.jsonl"))
-    eval_problems = user_eval or dpo.read_problems(os.path.join(config.data_dir, "test.jsonl"))
+    problems = user_problems or M.read_problems(os.path.join(config.data_dir, "rl.jsonl"))
+    eval_problems = user_eval or M.read_problems(os.path.join(config.data_dir, "test.jsonl"))
     eval_problems = eval_problems[: config.eval_problems]
 
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)

@@ -103,19 +103,6 @@ def sft_examples(enc, path, block_size):
     return out
 
 
-def heldout_problems(path):
-    """The held-out problems the SFT model answers at the end: rows {"prompt": text, "answer":
-    integer}, checked (DataError naming the file and line)."""
-    problems = []
-    for n, row in M.read_jsonl(path):
-        if not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
-            raise M.DataError(f"{path}:{n}: 'prompt' must be non-empty text")
-        if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), int):
-            raise M.DataError(f"{path}:{n}: 'answer' must be an integer, got {row.get('answer')!r}")
-        problems.append(row)
-    return problems
-
-
 def lm_loss(model, ids, mask):
     """Mean next-token NLL over the tokens with mask == 1, a token-level mean over the batch.
     ids, mask (B, T); the shift by one happens in M.shifted_logprobs."""
@@ -261,7 +248,7 @@ def train(config):
         problems = []
         if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
             test_path = os.path.join(config.data_dir, "test.jsonl")
-            problems = heldout_problems(test_path)[: config.eval_problems]
+            problems = M.read_problems(test_path)[: config.eval_problems]
             M.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
 
     if "pretrain" in stages:

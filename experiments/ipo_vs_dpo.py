@@ -3,8 +3,8 @@ Why IPO? The over-training run of overtraining.py, once with DPO's loss (sigmoid
 IPO's (Azar et al. 2023): IPO regresses the per-token log-ratio margin onto a target, 1/(2 beta),
 instead of pushing it ever higher, so its margin should stay bounded where DPO's runs away, and its
 held-out judge score should suffer less from the over-training. The table and plot show the margin
-dpo.py logs, beta times the difference of the summed log-ratios; with a per-token target it levels
-off at a value the replies' lengths set, not at 1/(2 beta) itself.
+dpo.py logs, beta times the difference of the summed log-ratios; a per-token target bounds it, but
+at no fixed value, and not at 1/(2 beta) itself.
 
     python experiments/ipo_vs_dpo.py            (4.3 min on a fast 2-core CPU, one thread)
     python experiments/ipo_vs_dpo.py --quick    (seconds: a tiny world, for tests)

@@ -18,7 +18,6 @@ import sys
 import pytest
 import torch
 
-import dpo
 from helpers import tiny_gpt
 from data.prepare import write_jsonl
 import model as M
@@ -547,7 +546,7 @@ def test_read_problems_accepts_good_rows(tmp_path):
             {"prompt": [{"role": "user", "content": "Finn?"}], "answer": 0}]
     path = tmp_path / "rl.jsonl"
     write_jsonl(str(path), rows)
-    got = dpo.read_problems(str(path))
+    got = M.read_problems(str(path))
     assert [p["answer"] for p in got] == [2, 12, -4, 0]
     assert all(type(p["answer"]) is int for p in got)
     assert [p["prompt"] for p in got] == [r["prompt"] for r in rows] and got[1]["n_ops"] == 2
@@ -558,17 +557,17 @@ def test_read_problems_names_file_line_and_problem(tmp_path, bad, message):
     path = tmp_path / "rl.jsonl"
     write_with_bad_line(path, bad)  # a good row, a blank line, then the bad row at line 3
     with pytest.raises(M.DataError) as e:
-        dpo.read_problems(str(path))
+        M.read_problems(str(path))
     assert f"{path}:3:" in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_read_problems_missing_and_empty_files(tmp_path):
     with pytest.raises(M.DataError, match="no such file") as e:
-        dpo.read_problems(str(tmp_path / "nope.jsonl"))
+        M.read_problems(str(tmp_path / "nope.jsonl"))
     assert str(tmp_path / "nope.jsonl") in str(e.value)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(M.DataError, match="no rows") as e:
-        dpo.read_problems(str(tmp_path / "empty.jsonl"))
+        M.read_problems(str(tmp_path / "empty.jsonl"))
     assert str(tmp_path / "empty.jsonl") in str(e.value)
 
 
@@ -579,7 +578,7 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
     path = tmp_path / "rl.jsonl"
     write_with_bad_line(path, json.dumps({"prompt": "Ben?", "answer": answer}))
     with pytest.raises(M.DataError) as e:
-        dpo.read_problems(str(path))
+        M.read_problems(str(path))
     assert f"{path}:3:" in str(e.value)
 
 
@@ -764,6 +763,21 @@ def test_logged_accuracy_is_the_verifiers_and_mfu_and_the_step0_check_are_report
     # the invariant before the first update: the policy is the sampler and the reference
     assert "rlvr: step-0 check: ratio 1.0000 (1 on-policy), KL 0.0000 (0 at the start)" in captured.err + captured.out
     assert "MFU" in [line for line in captured.out.splitlines() if line.startswith("rlvr: sampling")][-1]
+
+
+def test_logged_ratio_is_the_last_inner_steps_over_every_micro_batch(tiny_data_dir, tiny_init_ckpt, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setattr(rlvr, "reward", stand_in_reward)
+    calls = spy_on_loss(monkeypatch)
+    out = str(tmp_path)
+    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_init_ckpt, out, steps=1, inner_steps=3, micro_batch=2))
+    assert len(calls) % 3 == 0 and len(calls) >= 6  # the same micro-batches at each of 3 inner steps
+    last = [s for _, _, _, s in calls[2 * len(calls) // 3:]]
+    first = [s for _, _, _, s in calls[: len(calls) // 3]]
+    (rec,) = read_log(out)
+    assert rec["ratio"] == pytest.approx(sum(s["ratio"] for s in last) / sum(s["tokens"] for s in last))
+    assert sum(s["ratio"] for s in first) == sum(s["tokens"] for s in first)  # inner step 0: exactly 1
+    assert rec["ratio"] != 1.0
 
 
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])

@@ -295,7 +295,7 @@ def test_main_reports_bad_data_file_and_line(tiny_data_dir, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"answer": 3}, "'prompt' must be non-empty text"),
+    ({"answer": 3}, "missing field 'prompt'"),
     ({"prompt": "Mia has 3 pens. How many pens does Mia have?", "answer": "three"}, "'answer' must be an integer"),
 ])
 def test_a_bad_held_out_problem_stops_before_pretraining(tiny_data_dir, tmp_path, row, message):
@@ -308,6 +308,9 @@ def test_a_bad_held_out_problem_stops_before_pretraining(tiny_data_dir, tmp_path
     with pytest.raises(M.DataError, match=f"test.jsonl:2: {message}"):
         sft.train(tiny_sft_config(str(data), str(out), eval_problems=4))
     assert not (out / "pretrain").exists()
+    # a run that answers no held-out problems never reads the file
+    sft.train(tiny_sft_config(str(data), str(out), eval_problems=0, pretrain_steps=2, sft_steps=2))
+    assert (out / "sft" / "model.pt").exists()
 
 
 def test_train_does_not_rebuild_given_data(tiny_data_dir):
