@@ -207,12 +207,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
 # Rollouts and evaluation
 
 
-def reply_logprobs(model, input_ids, loss_mask, temperature=1.0):
-    """Per-token log-probs at the sampling temperature, at every position of the shifted sequence
-    (meaningful where the mask is 1, on the reply's tokens): -> logps (N, T-1), mask (N, T-1)."""
-    return M.shifted_logprobs(model, input_ids, loss_mask, temperature)
-
-
 def rollout(policy, enc, problems, group_size, config, generator):
     """Sample group_size replies to each problem and score them.
     -> dict of per-reply lists (prompt_ids, reply_ids, sample_logps, finished, correct, texts) and
@@ -408,13 +402,13 @@ def train(config):
             ref_logps = [None] * len(chunks)
             if config.kl_coef:
                 with torch.no_grad():
-                    ref_logps = [reply_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
+                    ref_logps = [M.shifted_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
             normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
             old_logps = [None] * len(chunks)
             for inner in range(config.inner_steps):
                 opt.zero_grad(set_to_none=True)
                 for j, c in enumerate(chunks):
-                    logps, m = reply_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
+                    logps, m = M.shifted_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
                     if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
                         # recomputed, not the sampler's log-probs: the sampler's KV-cache forward (bf16
                         # on CUDA) rounds differently, and the ratio would not be exactly 1

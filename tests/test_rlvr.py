@@ -61,7 +61,7 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
     assert len({len(p) for p in ro["prompt_ids"]}) == 3  # prompts of different lengths, one batch
     ids, mask = M.prompt_response_batch(ro["prompt_ids"], ro["reply_ids"], pad_id(tiny_enc), "cpu")
     with torch.no_grad():
-        logps, m = rlvr.reply_logprobs(model, ids, mask, temperature)
+        logps, m = M.shifted_logprobs(model, ids, mask, temperature)
     forced = masked_rows(logps, m)
     flat = []
     for sampled, recomputed in zip(ro["sample_logps"], forced):
@@ -73,7 +73,7 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
     assert all(abs(x + math.log(tiny_enc.n_vocab)) > 1e-3 for x in flat[:5])
     # ... and a recomputation at the wrong temperature would be caught
     with torch.no_grad():
-        other, _ = rlvr.reply_logprobs(model, ids, mask, 1.0 if temperature != 1.0 else 0.5)
+        other, _ = M.shifted_logprobs(model, ids, mask, 1.0 if temperature != 1.0 else 0.5)
     wrong = masked_rows(other, m)
     assert max(abs(a - b) for s, w in zip(ro["sample_logps"], wrong) for a, b in zip(s, w)) > 1e-2
 
@@ -90,7 +90,7 @@ def test_sampler_logprobs_match_with_replies_of_different_lengths(tiny_enc):
     assert len({len(r) for r in replies}) > 1 and any(r[-1] == stop for r in replies)
     ids, mask = M.prompt_response_batch(prompt_ids, replies, pad_id(tiny_enc), "cpu")
     with torch.no_grad():
-        logps, m = rlvr.reply_logprobs(model, ids, mask, 0.8)
+        logps, m = M.shifted_logprobs(model, ids, mask, 0.8)
     for s, f in zip(sampled, masked_rows(logps, m)):
         assert len(s) == len(f)
         assert max(abs(a - b) for a, b in zip(s, f)) < 1e-5
@@ -142,7 +142,7 @@ def test_reply_mask_covers_the_reply_and_its_end_token_and_nothing_else(tiny_enc
 
     model = tiny_gpt(enc.n_vocab, seed=14, std=0.1).eval()
     with torch.no_grad():
-        logps, m = rlvr.reply_logprobs(model, ids, mask)
+        logps, m = M.shifted_logprobs(model, ids, mask)
     assert logps.shape == m.shape == (2, T - 1)
     for b, (p, r) in enumerate(zip(prompts, replies)):
         scored = m[b].nonzero().flatten().tolist()
@@ -454,7 +454,7 @@ def test_micro_batches_give_the_same_loss_and_gradient_as_one_batch(tiny_enc, ag
     ids, mask = M.prompt_response_batch(prompts, replies, pad_id(tiny_enc), "cpu")
     g = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        logps0, m = rlvr.reply_logprobs(model, ids, mask, 0.8)
+        logps0, m = M.shifted_logprobs(model, ids, mask, 0.8)
     old = logps0 + 0.3 * torch.randn(logps0.shape, generator=g)  # ratios off 1: some tokens clipped
     ref = logps0 + 0.5 * torch.randn(logps0.shape, generator=g)
     adv = torch.randn(7, generator=g)
@@ -465,7 +465,7 @@ def test_micro_batches_give_the_same_loss_and_gradient_as_one_batch(tiny_enc, ag
         total, clipped = 0.0, 0
         for i in range(0, 7, mb):
             c = slice(i, i + mb)
-            lp, mc = rlvr.reply_logprobs(model, ids[c], mask[c], 0.8)
+            lp, mc = M.shifted_logprobs(model, ids[c], mask[c], 0.8)
             loss, stats = rlvr.grpo_loss(lp, old[c], ref[c], adv[c], mc, 0.2, None, 0.1, aggregation,
                                          normaliser if whole_normaliser else None)
             loss.backward()
@@ -497,13 +497,13 @@ def test_one_update_raises_the_rewarded_reply_over_the_unrewarded_one(tiny_enc):
 
     def reply_logps():
         with torch.no_grad():
-            lp, m = rlvr.reply_logprobs(model, ids, mask)
+            lp, m = M.shifted_logprobs(model, ids, mask)
         return (lp * m).sum(-1)  # (2,)
 
     before = reply_logps()
     adv, spread = rlvr.group_advantages(rewards)
     assert spread.tolist() == [True] and adv[0, 0] > 0 > adv[0, 1]
-    logps, m = rlvr.reply_logprobs(model, ids, mask)
+    logps, m = M.shifted_logprobs(model, ids, mask)
     loss, _ = rlvr.grpo_loss(logps, logps.detach(), logps.detach(), adv.flatten(), m)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     opt.zero_grad()
