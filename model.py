@@ -693,8 +693,10 @@ def peak_flops(device):
             return peak
     n = 4096 if device.type == "cuda" else 1024  # a GPU needs a large matmul to reach its peak
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as autocast() runs the forward
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # its own generator: measuring the machine must not move the global RNG a stage seeded
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(2):
         a @ b
     best = 0.0

@@ -308,7 +308,7 @@ def train(config):
         raise M.DataError(f"{config.eval_reference}: no such checkpoint")
     init = ensure_init(config)
     ensure_data(config.data_dir)
-    peak = M.peak_flops(device)  # before seeding: the CPU probe draws from the global RNG
+    peak = M.peak_flops(device)
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)

@@ -753,3 +753,13 @@ def test_outputs_default_to_the_repositorys_out_wherever_the_scripts_run(monkeyp
     assert dpo.DPOConfig().out == sft.SFTConfig().out == rlvr.RLVRConfig().out == root_out
     assert common.parse_args("doc", []).out == root_out
     assert dpo.DPOConfig().data_dir == os.path.join(ROOT, "data")  # the same anchor as the data
+
+
+def test_the_cpu_peak_probe_leaves_the_global_rng_as_it_found_it(monkeypatch):
+    # a stage seeds torch, then measures the machine: the probe must not shift what it draws next
+    monkeypatch.setattr(M, "_PEAK", {})  # force a fresh probe
+    torch.manual_seed(1)
+    expected = torch.rand(5)
+    torch.manual_seed(1)
+    assert M.peak_flops("cpu") > 0
+    assert torch.equal(torch.rand(5), expected)
