@@ -1,8 +1,17 @@
 """Helpers shared by the test files."""
 
+import json
+
 import torch
 
 import model as M
+
+
+def strict_loads(text):
+    """json.loads that refuses NaN and Infinity, as readers outside Python do."""
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+    return json.loads(text, parse_constant=refuse)
 
 
 def tiny_gpt(vocab_size, seed=0, block_size=192, n_layer=1, std=None):

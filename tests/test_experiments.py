@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import beta_sweep  # noqa: E402
 import common  # noqa: E402
 import dpo  # noqa: E402
+import helpers  # noqa: E402
 import ipo_vs_dpo  # noqa: E402
 import length_bias  # noqa: E402
 import model as M  # noqa: E402
@@ -187,12 +188,10 @@ def test_plot_without_matplotlib_says_how_and_still_writes_results(tmp_path, mon
 
 
 def test_results_hold_strict_json_and_the_table_says_nan(tmp_path):
-    def refuse(constant):
-        raise ValueError(f"results.json holds {constant}")
     s = {"dir": str(tmp_path), "quick": False}
     common.write_results(s, {"rows": [{"beta": 0.1, "kl": float("nan")}]}, ["beta", "kl"], "t")
     with open(tmp_path / "results.json") as f:
-        assert json.load(f, parse_constant=refuse) == {"rows": [{"beta": 0.1, "kl": None}]}
+        assert helpers.strict_loads(f.read()) == {"rows": [{"beta": 0.1, "kl": None}]}
     assert "| 0.1 | nan |" in (tmp_path / "results.md").read_text()
 
 

@@ -8,7 +8,6 @@ code paths cannot flip on a rounding-level near tie.
 """
 
 import argparse
-import json
 import math
 import os
 import pickle
@@ -652,24 +651,20 @@ def test_pad_batch_right_pads():
 
 
 def test_append_jsonl_writes_non_finite_numbers_as_null(tmp_path):
-    def refuse(constant):
-        raise ValueError(f"log line holds {constant}")
     path = tmp_path / "log.jsonl"
     M.append_jsonl(str(path), {"step": 0, "loss": float("nan"), "val_loss": float("inf"), "lr": 1e-3})
     M.append_jsonl(str(path), {"step": 1, "loss": 2.5, "val_loss": float("-inf"), "lr": 0.0})
-    rows = [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+    rows = [helpers.strict_loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"step": 0, "loss": None, "val_loss": None, "lr": 1e-3},
                     {"step": 1, "loss": 2.5, "val_loss": None, "lr": 0.0}]
 
 
 def test_write_json_writes_non_finite_numbers_as_null_at_any_depth(tmp_path):
-    def refuse(constant):
-        raise ValueError(f"metrics.json holds {constant}")
     path = tmp_path / "out" / "metrics.json"
     metrics = {"loss": 0.5, "memory_mb": {"total": 17.5, "peak_process": float("nan")},
                "curve": [1.0, float("inf"), {"kl": float("-inf")}], "by_ops": (0.25, float("nan")), "name": "dpo"}
     M.write_json(str(path), metrics)
-    assert json.loads(path.read_text(), parse_constant=refuse) == {
+    assert helpers.strict_loads(path.read_text()) == {
         "loss": 0.5, "memory_mb": {"total": 17.5, "peak_process": None},
         "curve": [1.0, None, {"kl": None}], "by_ops": [0.25, None], "name": "dpo"}
     assert math.isnan(metrics["memory_mb"]["peak_process"])  # the caller's dict is left as it was
