@@ -329,6 +329,19 @@ def chosen_nll(policy_chosen_logps, chosen_lengths):
     return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
 
 
+def kto_logprobs(policy, input_ids, loss_mask):
+    """log pi of KTO's 2B rows (B completions, then B mismatched completions), with a graph for the
+    first B only. The mismatched rows only estimate the reference point z0, which is detached, so
+    their backward would compute zeros: scored without one (as TRL scores its KL rows), a step costs
+    a forward and backward on B rows plus a forward on B, two thirds of a joint pass on 2B.
+        input_ids (2B, T), loss_mask (2B, T) -> (2B,) fp32"""
+    B = len(input_ids) // 2
+    first = sequence_logprobs(policy, input_ids[:B], loss_mask[:B])  # (B,)
+    with torch.no_grad():
+        second = sequence_logprobs(policy, input_ids[B:], loss_mask[B:])  # (B,)
+    return torch.cat([first, second])  # (2B,)
+
+
 def mean_or_0(values):
     return values.mean().item() if values.numel() else 0.0
 
@@ -760,8 +773,11 @@ def train(config):
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
     peak = M.peak_flops(device)
 
-    def flops_per_token(T):  # the policy's forward and backward, plus a live reference's forward (a third)
-        return M.flops_per_token(policy, T) * (4 / 3 if config.live_reference and ref_chosen is not None else 1)
+    def flops_per_token(T):
+        # in forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of them,
+        # a forward only: kto_logprobs), plus a live reference's forward
+        passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
+        return M.flops_per_token(policy, T) * passes / 3  # M.flops_per_token counts forward + backward
 
     tokens, t_train, eval_seconds = 0, time.time(), 0.0
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
@@ -769,7 +785,10 @@ def train(config):
         idx = M.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
         ids, mask = collate([examples[i] for i in idx], pad, device)
         B = len(idx)
-        logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
+        if config.loss_type == "kto":
+            logps = kto_logprobs(policy, ids, mask)  # (2B,): completions, then mismatched ones (no graph)
+        else:
+            logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
         ref_logps = None
         if config.live_reference and ref_chosen is not None:
             with torch.no_grad(), reference_model(policy, reference) as ref_model:

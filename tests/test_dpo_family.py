@@ -504,3 +504,36 @@ def test_kto_drops_a_pair_with_one_reply_twice_and_says_so(tiny_sft_ckpt, tiny_d
     printed = capsys.readouterr().out
     assert "dpo: kto: 7 desirable and 7 undesirable rows (3 pairs with one reply twice dropped)" in printed
     assert metrics["data_counts"]["kept"] == 14
+
+
+def test_kto_scores_its_mismatched_rows_without_a_graph_and_the_gradient_is_unchanged(tiny_sft_ckpt, tiny_data_dir,
+                                                                                         tiny_enc):
+    policy, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
+    policy.eval()  # dropout off, as in training, so the two passes see the same function
+    pairs = dpo.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:4]
+    rows = fam.kto_examples(pairs, random.Random(0))
+    examples, _ = dpo.tokenize_pairs(tiny_enc, rows, 96, 192)
+    ids, mask = dpo.collate(examples, M.special(tiny_enc, "endoftext"), torch.device("cpu"))
+    labels = torch.tensor([ex["label"] for ex in examples])
+    B = len(examples)
+    ref = torch.randn(2 * B, generator=torch.Generator().manual_seed(0)) - 20  # any fixed reference log-probs
+
+    grad_enabled = []  # per forward: (rows, whether autograd records it)
+    hook = policy.register_forward_hook(lambda m, args, out: grad_enabled.append((len(args[0]), torch.is_grad_enabled())))
+    grads = []
+    for logprobs in (dpo.sequence_logprobs, dpo.kto_logprobs):
+        grad_enabled.clear()
+        policy.zero_grad(set_to_none=True)
+        logps = logprobs(policy, ids, mask)
+        losses, _, _, _ = fam.kto_loss(logps[:B][labels], logps[:B][~labels], ref[:B][labels], ref[:B][~labels],
+                                       logps[B:], ref[B:], beta=0.5)
+        losses.mean().backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+        if logprobs is dpo.kto_logprobs:  # the completions with a graph, the mismatched ones without
+            assert grad_enabled == [(B, True), (B, False)]
+        else:
+            assert grad_enabled == [(2 * B, True)]
+    hook.remove()
+    assert 0 < labels.sum() < B  # both groups present, so both terms of the loss are exercised
+    for joint, split in zip(*grads):
+        torch.testing.assert_close(split, joint, rtol=1e-4, atol=1e-6)
