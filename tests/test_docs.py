@@ -116,3 +116,25 @@ def test_every_command_in_the_scripts_uses_flags_its_script_defines(known_flags)
             commands += source_commands(f.read())
     assert len(commands) >= 20
     assert unknown(commands, known_flags) == []
+
+
+def github_anchor(heading):
+    """The anchor GitHub gives a heading: lower case, every character but letters, digits, spaces
+    and hyphens dropped, each space a hyphen (so "`--loss-type`" keeps both of its hyphens)."""
+    return re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_github_anchor_by_hand():
+    assert github_anchor("The DPO family (`--loss-type`)") == "the-dpo-family---loss-type"
+    assert github_anchor("What falls short") == "what-falls-short"
+    assert github_anchor("RL with a verifier (`rlvr.py`)") == "rl-with-a-verifier-rlvrpy"
+
+
+def test_every_link_within_the_readme_reaches_a_heading():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a "#" inside a code block is not a heading
+    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
+    links = re.findall(r"\]\(#([^)]+)\)", prose)
+    assert len(links) >= 3
+    assert sorted(set(links) - anchors) == []
