@@ -1,7 +1,7 @@
 """The commands the docs show: every `python <script>.py --flag ...` in README.md and in the scripts'
 own text uses flags that script defines, spelled out in full, so a renamed or removed flag cannot
 leave a command behind that fails with "unrecognized arguments" (or that works only because argparse
-accepts a prefix of a flag)."""
+accepts a prefix of a flag). And every link within the README reaches one of its headings."""
 
 import argparse
 import glob
