@@ -263,8 +263,9 @@ def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
 
 def collate(examples, pad_id, device):
     """B pairs -> one batch of 2B rows, chosen rows first, then rejected, so both go through the
-    model in one forward pass. loss_mask is 1 exactly on response positions (set by position, never
-    by token id). -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
+    model in one forward pass (KTO's training rows in two: see kto_logprobs). loss_mask is 1 exactly
+    on response positions (set by position, never by token id).
+    -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
     prompts = [ex["prompt"] for ex in examples] * 2
     responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
     return M.prompt_response_batch(prompts, responses, pad_id, device)
@@ -774,9 +775,10 @@ def train(config):
     peak = M.peak_flops(device)
 
     def flops_per_token(T):
-        # in forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of them,
-        # a forward only: kto_logprobs), plus a live reference's forward
-        passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
+        # in forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of
+        # them, a forward only: kto_logprobs), plus a live reference's forward
+        live = config.live_reference and ref_chosen is not None
+        passes = (2 if config.loss_type == "kto" else 3) + (1 if live else 0)
         return M.flops_per_token(policy, T) * passes / 3  # M.flops_per_token counts forward + backward
 
     tokens, t_train, eval_seconds = 0, time.time(), 0.0

@@ -119,15 +119,18 @@ def test_every_command_in_the_scripts_uses_flags_its_script_defines(known_flags)
 
 
 def github_anchor(heading):
-    """The anchor GitHub gives a heading: lower case, every character but letters, digits, spaces
-    and hyphens dropped, each space a hyphen (so "`--loss-type`" keeps both of its hyphens)."""
-    return re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+    """The anchor GitHub gives a heading: lower case, every character but letters, digits,
+    underscores, spaces and hyphens dropped, each space a hyphen (so "`--loss-type`" keeps both of
+    its hyphens, and "beta_sweep.py" its underscore)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_github_anchor_by_hand():
     assert github_anchor("The DPO family (`--loss-type`)") == "the-dpo-family---loss-type"
     assert github_anchor("What falls short") == "what-falls-short"
     assert github_anchor("RL with a verifier (`rlvr.py`)") == "rl-with-a-verifier-rlvrpy"
+    assert (github_anchor("What does beta do? (`python experiments/beta_sweep.py`, 6.5 min)")
+            == "what-does-beta-do-python-experimentsbeta_sweeppy-65-min")
 
 
 def test_every_link_within_the_readme_reaches_a_heading():

@@ -516,7 +516,13 @@ def test_kto_scores_its_mismatched_rows_without_a_graph_and_the_gradient_is_unch
     ids, mask = dpo.collate(examples, M.special(tiny_enc, "endoftext"), torch.device("cpu"))
     labels = torch.tensor([ex["label"] for ex in examples])
     B = len(examples)
-    ref = torch.randn(2 * B, generator=torch.Generator().manual_seed(0)) - 20  # any fixed reference log-probs
+    # reference log-probs near the policy's, so that no sigmoid saturates and the estimate of z0 is
+    # above its clamp at 0: z0 then carries a gradient unless kto_loss detaches it, and the split pass
+    # is right only because it does
+    with torch.no_grad():
+        start = dpo.sequence_logprobs(policy, ids, mask)  # (2B,)
+    ref = start - 1 + 0.5 * torch.randn(2 * B, generator=torch.Generator().manual_seed(0))  # (2B,)
+    assert (start[B:] - ref[B:]).mean() > 0  # the z0 estimate, before its clamp
 
     grad_enabled = []  # per forward: (rows, whether autograd records it)
     hook = policy.register_forward_hook(lambda m, args, out: grad_enabled.append((len(args[0]), torch.is_grad_enabled())))
