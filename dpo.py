@@ -935,7 +935,7 @@ def train(config):
     reference_note = ("no reference pass" if ref_chosen is None else
                       f"reference pass {reference_pass_seconds:.1f}s once vs ~"
                       f"{metrics['live_reference_seconds_estimate']:.1f}s for a live reference")
-    print(f"dpo: {metrics['pairs_per_second']:.1f} pairs/s, {metrics['tokens_per_second'] / 1e3:.1f}k tok/s, "
+    print(f"dpo: {metrics['pairs_per_second']:.1f} {unit}/s, {metrics['tokens_per_second'] / 1e3:.1f}k tok/s, "
           f"MFU {metrics['mfu']:.0%}; "
           f"{reference_note}; DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
     mem = metrics["memory_mb"]

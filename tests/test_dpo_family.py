@@ -356,6 +356,7 @@ def test_dpo_family_does_not_import_dpo():
 
 import json  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 
 import model as M  # noqa: E402
 
@@ -503,6 +504,7 @@ def test_kto_drops_a_pair_with_one_reply_twice_and_says_so(tiny_sft_ckpt, tiny_d
                                       data=str(path), steps=2))
     printed = capsys.readouterr().out
     assert "dpo: kto: 7 desirable and 7 undesirable rows (3 pairs with one reply twice dropped)" in printed
+    assert re.search(r"^dpo: [\d.]+ rows/s, ", printed, re.M)  # KTO trains on rows, not pairs
     assert metrics["data_counts"]["kept"] == 14
 
 
