@@ -407,6 +407,7 @@ def train(config):
             old_logps = [None] * len(chunks)
             for inner in range(config.inner_steps):
                 opt.zero_grad(set_to_none=True)
+                ratio_sum = 0.0  # each inner step starts it again: the log keeps the last one's
                 for j, c in enumerate(chunks):
                     logps, m = M.shifted_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
                     if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
@@ -418,7 +419,7 @@ def train(config):
                                         config.clip_eps_high, config.kl_coef, config.aggregation, normaliser)
                     loss.backward()
                     clipped += s["clipped"]  # over every inner step: clipping needs mu > 1
-                    ratio_sum = s["ratio"] + (ratio_sum if j else 0.0)  # the last inner step's
+                    ratio_sum += s["ratio"]
                     if inner == 0:  # the figures of the rollouts as sampled (ratio 1: on-policy)
                         step_loss += loss.item()
                         for k in stats:
