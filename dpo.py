@@ -688,7 +688,7 @@ def train(config):
     if config.max_length > policy.config.block_size:
         raise M.ConfigError(f"--max-length {config.max_length} is longer than the model's context "
                             f"({policy.config.block_size} tokens, {init})")
-    policy.train()  # the model has no dropout by default; train mode for completeness
+    policy.eval()  # dropout off (a checkpoint may have some): the rewards compare it with the eval-mode reference
     print(f"dpo: start from {init} | {M.describe(policy, device)} | loss {config.loss_type}")
     model_copies = 1  # model weights held in memory at once (the policy; + the reference copy)
     if config.lora_rank:  # freeze the start, train adapters B A: the base is the reference

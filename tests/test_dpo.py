@@ -949,6 +949,24 @@ def test_live_reference_gives_the_same_losses(tiny_sft_ckpt, tiny_data_dir, tmp_
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
 
 
+def test_a_checkpoint_with_dropout_trains_with_dropout_off(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    """DPO turns dropout off: the same weights saved with dropout 0.5 train exactly as with 0 (with it
+    on, the step-0 check would find nonzero rewards, and every loss would carry the noise)."""
+    tok = tiny_path(tiny_data_dir, "tokenizer.json")
+    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
+    model.config.dropout = 0.5
+    noisy = str(tmp_path / "dropout.pt")
+    M.save_checkpoint(noisy, model, tok)
+    assert M.load_checkpoint(noisy, "cpu", tok)[0].blocks[0].mlp.dropout.p == 0.5
+    losses = []
+    for name, init in (("plain", tiny_sft_ckpt), ("noisy", noisy)):
+        out = str(tmp_path / name)
+        dpo.train(tiny_dpo_config(tiny_data_dir, init, out, steps=3, batch_size=4, eval_problems=0, log_every=1))
+        losses.append([r["loss"] for r in read_log(out)])
+    assert abs(losses[0][2] - LN2) > 1e-3  # the policy has moved by the last step: a real comparison
+    assert losses[1] == losses[0]
+
+
 def test_data_dir_alone_supplies_tokenizer_and_default_files(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     # --data-dir DIR, with no --data/--test-data/--eval-problems-file: everything comes from DIR
     # (tokenizer included: the tiny SFT checkpoint would be refused under data/'s tokenizer)
