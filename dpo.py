@@ -596,6 +596,10 @@ def check_config(config):
     # a flag that changes nothing would let a run pass for what it is not
     M.require(config.label_smoothing > 0 or config.loss_type not in ("cdpo", "robust"), f"--loss-type "
               f"{config.loss_type} needs --label-smoothing > 0: with 0 it is plain DPO (sigmoid)")
+    M.require(0 <= config.kto_desirable_share <= 1, f"--kto-desirable-share is a share of the desirable rows, "
+              f"in [0, 1], got {config.kto_desirable_share}")
+    M.require(config.kto_desirable_share == 1 or config.loss_type == "kto", f"--kto-desirable-share does "
+              f"nothing with --loss-type {config.loss_type}; it enters kto")
     M.require(config.label_smoothing == 0 or config.loss_type in LABEL_SMOOTHED, f"--label-smoothing does nothing "
               f"with --loss-type {config.loss_type}; it enters {', '.join(LABEL_SMOOTHED)}")
     M.check_out(config.out)
@@ -618,6 +622,9 @@ def train(config):
         user_pairs = read_unpaired(config.data) if unpaired else read_pairs(config.data, hint)
         if unpaired and config.label_noise:
             raise M.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
+        if unpaired and config.kto_desirable_share != 1:
+            raise M.DataError(f"{config.data}: --kto-desirable-share thins the desirable rows split from pairs; "
+                              f"an unpaired file's rows are kept as they are")
     held_out_hint = "; held-out rows are pairs, with --loss-type kto too"
     user_test_pairs = read_pairs(config.test_data, held_out_hint) if config.test_data else None
     user_problems = M.read_problems(config.eval_problems_file) if config.eval_problems_file else None

@@ -590,6 +590,9 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--loss-type", "robust"], "--loss-type robust needs --label-smoothing > 0"),
     (["--loss-type", "hinge", "--label-smoothing", "0.1"], "--label-smoothing does nothing with --loss-type hinge; "
                                                            "it enters sigmoid, cdpo, robust, exo_pair, simpo"),
+    (["--loss-type", "kto", "--kto-desirable-share", "1.5"], "--kto-desirable-share is a share of the desirable "
+                                                              "rows, in [0, 1], got 1.5"),
+    (["--kto-desirable-share", "0.5"], "--kto-desirable-share does nothing with --loss-type sigmoid; it enters kto"),
     (["--log-every", "0"], "--log-every must be > 0"),
     (["--grad-clip", "0"], "--grad-clip must be > 0"),  # 0 would zero every update, a negative one reverse it
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
@@ -603,6 +606,8 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--data", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not UTF-8 text"),
     (["--data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, label) in a file of pairs "
                                   "(prompt, chosen, rejected); unpaired rows need --loss-type kto"),
+    (["--loss-type", "kto", "--kto-desirable-share", "0.5", "--data", "{d}/kto.jsonl"],
+     "{d}/kto.jsonl: --kto-desirable-share thins the desirable rows split from pairs"),
     (["--loss-type", "kto", "--test-data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, "
                                                               "label) in a file of pairs (prompt, chosen, rejected); "
                                                               "held-out rows are pairs, with --loss-type kto too"),
