@@ -415,12 +415,12 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     the reward is beta * per-token average log-prob."""
     was = policy.training
     policy.eval()
-    pc, pr = pair_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
+    policy_chosen, policy_rejected = pair_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
     policy.train(was)
     if ref_chosen is None:
-        margins = beta * (pc - pr)
+        margins = beta * (policy_chosen - policy_rejected)
     else:
-        margins = implicit_reward(pc, ref_chosen, beta) - implicit_reward(pr, ref_rejected, beta)
+        margins = implicit_reward(policy_chosen, ref_chosen, beta) - implicit_reward(policy_rejected, ref_rejected, beta)
     return (margins > 0).float().mean().item(), margins.mean().item(), margins
 
 
@@ -816,11 +816,11 @@ def train(config):
         tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs; as sft.py)
 
         if config.loss_type == "kto":  # unpaired: compare the two groups' means; right = reward's sign
-            first, second = logps[:B][labels], logps[:B][~labels]
+            chosen_logps, rejected_logps = logps[:B][labels], logps[:B][~labels]  # desirable, undesirable
             margin = mean_or_0(chosen_rewards) - mean_or_0(rejected_rewards)
             accuracy = torch.cat([chosen_rewards > 0, rejected_rewards < 0]).float().mean().item()
         else:
-            first, second = logps[:B], logps[B:]
+            chosen_logps, rejected_logps = logps[:B], logps[B:]
             margins = chosen_rewards - rejected_rewards
             margin, accuracy = margins.mean().item(), (margins > 0).float().mean().item()  # strict: a tie is no win
         record = {
@@ -829,13 +829,13 @@ def train(config):
             "rewards/rejected": mean_or_0(rejected_rewards),
             "rewards/margins": margin,
             "rewards/accuracies": accuracy,
-            "logps/chosen": mean_or_0(first.detach()),
-            "logps/rejected": mean_or_0(second.detach()),
+            "logps/chosen": mean_or_0(chosen_logps.detach()),
+            "logps/rejected": mean_or_0(rejected_logps.detach()),
             "grad_norm": grad_norm.item()}
         if ref_logps is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
             record["kl"] = (logps.detach() - ref_logps).mean().item()
-        if config.rpo_alpha:  # loss includes alpha * this: logged apart, so losses compare with plain DPO's
-            record["nll_loss"] = chosen_nll(first.detach(), lengths[:B]).item()
+        if config.rpo_alpha:  # loss includes alpha * this: loss - alpha * nll_loss compares with plain DPO's
+            record["nll_loss"] = chosen_nll(chosen_logps.detach(), lengths[:B]).item()
         window.append(record)
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
         if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
