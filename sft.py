@@ -99,6 +99,9 @@ def sft_examples(enc, path, block_size):
         if not any(m["role"] == "assistant" for m in msgs):
             raise M.DataError(f"{path}:{n}: no assistant message to learn from")
         ids, mask = M.render_chat(enc, msgs)
+        if not any(mask[1:block_size]):  # (token 0 is never predicted) a row with nothing to learn from
+            raise M.DataError(f"{path}:{n}: no assistant token within the first {block_size} tokens (--block-size): "
+                              f"the conversation is cut there")
         out.append((ids[:block_size], mask[:block_size]))  # over-long rows are cut, not dropped
     return out
 
@@ -209,6 +212,8 @@ def check_config(config):
     M.check_out(config.out)
     M.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
               f"{config.n_head} (each head gets n_embd / n_head dimensions)")
+    M.require(config.n_embd // config.n_head % 2 == 0, f"--n-embd {config.n_embd} / --n-head {config.n_head} "
+              f"gives heads of {config.n_embd // config.n_head} dimensions; RoPE rotates them in pairs: make it even")
     M.require(config.pretrain_seq_len <= config.block_size or "pretrain" not in stages, f"--pretrain-seq-len "
               f"{config.pretrain_seq_len} is longer than the model's context, --block-size {config.block_size}")
     return stages
@@ -256,7 +261,8 @@ def train(config):
                                 n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).to(device)
         print(f"pretrain: {M.describe(gpt, device)}")
         stream = pretrain_stream(enc, os.path.join(config.data_dir, "pretrain.txt"))
-        val_stream = pretrain_stream(enc, os.path.join(config.data_dir, "pretrain_val.txt"))
+        val_path = os.path.join(config.data_dir, "pretrain_val.txt")
+        val_stream = pretrain_stream(enc, val_path)
         T, B = config.pretrain_seq_len, config.pretrain_batch_size
         gen = torch.Generator().manual_seed(config.seed)
         print(f"pretrain: {len(stream) / 1e6:.2f}M tokens; {config.pretrain_steps} steps x {B} x {T} "
@@ -271,6 +277,8 @@ def train(config):
 
         val_batches = [windows(val_stream, torch.arange(i * B * T, (i + 1) * B * T, T))
                        for i in range(min(4, (len(val_stream) - 1) // (B * T)))]
+        M.require(val_batches, f"{val_path}: {len(val_stream)} tokens hold no validation batch of --pretrain-batch-size "
+                  f"{B} x --pretrain-seq-len {T} (+1) tokens")
         metrics = train_stage("pretrain", gpt, next_batch, val_batches, config.pretrain_steps,
                               config.pretrain_lr, config, pretrain_dir, device)
         M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",

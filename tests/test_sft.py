@@ -176,8 +176,15 @@ def test_sft_examples_renders_and_cuts_long_rows(tiny_enc, tmp_path):
     _write_rows(path, [GOOD])
     [(ids, mask)] = sft.sft_examples(tiny_enc, str(path), 192)
     assert (ids, mask) == tuple(M.render_chat(tiny_enc, GOOD["messages"]))
-    [(ids, mask)] = sft.sft_examples(tiny_enc, str(path), 4)  # over-long rows are cut, not dropped
-    assert (ids, mask) == tuple(x[:4] for x in M.render_chat(tiny_enc, GOOD["messages"]))
+    full_ids, full_mask = M.render_chat(tiny_enc, GOOD["messages"])
+    cut = full_mask.index(1) + 2  # keeps the reply's first two tokens
+    assert cut < len(full_ids)
+    [(ids, mask)] = sft.sft_examples(tiny_enc, str(path), cut)  # over-long rows are cut, not dropped
+    assert (ids, mask) == (full_ids[:cut], full_mask[:cut]) and sum(mask) == 2
+    # ... unless the cut leaves no reply token to learn from: that stops, naming the file and line
+    _write_rows(path, [GOOD, GOOD])
+    with pytest.raises(M.DataError, match=f"^{path}:1: no assistant token within the first {cut - 2} tokens "):
+        sft.sft_examples(tiny_enc, str(path), cut - 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +344,8 @@ def test_cli_help():
     (["--sft-batch-size", "0"], "--sft-batch-size must be > 0, got 0"),
     (["--pretrain-steps", "0"], "--pretrain-steps must be > 0, got 0"),
     (["--grad-clip", "-1"], "--grad-clip must be > 0, got -1.0"),  # a negative limit flips every gradient
+    (["--n-embd", "12", "--n-head", "4"], "--n-embd 12 / --n-head 4 gives heads of 3 dimensions; RoPE rotates "
+                                          "them in pairs: make it even"),
 ])
 def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
     # a typo in --stages used to run no stage at all, silently
@@ -346,6 +355,19 @@ def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, f
     msg = e.value.code
     assert isinstance(msg, str) and msg.startswith(f"error: {message}") and "\n" not in msg
     assert not out.exists() and not data.exists()
+
+
+def test_a_pretraining_batch_larger_than_the_validation_text_stops_before_training(tiny_data_dir, tmp_path):
+    # it used to leave no validation batch at all, and every val_loss was NaN, silently
+    val_path = os.path.join(tiny_data_dir, "pretrain_val.txt")
+    enc = M.load_tokenizer(os.path.join(tiny_data_dir, "tokenizer.json"))
+    n_val = len(sft.pretrain_stream(enc, val_path))
+    B, T = n_val // 32 + 1, 32  # one batch needs B * T + 1 > n_val tokens
+    out = tmp_path / "out"
+    with pytest.raises(M.ConfigError, match=f"^{val_path}: {n_val} tokens hold no validation batch of "
+                                            f"--pretrain-batch-size {B} x --pretrain-seq-len {T}"):
+        sft.train(tiny_sft_config(tiny_data_dir, str(out), pretrain_batch_size=B, pretrain_seq_len=T))
+    assert not (out / "pretrain" / "model.pt").exists()
 
 
 def test_pretraining_flags_are_checked_only_when_pretraining_runs():
