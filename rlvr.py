@@ -292,6 +292,12 @@ def check_config(config):
               f"to the same prompt), got {config.group_size}")
     M.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio's lower clip is 1 - eps), "
               f"got {config.clip_eps}")
+    # a flag that changes nothing would let a run pass for what it is not
+    M.require(config.scale_rewards or config.std_floor == RLVRConfig.std_floor, "--std-floor does nothing with "
+              "--no-scale-rewards: the advantages are not divided by the std")
+    for name in ("eval_reference", "eval_problems_file"):
+        M.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
+                  f"with --eval-problems 0 (no evaluation)")
     M.check_out(config.out)
     M.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
               f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
@@ -331,8 +337,9 @@ def train(config):
     if config.steps:  # rollouts sample after the training problems (--steps 0 only evaluates)
         M.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
                             config.data or os.path.join(config.data_dir, "rl.jsonl"))
-    M.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in eval_problems], config.max_new_tokens,
-                        config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl"))
+    eval_prompts = [p["prompt"] for p in eval_problems]
+    eval_source = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")
+    M.check_replies_fit(policy.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source)
 
     if config.measure_kv_cache:
         batch = [M.render_prompt(enc, p["prompt"]) for p in problems[:64]]
@@ -351,6 +358,9 @@ def train(config):
     if config.eval_reference:
         kl_reference, _ = M.load_checkpoint(config.eval_reference, device, tokenizer_path)
         kl_reference.requires_grad_(False).eval()
+        # the KL scores prompt and reply on it too
+        M.check_replies_fit(kl_reference.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source,
+                            model=config.eval_reference)
     before = None
     if eval_problems:
         t_eval = time.time()

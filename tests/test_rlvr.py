@@ -591,6 +591,11 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
     (["--eval-samples", "0"], "--eval-samples must be > 0, got 0"),
     (["--grad-clip", "0"], "--grad-clip must be > 0, got 0.0"),
     (["--clip-eps", "1.5"], "--clip-eps must be below 1"),
+    # flags that would change nothing
+    (["--no-scale-rewards", "--std-floor", "0.2"], "--std-floor does nothing with --no-scale-rewards"),
+    (["--eval-problems", "0", "--eval-reference", "ref.pt"], "--eval-reference does nothing with --eval-problems 0"),
+    (["--eval-problems", "0", "--eval-problems-file", "test.jsonl"], "--eval-problems-file does nothing with "
+                                                                      "--eval-problems 0"),
 ])
 def test_main_reports_bad_flags_in_one_line_before_building_anything(tmp_path, flags, message):
     out = tmp_path / "out"  # holds no checkpoint: a run that got past the checks would build one
@@ -884,6 +889,29 @@ def test_steps_without_an_update_log_the_scheduled_learning_rate(tiny_sft_ckpt, 
     assert [r["lr"] for r in log] == pytest.approx([M.scheduled_lr("constant", s, 2, 1e-3, 4) for s in range(2)])
     assert [r["lr"] for r in log] == pytest.approx([2.5e-4, 5e-4])  # by hand: peak * (step + 1) / warmup
     assert [r["ratio"] for r in log] == [1.0, 1.0]
+
+
+def test_an_eval_reference_too_short_for_the_replies_stops_before_any_rollout(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    # the evaluation's KL scores prompt and reply on --eval-reference too: a model with a shorter
+    # context used to fail there with an assertion; RoPE has no position table, so the same
+    # weights with a smaller block_size make such a model
+    tok = tokenizer_path(tiny_data_dir)
+    enc = M.load_tokenizer(tok)
+    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
+    prompts = [p["prompt"] for p in M.read_problems(os.path.join(tiny_data_dir, "test.jsonl"))[:2]]
+    longest = max(len(M.render_prompt(enc, p)) for p in prompts)
+    model.config.block_size = longest + 4  # room for 4 new tokens, not 8
+    short = str(tmp_path / "short.pt")
+    M.save_checkpoint(short, model, tok)
+    out = tmp_path / "out"
+    with pytest.raises(M.ConfigError, match=rf"^--max-new-tokens 8 does not fit: .* of {short}'s {longest + 4} "
+                                            r"context tokens, leaving 4$"):
+        rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(out), eval_problems=2, eval_samples=2,
+                                  eval_reference=short))
+    assert not (out / "rlvr" / "log.jsonl").exists()
+    # with room for the replies, the same run goes through
+    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(out), eval_problems=2, eval_samples=2,
+                              eval_reference=short, max_new_tokens=4, steps=1))
 
 
 def test_only_the_prompts_a_run_samples_after_are_checked(tiny_sft_ckpt, tiny_data_dir, tmp_path):
