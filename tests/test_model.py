@@ -758,3 +758,11 @@ def test_the_cpu_peak_probe_leaves_the_global_rng_as_it_found_it(monkeypatch):
     torch.manual_seed(1)
     assert M.peak_flops("cpu") > 0
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_a_head_of_odd_size_is_refused_at_construction():
+    # RoPE rotates pairs of dimensions: with 3 per head, chunk(2) splits 2 + 1 and the rotated q, k
+    # came out 4 wide, silently
+    with pytest.raises(AssertionError, match="the head size must be even"):
+        M.GPT(M.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=4, n_embd=12))
+    M.GPT(M.GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=4, n_embd=16))  # 4 per head is fine
