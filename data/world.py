@@ -346,8 +346,9 @@ def make_facts(rng, n):
 # ----------------------------------------------------------------------------------------------
 # Verifier and judge
 
-_ANSWER = re.compile(r"the answer is\s+(-?\d+)\s*\.?", re.IGNORECASE)
-_FINAL = re.compile(r"(?:^|\n)The answer is (-?\d+)\.\s*$")
+# re.ASCII: \d is 0-9 only (int() would also read other scripts' digits, e.g. "٥" as 5)
+_ANSWER = re.compile(r"the answer is\s+(-?\d+)\s*\.?", re.IGNORECASE | re.ASCII)
+_FINAL = re.compile(r"(?:^|\n)The answer is (-?\d+)\.\s*$", re.ASCII)
 
 
 def parse_answer(reply):
@@ -368,7 +369,7 @@ def verify(problem, reply):
     return got is not None and got == int(problem["answer"])
 
 
-_EQUATION = re.compile(r"\d+\s*[-+x*]\s*\d+\s*=\s*\d+")
+_EQUATION = re.compile(r"\d+\s*[-+x*]\s*\d+\s*=\s*-?\d+", re.ASCII)  # a step may go below zero
 _WORDS = re.compile(r"[a-z']+")
 _RUDE_MARKERS = {"ugh", "seriously", "yourself", "whatever", "waste", "obviously", "honestly",
                  "harder", "everything", "figure"}

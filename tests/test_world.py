@@ -59,6 +59,13 @@ def test_verify(reply, ok):
     assert world.verify({"answer": 8}, reply) is ok
 
 
+def test_only_ascii_digits_are_read():
+    # int() reads other scripts' digits too ("\u0665" is an Arabic-Indic 5): the verifier must not
+    assert world.parse_answer("The answer is \u0665.") is None
+    assert not world.verify({"answer": 5}, "The answer is \u0665.")
+    assert world.classify_style("Mia has \u0663 pens.\nSo \u0663 + 2 = 5.\nThe answer is 5.") == "other"
+
+
 def test_verify_accepts_answer_given_as_string():
     # rows from an external --data file may carry the answer as a JSON string
     assert world.verify({"answer": "8"}, "The answer is 8.")
@@ -79,6 +86,8 @@ def test_verify_accepts_answer_given_as_string():
     ("Ugh, this is trivial.\nThe answer is 11.", "rude"),
     # rudeness spoils any reply, even one that shows its work
     ("Obviously 7 + 4 = 11.\nThe answer is 11.", "rude"),
+    # a step that goes below zero (the world never does; a model may) is still written out
+    ("Mia starts with 3 pens.\nShe gives away 5, so 3 - 5 = -2.\nThe answer is -2.", "step"),
     # none of the four
     ("", "other"),
     ("   \n", "other"),
