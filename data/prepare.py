@@ -19,6 +19,7 @@ training file only from the rest, so no held-out problem appears in a training f
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -70,12 +71,22 @@ def config_problem(config):
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
     if not config.pretrain_mb > 0:
         return f"--pretrain-mb must be > 0, got {config.pretrain_mb}"
+    # the held-out text is a fiftieth of it, and must hold at least a byte (an empty one is no validation)
+    if not (math.isfinite(config.pretrain_mb) and int(config.pretrain_mb * 1e6) // 50 >= 1):
+        return f"--pretrain-mb must be finite and >= 0.00005 (its held-out fiftieth needs text), got {config.pretrain_mb}"
     if not 0 <= config.fact_share <= 1:
         return f"--fact-share is a share of the documents, in [0, 1], got {config.fact_share}"
     smallest = 256 + len(bpe.SPECIAL_TOKENS)  # the single bytes and the special tokens
     if config.vocab_size < smallest:
         return f"--vocab-size must be >= {smallest} (256 bytes + {len(bpe.SPECIAL_TOKENS)} special tokens), " \
                f"got {config.vocab_size}"
+    return None
+
+
+def out_problem(out_dir):
+    """A one-line message when out_dir cannot hold the data (it is a file), or None."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"--out {out_dir}: exists and is not a directory"
     return None
 
 
@@ -151,7 +162,7 @@ def ensure_data(out_dir=DATA_DIR):
 def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     """Build all data files into out_dir unless they are already up to date for this config."""
     config = config or PrepareConfig()
-    problem = config_problem(config)
+    problem = config_problem(config) or out_problem(out_dir)
     if problem:
         raise ValueError(problem)
     if not force and up_to_date(config, out_dir):
@@ -160,6 +171,11 @@ def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
         return
     t0 = time.time()
     os.makedirs(out_dir, exist_ok=True)
+    # the manifest vouches for a complete build: it goes first and comes back last, so a rebuild
+    # cut short (other settings, half the files rewritten) cannot pass for the old build
+    manifest = os.path.join(out_dir, "manifest.json")
+    if os.path.exists(manifest):
+        os.remove(manifest)
     rng = random.Random(config.seed)
     say = print if verbose else (lambda *a, **k: None)
 
@@ -198,8 +214,7 @@ def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     bpe.save_tokenizer(ranks, out_dir)
     say(f"data: tokenizer with {len(ranks)} + {len(bpe.SPECIAL_TOKENS)} tokens ({time.time() - t1:.1f}s)")
 
-    write(os.path.join(out_dir, "manifest.json"),
-          json.dumps({"version": VERSION, "config": asdict(config)}, indent=1))
+    write(manifest, json.dumps({"version": VERSION, "config": asdict(config)}, indent=1))
     say(f"data: done in {time.time() - t0:.1f}s -> {out_dir}")
 
 
@@ -214,7 +229,7 @@ def main():
     args = vars(parser.parse_args())
     out, force = args.pop("out"), args.pop("force")
     config = PrepareConfig(**args)
-    problem = config_problem(config)
+    problem = config_problem(config) or out_problem(out)
     if problem:
         sys.exit(f"error: {problem}")
     prepare(config, out, force)

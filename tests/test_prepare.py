@@ -322,6 +322,10 @@ def test_preference_pairs_follow_the_judge(tiny_data_dir, name):
     ("n_prefs", 0, "--n-prefs must be >= 1, got 0"),
     ("n_rl", -5, "--n-rl must be >= 1, got -5"),
     ("pretrain_mb", 0.0, "--pretrain-mb must be > 0, got 0.0"),
+    ("pretrain_mb", float("inf"), "--pretrain-mb must be finite and >= 0.00005 (its held-out fiftieth needs text), "
+                                  "got inf"),
+    ("pretrain_mb", 0.00004, "--pretrain-mb must be finite and >= 0.00005 (its held-out fiftieth needs text), "
+                             "got 4e-05"),  # 40 bytes: an empty fiftieth
     ("fact_share", 1.5, "--fact-share is a share of the documents, in [0, 1], got 1.5"),
     ("vocab_size", 260, "--vocab-size must be >= 261 (256 bytes + 5 special tokens), got 260"),
 ])
@@ -336,6 +340,37 @@ def test_a_config_that_cannot_build_stops_before_writing(tmp_path, monkeypatch, 
     with pytest.raises(ValueError, match=re.escape(message)):  # the same check when called from Python
         P.prepare(P.PrepareConfig(**{field: value}), str(out))
     assert not out.exists()
+
+
+def test_out_that_is_a_file_stops_in_one_line(tmp_path, monkeypatch, tiny_config):
+    out = tmp_path / "data"
+    out.write_text("not a directory")
+    monkeypatch.setattr("sys.argv", ["prepare.py", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        P.main()
+    assert e.value.code == f"error: --out {out}: exists and is not a directory"
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        P.prepare(tiny_config, str(out))
+
+
+def test_a_rebuild_cut_short_does_not_pass_for_the_old_build(tiny_config, tmp_path, monkeypatch):
+    # the old manifest used to stay while the new files were written: a rebuild with another seed,
+    # interrupted before the tokenizer, left the new data with the old tokenizer, "up to date"
+    out = str(tmp_path)
+    P.prepare(tiny_config, out_dir=out, verbose=False)
+    assert P.up_to_date(tiny_config, out)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P.bpe, "train_bpe", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        P.prepare(replace(tiny_config, seed=tiny_config.seed + 1), out_dir=out, verbose=False)
+    assert not P.up_to_date(tiny_config, out)
+    assert not P.up_to_date(replace(tiny_config, seed=tiny_config.seed + 1), out)
+    monkeypatch.undo()
+    P.prepare(tiny_config, out_dir=out, verbose=False)  # and the next call rebuilds it whole
+    assert P.up_to_date(tiny_config, out)
 
 
 def test_the_smallest_buildable_config_builds(tmp_path, tiny_config):
