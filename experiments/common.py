@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 import dpo  # noqa: E402
 import model as M  # noqa: E402
-from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare  # noqa: E402
+from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare, write  # noqa: E402
 
 # --quick: a tiny world (built in about a second) and a tiny SFT model (a few seconds), so that an
 # experiment runs end to end in seconds; its figures mean nothing, its plumbing is the real one
@@ -48,14 +48,14 @@ def setup(name, args, quick_data=QUICK_DATA, quick_sft=QUICK_SFT):
     stages' own outputs go, whether this is a --quick run, and the device."""
     import sft
     M.pick_device(args.device)  # a device this machine lacks stops here, before anything is built
+    M.check_out(args.out)
     # --quick writes apart, under experiments/quick/: its figures must never replace a real run's
     root = os.path.join(args.out, "experiments", "quick" if args.quick else "")
     out_dir = os.path.join(root, name)
     os.makedirs(out_dir, exist_ok=True)
     if args.quick:
         data_dir = os.path.join(root, "data")
-        if not os.path.exists(os.path.join(data_dir, "manifest.json")):
-            prepare(PrepareConfig(**quick_data), out_dir=data_dir, verbose=False)
+        prepare(PrepareConfig(**quick_data), out_dir=data_dir, verbose=False)  # rebuilt only when out of date
         stage_out = os.path.join(root, "stages")
         config = sft.SFTConfig(**quick_sft, data_dir=data_dir, out=stage_out, device=args.device)
     else:
@@ -96,8 +96,7 @@ def write_results(s, results, columns, title, takeaway=""):
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     if takeaway:
         lines += ["", takeaway]
-    with open(os.path.join(s["dir"], "results.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write(os.path.join(s["dir"], "results.md"), "\n".join(lines) + "\n")  # temp file, then rename
     print("\n".join(lines))
 
 
@@ -116,7 +115,8 @@ def plot(s, draw):
     draw(plt)
     plt.tight_layout()
     path = os.path.join(s["dir"], "plot.png")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path + ".tmp", dpi=100, format="png")  # temp file, then rename, as every output
+    os.replace(path + ".tmp", path)
     plt.close(fig)
     print(f"plot: {path}")
     return path

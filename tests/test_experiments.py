@@ -256,6 +256,29 @@ def test_a_bad_flag_stops_an_experiment_in_one_line_before_building_anything(exp
         assert f.read().rstrip().endswith('if __name__ == "__main__":\n    common.run(main)')
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda m: m.__name__)
+def test_an_out_that_is_a_file_stops_an_experiment_in_one_line(experiment, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file")  # os.makedirs under it used to raise NotADirectoryError, a traceback
+    with pytest.raises(SystemExit) as e:
+        common.run(lambda: experiment.main(["--quick", "--out", str(out)]))
+    assert e.value.code == f"error: --out {out}: exists and is not a directory"
+
+
+def test_quick_data_is_rebuilt_when_its_settings_change(tmp_path, monkeypatch):
+    # --quick used to reuse any data dir with a manifest in it, whatever settings built it
+    args = common.parse_args("x", ["--quick", "--out", str(tmp_path)])
+    built = []
+    monkeypatch.setattr(common.M, "previous_stage", lambda *a: built.append(a) or "sft.pt")
+    small = dict(common.QUICK_DATA, n_rl=10)
+    s = common.setup("x", args, quick_data=small)
+    with open(os.path.join(s["data_dir"], "rl.jsonl")) as f:
+        assert len(f.readlines()) == 10
+    s = common.setup("x", args, quick_data=dict(small, n_rl=12))
+    with open(os.path.join(s["data_dir"], "rl.jsonl")) as f:
+        assert len(f.readlines()) == 12
+
+
 def test_an_experiments_command_line_prints_one_line_and_exits_1(tmp_path):
     done = subprocess.run([sys.executable, "experiments/overtraining.py", "--device", "tpu", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
