@@ -413,10 +413,8 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     """Held-out preference accuracy (share of pairs with r_w > r_l, strictly), mean margin, and the
     margins r_w - r_l themselves, (N,) on the CPU. With no reference (ref_chosen None: SimPO, ORPO)
     the reward is beta * per-token average log-prob."""
-    was = policy.training
-    policy.eval()
-    policy_chosen, policy_rejected = pair_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
-    policy.train(was)
+    with M.eval_mode(policy):
+        policy_chosen, policy_rejected = pair_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
     if ref_chosen is None:
         margins = beta * (policy_chosen - policy_rejected)
     else:
@@ -503,12 +501,10 @@ def kl_on_samples(policy, reference, enc, prompts, reply_ids, device, batch_size
 
 
 def judge_during_training(policy, enc, problems, config):
-    """The policy's replies to a few held-out problems, sampled as at evaluation, judged."""
-    was = policy.training
-    policy.eval()
+    """The policy's replies to a few held-out problems, sampled as at evaluation (in eval mode, as
+    generate() samples), judged."""
     replies = M.sample_replies(policy, enc, [p["prompt"] for p in problems], config.max_new_tokens,
                                config.eval_temperature, config.seed)
-    policy.train(was)
     scores = world.score_replies(problems, replies)
     return {"judge_score": scores["judge_score"], "accuracy": scores["accuracy"], "length": scores["mean_length"]}
 

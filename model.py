@@ -303,12 +303,18 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     The tests check them (without top_k) against a teacher-forced pass (shifted_logprobs at the same
     temperature); the RL update recomputes its own.
     use_cache=False recomputes the whole prefix at every step (same result, for comparison)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
+    P = max(len(p) for p in prompts)
     require(P + max_new_tokens <= model.config.block_size, f"a reply of {max_new_tokens} tokens (--max-new-tokens) "
             f"after a prompt of {P} tokens runs past the model's context of {model.config.block_size} tokens")
+    require(top_k is None or top_k >= 1, f"top_k must be >= 1 (None: no cut), got {top_k}")
+    with eval_mode(model):  # no dropout while sampling
+        return _sample(model, prompts, max_new_tokens, stop_token, temperature, top_k, generator, use_cache)
+
+
+def _sample(model, prompts, max_new_tokens, stop_token, temperature, top_k, generator, use_cache):
+    """generate()'s loop, the model already in eval mode."""
+    device = next(model.parameters()).device
+    B, P = len(prompts), max(len(p) for p in prompts)
     T_max = P + max_new_tokens
     idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
     valid = torch.zeros(B, T_max, dtype=torch.bool, device=device)  # real (non-pad) tokens
@@ -363,8 +369,19 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     n = t - P  # tokens sampled per row (rows that stopped early ignore the rest)
     out = [row[:L] for row, L in zip(idx[:, P: P + n].tolist(), lengths.clamp(max=n).tolist())]
     out_logp = [row[:L] for row, L in zip(new_logps[:, :n].tolist(), lengths.clamp(max=n).tolist())]
-    model.train(was_training)
     return out, out_logp
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Inside the block the model is in eval mode (no dropout); on exit it gets its mode back,
+    also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------

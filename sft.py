@@ -174,10 +174,8 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
 def evaluate_loss(model, batches):
     """The validation loss, dropout off: the mean of the batches' token-level means (a short last
     batch weighs as much as a full one)."""
-    was_training = model.training
-    model.eval()
-    losses = [lm_loss(model, ids, mask).item() for ids, mask in batches]
-    model.train(was_training)
+    with M.eval_mode(model):
+        losses = [lm_loss(model, ids, mask).item() for ids, mask in batches]
     return sum(losses) / len(losses) if losses else float("nan")
 
 

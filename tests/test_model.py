@@ -370,6 +370,24 @@ def test_generate_restores_training_mode():
     assert m.training
 
 
+def test_generate_restores_training_mode_when_sampling_fails(monkeypatch):
+    m = tiny_gpt()
+    m.train()
+    modes = []
+
+    def failing_forward(*args, **kwargs):
+        modes.append(m.training)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(m, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        M.generate(m, ragged_prompts(), 2, NO_STOP, temperature=1.0)
+    assert modes == [False] and m.training  # sampled in eval mode, and left as it was found
+    with pytest.raises(M.ConfigError, match="top_k must be >= 1"):
+        M.generate(m, ragged_prompts(), 2, NO_STOP, top_k=0)
+    assert m.training
+
+
 def test_sample_replies_is_reproducible(tiny_enc):
     torch.manual_seed(0)
     m = M.GPT(M.GPTConfig(vocab_size=tiny_enc.n_vocab, block_size=64, n_layer=1, n_head=2,
@@ -378,7 +396,26 @@ def test_sample_replies_is_reproducible(tiny_enc):
     a = M.sample_replies(m, tiny_enc, prompts, max_new_tokens=8, temperature=1.0, seed=3, batch_size=1)
     b = M.sample_replies(m, tiny_enc, prompts, max_new_tokens=8, temperature=1.0, seed=3, batch_size=1)
     assert a == b and len(a) == 2 and all(isinstance(r, str) for r in a)
-    assert not any("<|end|>" in r for r in a)  # replies are cut at the end of the turn
+
+
+def test_sample_replies_cuts_each_reply_at_the_end_of_its_turn(tiny_enc, monkeypatch):
+    # generate() keeps the <|end|> that stopped a row; the text must end before it, the ids keep it
+    end = M.special(tiny_enc, "end")
+    body = tiny_enc.encode_ordinary("The answer is 3.")
+    seen = []
+
+    def fake_generate(model, ids, max_new_tokens, stop_token, temperature, generator=None):
+        seen.append((ids, stop_token))
+        return [body + [end] for _ in ids], None
+
+    monkeypatch.setattr(M, "generate", fake_generate)
+    prompts = ["Mia has 3 pens. How many pens does Mia have now?", "Hi", "Bo?"]
+    model = torch.nn.Linear(1, 1)  # only its parameters' device is read
+    texts, ids = M.sample_replies(model, tiny_enc, prompts, 8, seed=0, batch_size=2, return_ids=True)
+    assert texts == ["The answer is 3."] * 3
+    assert ids == [body + [end]] * 3
+    assert [len(b) for b, _ in seen] == [2, 1] and all(stop == end for _, stop in seen)
+    assert seen[0][0][0] == M.render_prompt(tiny_enc, prompts[0])
 
 
 # ----------------------------------------------------------------------------------------------
