@@ -401,6 +401,11 @@ def pick_device(name="auto"):
             f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
     require(device.type != "cuda" or torch.cuda.is_available(), f"--device {name}: no CUDA device on this machine")
     require(device.type != "mps" or mps, f"--device {name}: no Apple MPS device on this machine")
+    if device.type == "cuda" and device.index is not None:  # else the run would die later, at .to(device)
+        n = torch.cuda.device_count()
+        require(device.index < n, f"--device {name}: this machine has {n} CUDA device{'s' if n > 1 else ''} "
+                f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
+    require(device.type != "mps" or not device.index, f"--device {name}: there is one MPS device, mps (mps:0)")
     return device
 
 
@@ -658,23 +663,33 @@ def load_lora(path, model):
     ckpt = load_weights_only(path, "LoRA adapter file")
     if not isinstance(ckpt, dict) or "lora" not in ckpt:
         raise DataError(f"{path}: not a LoRA adapter file (a full checkpoint? use load_checkpoint)")
-    if not lora_layers(model):
-        linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        absent = [n for n in ckpt["modules"] if n not in linears]
+    modules, rank, alpha, theirs = ckpt.get("modules"), ckpt.get("rank"), ckpt.get("alpha"), ckpt["lora"]
+    if not (isinstance(modules, list) and modules and all(isinstance(n, str) for n in modules)
+            and type(rank) is int and rank > 0 and isinstance(alpha, (int, float))
+            and isinstance(theirs, dict) and all(isinstance(v, torch.Tensor) for v in theirs.values())):
+        raise DataError(f"{path}: not a LoRA adapter file as save_lora writes it (a list of modules, a rank "
+                        f"> 0, an alpha and a dict of lora tensors)")
+    # every check before the model changes: a file that does not fit leaves it as it was
+    layers = lora_layers(model)
+    if layers:
+        own = {k: tuple(v.shape) for k, v in lora_state_dict(model).items()}
+    else:
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        absent = [n for n in modules if n not in linears]
         if absent:
             raise DataError(f"{path}: adapters for {absent}, which this model has no Linear for")
-        _wrap_linears(model, ckpt["modules"], ckpt["rank"], ckpt["alpha"])
-    own = lora_state_dict(model)
-    theirs = ckpt["lora"]
-    bad = [f"{k}: file {tuple(theirs[k].shape) if k in theirs else 'none'}, "
-           f"model {tuple(own[k].shape) if k in own else 'none'}"
+        own = {k: shape for n in modules for k, shape in ((f"{n}.lora_A", (rank, linears[n].in_features)),
+                                                          (f"{n}.lora_B", (linears[n].out_features, rank)))}
+    bad = [f"{k}: file {tuple(theirs[k].shape) if k in theirs else 'none'}, model {own.get(k, 'none')}"
            for k in sorted(own.keys() | theirs.keys())
-           if k not in own or k not in theirs or own[k].shape != theirs[k].shape]
+           if k not in own or k not in theirs or own[k] != tuple(theirs[k].shape)]
     if bad:
-        raise DataError(f"{path}: the adapters do not fit this model (rank {ckpt['rank']} in the "
+        raise DataError(f"{path}: the adapters do not fit this model (rank {rank} in the "
                         f"file): " + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
-    if any(m.alpha != ckpt["alpha"] for m in lora_layers(model).values()):
-        raise DataError(f"{path}: alpha {ckpt['alpha']} in the file differs from the model's adapters")
+    if any(m.alpha != alpha for m in layers.values()):
+        raise DataError(f"{path}: alpha {alpha} in the file differs from the model's adapters")
+    if not layers:
+        _wrap_linears(model, modules, rank, alpha)
     model.load_state_dict(theirs, strict=False)  # strict=False: the base weights are not in the file
     return ckpt
 
@@ -693,7 +708,11 @@ def flops_per_token(model, T):
     return 6 * model.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
 
 
-_PEAK = {}
+_PEAK = {}  # str(device) -> FLOP/s, measured or read once per process
+# dense bf16 tensor-core peaks from the spec sheets, the first match in the device's name wins
+# (the PCIe and NVL cards run at lower clocks than the SXM ones)
+GPU_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
+             ("A100", 312e12)]
 
 
 def peak_flops(device):
@@ -701,13 +720,13 @@ def peak_flops(device):
     CUDA. An H100, H200 or A100 reads its spec sheet; anything else is measured by a short matmul
     probe (once per process: ~0.5 s on the fast 2-core CPU, ~1.5 s on the slow one)."""
     device = torch.device(device)
-    if device.type in _PEAK:
-        return _PEAK[device.type]
+    if str(device) in _PEAK:
+        return _PEAK[str(device)]
     if device.type == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = 989e12 if "H100" in name or "H200" in name else 312e12 if "A100" in name else None
+        name = torch.cuda.get_device_name(device)
+        peak = next((p for key, p in GPU_PEAKS if key in name), None)
         if peak is not None:
-            _PEAK[device.type] = peak
+            _PEAK[str(device)] = peak
             return peak
     n = 4096 if device.type == "cuda" else 1024  # a GPU needs a large matmul to reach its peak
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as autocast() runs the forward
@@ -719,16 +738,22 @@ def peak_flops(device):
         a @ b
     best = 0.0
     for _ in range(10):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)  # a GPU returns before the work is done: wait for it, or time the queueing
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0))
-    _PEAK[device.type] = best
+    _PEAK[str(device)] = best
     return best
+
+
+def synchronize(device):
+    """Wait until the device has done the work queued so far (CPU work is done when it returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def describe(model, device):

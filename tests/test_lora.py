@@ -330,6 +330,40 @@ def test_load_lora_refuses_a_file_that_does_not_fit(tmp_path, tiny_data_dir):
     assert full in str(e.value)
 
 
+
+def test_load_lora_checks_the_whole_file_before_it_changes_the_model(tmp_path):
+    m = tiny_gpt()
+    M.add_lora(m, rank=4, alpha=8)
+    good = str(tmp_path / "r4.pt")
+    M.save_lora(good, m)
+    saved = torch.load(good, weights_only=True)
+    n_params = len(list(tiny_gpt().parameters()))
+    # malformed files used to raise KeyError, ZeroDivisionError or AttributeError, or to load no
+    # adapter at all and leave the whole model frozen
+    for i, broken in enumerate([{"lora": {}}, {**saved, "rank": 0}, {**saved, "lora": "x"},
+                                {**saved, "modules": []}, {**saved, "alpha": "8"}]):
+        path = str(tmp_path / f"broken{i}.pt")
+        torch.save(broken, path)
+        base = tiny_gpt()
+        with pytest.raises(M.DataError, match=f"^{path}: not a LoRA adapter file as save_lora writes it"):
+            M.load_lora(path, base)
+        assert not M.lora_layers(base) and M.trainable_parameters(base) == M.trainable_parameters(tiny_gpt())
+    # tensors of the wrong shape for this base: refused before any Linear is wrapped or frozen
+    small = {**saved, "lora": {k: v[:, :3] if k.endswith("lora_A") else v for k, v in saved["lora"].items()}}
+    path = str(tmp_path / "small.pt")
+    torch.save(small, path)
+    base = tiny_gpt()
+    with pytest.raises(M.DataError, match="do not fit this model"):
+        M.load_lora(path, base)
+    assert not M.lora_layers(base) and all(p.requires_grad for p in base.parameters())
+    assert len(list(base.parameters())) == n_params
+    # the same base with its adapters: an alpha that differs is named
+    other = tiny_gpt()
+    M.add_lora(other, rank=4, alpha=16)
+    with pytest.raises(M.DataError, match="alpha 8 in the file differs"):
+        M.load_lora(good, other)
+
+
 # ----------------------------------------------------------------------------------------------
 # DPO with LoRA: dpo.py --lora-rank, end to end on a tiny model
 

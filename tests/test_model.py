@@ -534,6 +534,35 @@ def test_pick_device():
         assert M.pick_device("auto") == torch.device("cpu")
 
 
+def test_pick_device_refuses_a_device_number_the_machine_lacks(monkeypatch):
+    # a one-GPU machine: cuda:1 used to pass, and the run died later at .to(device) with a traceback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert M.pick_device("cuda:0") == torch.device("cuda:0")
+    assert M.pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(M.ConfigError, match=r"^--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$"):
+        M.pick_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert M.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(M.ConfigError, match=r"this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$"):
+        M.pick_device("cuda:2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert M.pick_device("mps") == torch.device("mps")
+    with pytest.raises(M.ConfigError, match="there is one MPS device"):
+        M.pick_device("mps:1")
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12)])
+def test_a_known_gpu_reads_its_peak_from_the_spec_sheet_per_device(monkeypatch, name, peak):
+    monkeypatch.setattr(M, "_PEAK", {})
+    names = {0: name, 1: "NVIDIA A100-SXM4-80GB"}  # two different cards in one machine
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: names[torch.device(d).index or 0])
+    assert M.peak_flops("cuda:0") == peak
+    assert M.peak_flops("cuda:1") == 312e12  # its own card's figure, not cuda:0's cached one
+
+
 def test_cosine_schedule_hand_computed():
     # peak 2.0, 10 warmup steps, 110 in all: 100 decay steps, floor 0.1 * peak = 0.2
     lr = lambda step: M.scheduled_lr("cosine", step, 110, 2.0, 10, min_ratio=0.1)  # noqa: E731
