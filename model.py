@@ -307,14 +307,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     require(P + max_new_tokens <= model.config.block_size, f"a reply of {max_new_tokens} tokens (--max-new-tokens) "
             f"after a prompt of {P} tokens runs past the model's context of {model.config.block_size} tokens")
     require(top_k is None or top_k >= 1, f"top_k must be >= 1 (None: no cut), got {top_k}")
-    with eval_mode(model):  # no dropout while sampling
-        return _sample(model, prompts, max_new_tokens, stop_token, temperature, top_k, generator, use_cache)
-
-
-def _sample(model, prompts, max_new_tokens, stop_token, temperature, top_k, generator, use_cache):
-    """generate()'s loop, the model already in eval mode."""
     device = next(model.parameters()).device
-    B, P = len(prompts), max(len(p) for p in prompts)
+    B = len(prompts)
     T_max = P + max_new_tokens
     idx = torch.zeros(B, T_max, dtype=torch.long, device=device)
     valid = torch.zeros(B, T_max, dtype=torch.bool, device=device)  # real (non-pad) tokens
@@ -337,35 +331,36 @@ def _sample(model, prompts, max_new_tokens, stop_token, temperature, top_k, gene
     lengths = torch.full((B,), max_new_tokens, device=device)  # reply length, once a row stops
     done = torch.zeros(B, dtype=torch.bool, device=device)
     t = P  # slot of the next token to be written
-    for step in range(max_new_tokens):
-        with autocast(device):
-            if use_cache:
-                lo = 0 if step == 0 else t - 1  # the prefill, then one new token at a time
-                logits = model(idx[:, lo:t], positions[:, lo:t], mask[:, :, lo:t, :t], caches)
+    with eval_mode(model):  # no dropout while sampling; the mode comes back even if sampling fails
+        for step in range(max_new_tokens):
+            with autocast(device):
+                if use_cache:
+                    lo = 0 if step == 0 else t - 1  # the prefill, then one new token at a time
+                    logits = model(idx[:, lo:t], positions[:, lo:t], mask[:, :, lo:t, :t], caches)
+                else:
+                    logits = model(idx[:, :t], positions[:, :t], mask[:, :, :t, :t])
+            logits = logits[:, -1].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1)  # (B,)
+                logp = F.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
             else:
-                logits = model(idx[:, :t], positions[:, :t], mask[:, :, :t, :t])
-        logits = logits[:, -1].float()  # (B, V)
-        if temperature == 0:
-            nxt = logits.argmax(-1)  # (B,)
-            logp = F.log_softmax(logits, -1).gather(-1, nxt[:, None]).squeeze(-1)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            logp_all = F.log_softmax(logits, -1)  # (B, V)
-            # a draw from p: argmax_v p_v / E_v with E_v ~ Exp(1) independent (the exponential race,
-            # the same as Gumbel-max); several times faster than torch.multinomial on CPU
-            race = torch.empty_like(logp_all).exponential_(generator=generator)  # (B, V)
-            nxt = (logp_all.exp() / race).argmax(-1)  # (B,)
-            logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
-        idx[:, t] = nxt
-        new_logps[:, step] = logp
-        lengths = torch.where(~done & (nxt == stop_token), step + 1, lengths)
-        done |= nxt == stop_token
-        t += 1
-        if bool(done.all()):
-            break
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                logp_all = F.log_softmax(logits, -1)  # (B, V)
+                # a draw from p: argmax_v p_v / E_v with E_v ~ Exp(1) independent (the exponential race,
+                # the same as Gumbel-max); several times faster than torch.multinomial on CPU
+                race = torch.empty_like(logp_all).exponential_(generator=generator)  # (B, V)
+                nxt = (logp_all.exp() / race).argmax(-1)  # (B,)
+                logp = logp_all.gather(-1, nxt[:, None]).squeeze(-1)
+            idx[:, t] = nxt
+            new_logps[:, step] = logp
+            lengths = torch.where(~done & (nxt == stop_token), step + 1, lengths)
+            done |= nxt == stop_token
+            t += 1
+            if bool(done.all()):
+                break
     n = t - P  # tokens sampled per row (rows that stopped early ignore the rest)
     out = [row[:L] for row, L in zip(idx[:, P: P + n].tolist(), lengths.clamp(max=n).tolist())]
     out_logp = [row[:L] for row, L in zip(new_logps[:, :n].tolist(), lengths.clamp(max=n).tolist())]
