@@ -827,12 +827,17 @@ def strict_json(obj):
     return obj
 
 
-def write_json(path, obj):
+def write_text(path, text):
     """Temp file, then rename: a run killed mid-write leaves the old file, never half of one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(strict_json(obj), f, indent=1, allow_nan=False)
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    """obj as strict JSON (see strict_json), written atomically."""
+    write_text(path, json.dumps(strict_json(obj), indent=1, allow_nan=False))
 
 
 def append_jsonl(path, record):

@@ -17,7 +17,7 @@ if ROOT not in sys.path:
 
 import dpo  # noqa: E402
 import model as M  # noqa: E402
-from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare, write  # noqa: E402
+from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare  # noqa: E402
 
 # --quick: a tiny world (built in about a second) and a tiny SFT model (a few seconds), so that an
 # experiment runs end to end in seconds; its figures mean nothing, its plumbing is the real one
@@ -96,7 +96,7 @@ def write_results(s, results, columns, title, takeaway=""):
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     if takeaway:
         lines += ["", takeaway]
-    write(os.path.join(s["dir"], "results.md"), "\n".join(lines) + "\n")  # temp file, then rename
+    M.write_text(os.path.join(s["dir"], "results.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
