@@ -3,12 +3,12 @@ Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290): align t
 pairs of replies, one preferred ("chosen") and one not ("rejected"), with no reward model and no
 sampling during training.
 
-    python dpo.py                 (builds data and the SFT model if missing, then DPO: 3-11 min on 2 cores)
+    python dpo.py                 (builds data and the SFT model if missing, then DPO)
     python dpo.py --beta 0.5 --lr 1e-4 --seed 2
     python dpo.py --data my_pairs.jsonl     (any TRL-style {"prompt", "chosen", "rejected"} file)
     python dpo.py --loss-type ipo           (the family: cdpo, robust, hinge, ipo, simpo, orpo, kto, ...)
     python dpo.py --lora-rank 16 --lr 1e-3  (LoRA: the frozen start is the reference, one model in memory)
-    python dpo.py --rpo-alpha 3             (RPO: DPO + the chosen reply's NLL; see README's comparison)
+    python dpo.py --rpo-alpha 3             (RPO: DPO + the chosen reply's NLL)
     python dpo.py --help
 
 The derivation, in the paper's notation (equation numbers are the paper's):
@@ -38,10 +38,10 @@ How this departs from the paper:
    up to bf16 rounding on CUDA).
 3. The learning rate suits a ~1M-parameter model (a 2.5e-4 peak, decayed linearly to 0 as in TRL),
    not the 5e-7 of 7B recipes, and the script's default beta is 1.0, not 0.1: at 0.1 this tiny
-   model unlearns when to stop (README).
+   model unlearns when to stop (docs/dpo.md).
 4. Optional (--rpo-alpha, off by default): RPO (Pang et al. 2024, arXiv 2404.19733) adds
    alpha * the NLL of the chosen replies to eq. 7, so the chosen reply's likelihood is held up while
-   the margin grows; on this model it keeps more of the SFT model's accuracy (README). The NLL is
+   the margin grows (docs/dpo.md). The NLL is
    one mean over the batch's chosen tokens (as TRL's rpo_alpha); the paper averages per reply.
 5. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
    chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
@@ -49,14 +49,13 @@ How this departs from the paper:
 
 The family (--loss-type) lives in dpo_family.py, one equation each, so that this file stays one
 lesson read top to bottom; it computes plain DPO (eq. 7) itself, and batch_loss below picks the
-member the config names.
+member the config names. What every stage measures lives in evaluation.py, the files a user brings
+are read by data/formats.py, the plumbing is plumbing.py.
 """
 
-import contextlib
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -64,215 +63,91 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import evaluation as E
+import lora
 import model as M
-from data import world
+import plumbing as P
+from data import formats
 from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,
                         odds_ratio_loss, paired_losses, simpo_loss)
+from plumbing import option
 
 
 @dataclass
 class DPOConfig:
     # the method
-    # beta 0.1 (the paper's) let this 1M-parameter model erase <|end|> after "The answer is N."
-    # (KL 56-93 nats/reply from lr 2e-5 up, or at 1e-5 with 187 steps) or barely move (KL 0.8-2.2
-    # at 5e-6..1e-5, win rate 56-64%; decayed linearly from 2e-5 or 5e-5: win rate 58-59%, KL up to
-    # 6.3); a larger beta saturates the loss before the shared ending is eroded. Sweep in the README.
-    beta: float = M.option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
-    loss_type: str = M.option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
+    # beta 1.0, not the paper's 0.1: at 0.1 this tiny model either erases <|end|> after its answer
+    # or barely moves, and a larger beta saturates the loss first (the sweep: docs/dpo.md)
+    beta: float = option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
+    loss_type: str = option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
-    label_smoothing: float = M.option(0.0, "eps: the assumed share of wrong labels, for " + ", ".join(LABEL_SMOOTHED)
-                                      + " (cdpo and robust need eps > 0; sigmoid with eps > 0 is cdpo)", "dpo")
-    rpo_alpha: float = M.option(0.0, "RPO: add alpha * the chosen replies' NLL per token to the paired loss", "dpo")
-    simpo_beta: float = M.option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "dpo")
-    simpo_gamma: float = M.option(0.5, "SimPO's target reward margin gamma", "dpo")
-    orpo_lambda: float = M.option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "dpo")
-    kto_desirable_weight: float = M.option(1.0, "KTO's weight on desirable (good) replies", "dpo")
-    kto_undesirable_weight: float = M.option(1.0, "KTO's weight on undesirable (bad) replies", "dpo")
-    kto_desirable_share: float = M.option(1.0, "KTO on pairs: keep only this share of the desirable rows "
-                                          "(imbalanced data: then raise --kto-desirable-weight)", "dpo")
-    lora_rank: int = M.option(0, "LoRA rank r (0: full fine-tuning): train W + (alpha/r) B A with W frozen; the "
-                              "reference is then the same model with its adapters off", "lora")
-    lora_alpha: float = M.option(16.0, "LoRA alpha: the update is scaled by alpha / r", "lora")
-    lora_targets: str = M.option("attn,mlp", "the layers that get adapters: attn, mlp, or module suffixes "
-                                 "(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), comma-separated", "lora")
-    live_reference: bool = M.option(False, "keep the reference model and run it every step instead of "
-                                     "computing its log-probs once before training", "dpo")
+    label_smoothing: float = option(0.0, "eps: the assumed share of wrong labels, for " + ", ".join(LABEL_SMOOTHED)
+                                    + " (cdpo and robust need eps > 0; sigmoid with eps > 0 is cdpo)", "dpo")
+    rpo_alpha: float = option(0.0, "RPO: add alpha * the chosen replies' NLL per token to the paired loss", "dpo")
+    simpo_beta: float = option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "dpo")
+    simpo_gamma: float = option(0.5, "SimPO's target reward margin gamma", "dpo")
+    orpo_lambda: float = option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "dpo")
+    kto_desirable_weight: float = option(1.0, "KTO's weight on desirable (good) replies", "dpo")
+    kto_undesirable_weight: float = option(1.0, "KTO's weight on undesirable (bad) replies", "dpo")
+    kto_desirable_share: float = option(1.0, "KTO on pairs: keep only this share of the desirable rows "
+                                        "(imbalanced data: then raise --kto-desirable-weight)", "dpo")
+    lora_rank: int = option(0, "LoRA rank r (0: full fine-tuning): train W + (alpha/r) B A with W frozen; the "
+                            "reference is then the same model with its adapters off", "lora")
+    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", "lora")
+    lora_targets: str = option("attn,mlp", "the layers that get adapters: attn, mlp, or module suffixes "
+                               "(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), comma-separated", "lora")
+    live_reference: bool = option(False, "keep the reference model and run it every step instead of "
+                                  "computing its log-probs once before training", "dpo")
     # optimisation
-    # 2e-4 held constant moved the style but cost greedy accuracy (52% -> 35-39%); decaying to 0 (TRL's
-    # default schedule) ends training gently, which keeps more of the SFT model and lets a higher peak
-    # move the style; 4e-4 broke replies, and 3e-4 lost win rate from a weaker SFT model (README, seeds)
-    lr: float = M.option(2.5e-4, "peak learning rate (swept: see README)", "optimisation")
-    lr_schedule: str = M.option("linear", "after the warmup: linear (down to 0 at the end of training, TRL's default), "
-                                "cosine (down to 0), or constant", "optimisation")
-    epochs: int = M.option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
-    steps: int = M.option(0, "optimizer steps (0: use --epochs); a short run keeps only the steps x batch-size "
-                          "pairs it trains on, and the reference pass scores only those", "optimisation")
-    batch_size: int = M.option(32, "pairs per step (each pair is two sequences)", "optimisation")
-    warmup_steps: int = M.option(10, "linear warmup steps, then --lr-schedule", "optimisation")
-    grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
-    max_pairs: int = M.option(3000, "use at most this many training pairs (0: all)", "optimisation")
-    label_noise: float = M.option(0.0, "swap chosen and rejected in this share of the training pairs (seeded): "
-                                  "noisy labels, to compare cdpo/robust/ipo with sigmoid", "data")
+    # decayed to 0 (TRL's default schedule): ending training gently keeps more of the SFT model and
+    # lets a higher peak move the style (the sweep of peaks and schedules: docs/dpo.md)
+    lr: float = option(2.5e-4, "peak learning rate (swept: docs/dpo.md)", "optimisation")
+    lr_schedule: str = option("linear", "after the warmup: linear (down to 0 at the end of training, TRL's "
+                              "default), cosine (down to 0), or constant", "optimisation")
+    epochs: int = option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
+    steps: int = option(0, "optimizer steps (0: use --epochs); a short run keeps only the steps x batch-size "
+                        "pairs it trains on, and the reference pass scores only those", "optimisation")
+    batch_size: int = option(32, "pairs per step (each pair is two sequences)", "optimisation")
+    warmup_steps: int = option(10, "linear warmup steps, then --lr-schedule", "optimisation")
+    grad_clip: float = option(1.0, "clip the gradient norm to this", "optimisation")
+    max_pairs: int = option(3000, "use at most this many training pairs (0: all)", "optimisation")
+    label_noise: float = option(0.0, "swap chosen and rejected in this share of the training pairs (seeded): "
+                                "noisy labels, to compare cdpo/robust/ipo with sigmoid", "data")
     # data
-    data_dir: str = M.option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
-    data: str = M.option("", "training pairs, JSONL {prompt, chosen, rejected}: strings or TRL's conversational "
-                         "messages; with --loss-type kto also unpaired {prompt, completion, label} rows (default: "
-                         "<data-dir>/prefs.jsonl)", "data")
-    test_data: str = M.option("", "held-out pairs for preference accuracy (default: <data-dir>/prefs_test.jsonl)", "data")
-    eval_problems_file: str = M.option("", "held-out problems for the sampling evaluation (default: <data-dir>/test.jsonl)", "data")
-    max_prompt_len: int = M.option(96, "prompt tokens kept (truncated from the left)", "data")
-    max_length: int = M.option(192, "prompt + response tokens kept (responses truncated from the right)", "data")
+    data_dir: str = option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
+    data: str = option("", "training pairs, JSONL {prompt, chosen, rejected}: strings or TRL's conversational "
+                       "messages; with --loss-type kto also unpaired {prompt, completion, label} rows (default: "
+                       "<data-dir>/prefs.jsonl)", "data")
+    test_data: str = option("", "held-out pairs for preference accuracy (default: <data-dir>/prefs_test.jsonl)",
+                            "data")
+    eval_problems_file: str = option("", "held-out problems for the sampling evaluation (default: "
+                                     "<data-dir>/test.jsonl)", "data")
+    max_prompt_len: int = option(96, "prompt tokens kept (truncated from the left)", "data")
+    max_length: int = option(192, "prompt + response tokens kept (responses truncated from the right)", "data")
     # evaluation
-    eval_problems: int = M.option(500, "held-out problems sampled from reference and policy (0 = skip)", "evaluation")
-    eval_temperature: float = M.option(1.0, "sampling temperature at evaluation; KL is estimated on these "
-                                       "samples, exactly at T=1 (at another T they come from the tempered policy)",
-                                       "evaluation")
-    max_new_tokens: int = M.option(96, "longest sampled reply", "evaluation")
-    eval_every: int = M.option(0, "every N steps, sample --eval-every-problems held-out problems from the policy "
-                               "and log their judge score and accuracy (0 = off)", "evaluation")
-    eval_every_problems: int = M.option(100, "held-out problems per --eval-every evaluation", "evaluation")
-    chosen_logp_warn: float = M.option(5.0, "warn when the chosen log-prob falls this many nats below its start "
-                                      "while the margin grows", "evaluation")
+    eval_problems: int = option(500, "held-out problems sampled from reference and policy (0 = skip)", "evaluation")
+    eval_temperature: float = option(1.0, "sampling temperature at evaluation; KL is estimated on these samples, "
+                                     "exactly at T=1 (at another T they come from the tempered policy)",
+                                     "evaluation")
+    max_new_tokens: int = option(96, "longest sampled reply", "evaluation")
+    eval_every: int = option(0, "every N steps, sample --eval-every-problems held-out problems from the policy "
+                             "and log their judge score and accuracy (0 = off)", "evaluation")
+    eval_every_problems: int = option(100, "held-out problems per --eval-every evaluation", "evaluation")
+    chosen_logp_warn: float = option(5.0, "warn when the chosen log-prob falls this many nats below its start "
+                                     "while the margin grows", "evaluation")
     # run
-    init: str = M.option("", "checkpoint to start from (default: <out>/sft/model.pt, built if missing)", "run")
-    eval_reference: str = M.option("", "checkpoint the policy is compared with at evaluation (default: the "
-                                   "start, --init; e.g. out/sft/model.pt for ORPO from pretraining)", "run")
-    out: str = M.option(M.OUT_DIR, "output root: writes <out>/dpo (default: out/ in the repository)", "run")
-    device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = M.option(1337, "random seed", "run")
-    log_every: int = M.option(10, "steps between log lines", "run")
+    init: str = option("", "checkpoint to start from (default: <out>/sft/model.pt, built if missing)", "run")
+    eval_reference: str = option("", "checkpoint the policy is compared with at evaluation (default: the "
+                                 "start, --init; e.g. out/sft/model.pt for ORPO from pretraining)", "run")
+    out: str = option(P.OUT_DIR, "output root: writes <out>/dpo (default: out/ in the repository)", "run")
+    device: str = option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = option(1337, "random seed", "run")
+    log_every: int = option(10, "steps between log lines", "run")
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: validated rows -> token ids with exact prompt/response boundaries
-
-
-def split_reply(value):
-    """A response as (the messages before it, its text): a string (no messages before it), or TRL's
-    conversational form, {role, content} messages that end with the assistant's reply: one message,
-    [{"role": "assistant", ...}], or the whole conversation, [{"role": "user", ...}, {"role":
-    "assistant", ...}] (TRL's implicit prompt, and the "-trl-style" sets). -> None when neither."""
-    if isinstance(value, str):
-        return [], value
-    if M.valid_prompt(value) and value[-1]["role"] == "assistant":
-        return value[:-1], value[-1]["content"]
-    return None
-
-
-def checked_response(path, n, row, key):
-    """row[key] as (the messages before the reply, its text) (see split_reply), or a DataError naming
-    file and line."""
-    M.check_row(path, n, row, (key,))
-    split = split_reply(row[key])
-    if split is None:
-        raise M.DataError(f"{path}:{n}: '{key}' must be a string or a list of {{role, content}} messages ending "
-                          f"with the assistant's reply")
-    if not split[1].strip():
-        raise M.DataError(f"{path}:{n}: '{key}' must be non-empty text ('{key}' is empty)")
-    return split
-
-
-def row_prompt(path, n, row, before):
-    """The prompt a row's replies answer: the messages before them when they carry the whole
-    conversation (TRL's implicit prompt; in the "-trl-style" sets these repeat the "prompt" field),
-    else the "prompt" field."""
-    if before:
-        return before
-    M.check_row(path, n, row, ("prompt",))
-    return row["prompt"]
-
-
-def read_pairs(path, unpaired_hint=""):
-    """Validate a preference file; -> list of (prompt, chosen_text, rejected_text).
-    Rows: {"prompt", "chosen", "rejected"}, each a string or TRL's conversational form (see
-    split_reply; "prompt" may then be left out). Any problem stops with a DataError naming the file
-    and line; unpaired_hint is added to the one an unpaired (KTO) row gets."""
-    pairs = []
-    for n, row in M.read_jsonl(path):
-        if "completion" in row and "chosen" not in row:
-            raise M.DataError(f"{path}:{n}: an unpaired row (prompt, completion, label) in a file of pairs (prompt, "
-                              f"chosen, rejected){unpaired_hint}")
-        (before, chosen), (before_rejected, rejected) = (checked_response(path, n, row, key)
-                                                         for key in ("chosen", "rejected"))
-        if before != before_rejected:
-            raise M.DataError(f"{path}:{n}: 'chosen' and 'rejected' must answer the same conversation (their "
-                              f"messages before the last reply differ)")
-        pairs.append((row_prompt(path, n, row, before), chosen, rejected))
-    return pairs
-
-
-def read_unpaired(path):
-    """Validate TRL's unpaired (KTO) format {"prompt", "completion", "label": true|false};
-    -> list of (prompt, completion_text, label)."""
-    rows = []
-    for n, row in M.read_jsonl(path):
-        before, text = checked_response(path, n, row, "completion")
-        prompt = row_prompt(path, n, row, before)
-        M.check_row(path, n, row, ("label",))
-        if not isinstance(row["label"], bool):
-            raise M.DataError(f"{path}:{n}: 'label' must be true or false, got {row['label']!r}")
-        rows.append((prompt, text, row["label"]))
-    return rows
-
-
-def flip_labels(pairs, share, rng):
-    """Label noise: swap chosen and rejected in round(share * N) pairs drawn at random.
-    -> (pairs, the set of flipped indices)."""
-    flipped = set(rng.sample(range(len(pairs)), round(share * len(pairs))))
-    return [(p, r, c) if i in flipped else (p, c, r) for i, (p, c, r) in enumerate(pairs)], flipped
-
-
-def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
-    """Prompt and responses are tokenised separately and concatenated, so the response starts
-    exactly at its first token (tokenising prompt + response as one string can merge tokens across
-    the boundary). Every response ends with <|end|>, which is scored like any response token (a
-    response cut at max_length loses it, counted as truncated).
-    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists, "row" (the
-    pair's index in `pairs`) and, for KTO's rows (prompt, completion, another row's completion,
-    label), "label"."""
-    counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
-              "dropped_no_response": 0}
-    examples = []
-    for row, (prompt, chosen, rejected, *label) in enumerate(pairs):  # KTO's rows carry a 4th item, the label
-        # a pair with one reply twice has no preference to learn; a KTO row's second reply is only a
-        # mismatched sample for its reference point, and may equal its own
-        if chosen == rejected and not label:
-            counts["dropped_identical"] += 1
-            continue
-        p = M.render_prompt(enc, prompt)
-        if len(p) > max_prompt_len:  # keep the end of the prompt: it is what the reply answers
-            p = p[-max_prompt_len:]
-            counts["prompt_truncated"] += 1
-        room = max_length - len(p)
-        if room <= 0:
-            counts["dropped_no_response"] += 1
-            continue
-        c, r = M.render_response(enc, chosen), M.render_response(enc, rejected)
-        if len(c) > room or len(r) > room:
-            counts["response_truncated"] += 1
-            c, r = c[:room], r[:room]
-            if c == r and not label:  # cut down to the same tokens: no preference left
-                counts["dropped_identical"] += 1
-                continue
-        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # evaluation reads the row's text
-                         **({"label": label[0]} if label else {})})
-        counts["kept"] += 1
-    return examples, counts
-
-
-def collate(examples, pad_id, device):
-    """B pairs -> one batch of 2B rows, chosen rows first, then rejected, so both go through the
-    model in one forward pass (KTO's training rows in two: see kto_logprobs). loss_mask is 1 exactly
-    on response positions (set by position, never by token id).
-    -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
-    prompts = [ex["prompt"] for ex in examples] * 2
-    responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
-    return M.prompt_response_batch(prompts, responses, pad_id, device)
-
-
-# ----------------------------------------------------------------------------------------------
-# The two pure pieces: sequence log-probs and the loss
+# The math: sequence log-probs, the implicit reward, the loss
 
 
 def sequence_logprobs(model, input_ids, loss_mask, average=False):
@@ -382,9 +257,66 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
         loss = loss + config.rpo_alpha * chosen_nll(logps[:B], lengths[:B])
     return loss, chosen_rewards, rejected_rewards
 
+# ----------------------------------------------------------------------------------------------
+# Pairs -> batches: token ids with exact prompt/response boundaries
+
+
+def flip_labels(pairs, share, rng):
+    """Label noise: swap chosen and rejected in round(share * N) pairs drawn at random.
+    -> (pairs, the set of flipped indices)."""
+    flipped = set(rng.sample(range(len(pairs)), round(share * len(pairs))))
+    return [(p, r, c) if i in flipped else (p, c, r) for i, (p, c, r) in enumerate(pairs)], flipped
+
+
+def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
+    """Prompt and responses are tokenised separately and concatenated, so the response starts
+    exactly at its first token (tokenising prompt + response as one string can merge tokens across
+    the boundary). Every response ends with <|end|>, which is scored like any response token (a
+    response cut at max_length loses it, counted as truncated).
+    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists, "row" (the
+    pair's index in `pairs`) and, for KTO's rows (prompt, completion, another row's completion,
+    label), "label"."""
+    counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
+              "dropped_no_response": 0}
+    examples = []
+    for row, (prompt, chosen, rejected, *label) in enumerate(pairs):  # KTO's rows carry a 4th item, the label
+        # a pair with one reply twice has no preference to learn; a KTO row's second reply is only a
+        # mismatched sample for its reference point, and may equal its own
+        if chosen == rejected and not label:
+            counts["dropped_identical"] += 1
+            continue
+        p = M.render_prompt(enc, prompt)
+        if len(p) > max_prompt_len:  # keep the end of the prompt: it is what the reply answers
+            p = p[-max_prompt_len:]
+            counts["prompt_truncated"] += 1
+        room = max_length - len(p)
+        if room <= 0:
+            counts["dropped_no_response"] += 1
+            continue
+        c, r = M.render_response(enc, chosen), M.render_response(enc, rejected)
+        if len(c) > room or len(r) > room:
+            counts["response_truncated"] += 1
+            c, r = c[:room], r[:room]
+            if c == r and not label:  # cut down to the same tokens: no preference left
+                counts["dropped_identical"] += 1
+                continue
+        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # evaluation reads the row's text
+                         **({"label": label[0]} if label else {})})
+        counts["kept"] += 1
+    return examples, counts
+
+
+def collate(examples, pad_id, device):
+    """B pairs -> one batch of 2B rows, chosen rows first, then rejected, so both go through the
+    model in one forward pass (KTO's training rows in two: see kto_logprobs). loss_mask is 1 exactly
+    on response positions (set by position, never by token id).
+    -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
+    prompts = [ex["prompt"] for ex in examples] * 2
+    responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
+    return M.prompt_response_batch(prompts, responses, pad_id, device)
 
 # ----------------------------------------------------------------------------------------------
-# Reference log-probs, evaluation
+# The reference: its log-probs once, before training; the policy's on held-out pairs
 
 
 @torch.no_grad()
@@ -421,142 +353,8 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
         margins = implicit_reward(policy_chosen, ref_chosen, beta) - implicit_reward(policy_rejected, ref_rejected, beta)
     return (margins > 0).float().mean().item(), margins.mean().item(), margins
 
-
-def pair_kind(chosen, rejected, answer=None):
-    """What separates two replies (see accuracy_by_pair_kind); None when either states no answer."""
-    stated = world.parse_answer(chosen), world.parse_answer(rejected)
-    if None in stated:
-        return None
-    answer = answer if isinstance(answer, int) and not isinstance(answer, bool) else None
-    if stated[0] == stated[1]:
-        return "style"
-    if answer is None:
-        return "answer"
-    return "correct_vs_wrong" if answer in stated else "both_wrong"
-
-
-def accuracy_by_pair_kind(pairs, examples, margins, answers=None):
-    """Held-out preference accuracy split by what separates the two replies, which says what the
-    implicit reward has learned to see:
-      "style"            both state the same final answer: the judge orders them by style, then length
-      "correct_vs_wrong" one states the right answer (answers[row] known): ordering it takes arithmetic
-      "both_wrong"       different answers, neither right: the judge orders them by style again
-      "answer"           different answers, the right one unknown (a file without an integer "answer")
-    Pairs whose replies state no parseable answer (not this world's data) are left out. Replies are
-    read whole, as written in the file (the default length budget truncates none of this world's).
-    Shape: margins (N,)  r_w - r_l per example, in the order of examples
-    -> {kind: (accuracy, pairs)}"""
-    right = {}
-    for example, margin in zip(examples, margins.tolist()):
-        _, chosen, rejected = pairs[example["row"]][:3]
-        kind = pair_kind(chosen, rejected, answers[example["row"]] if answers else None)
-        if kind is not None:
-            right.setdefault(kind, []).append(margin > 0)
-    return {kind: (sum(v) / len(v), len(v)) for kind, v in right.items()}
-
-
-def correct_vs_wrong_by_style(pairs, examples, margins, answers):
-    """The correct_vs_wrong pairs' accuracy split by how the right reply's style ranks against the
-    wrong one's, which says whether the reward sees the arithmetic or only the style:
-      "better"  the right reply's style ranks higher: style alone orders the pair as the judge does
-      "same"    the same rank: only the answer tells the replies apart
-      "worse"   the right reply's style ranks lower: style alone orders it against the judge
-    A reward that has learned the style order and no arithmetic gets all of "better", none of "worse".
-    Shape: margins (N,)  r_w - r_l per example, in the order of examples
-    -> {relation: (accuracy, pairs)}"""
-    right = {}
-    for example, margin in zip(examples, margins.tolist()):
-        _, chosen, rejected = pairs[example["row"]][:3]
-        answer = answers[example["row"]]
-        if pair_kind(chosen, rejected, answer) != "correct_vs_wrong":
-            continue
-        good, bad = (chosen, rejected) if world.parse_answer(chosen) == answer else (rejected, chosen)
-        rank = world.STYLE_RANK[world.classify_style(good)] - world.STYLE_RANK[world.classify_style(bad)]
-        right.setdefault("better" if rank > 0 else "same" if rank == 0 else "worse", []).append(margin > 0)
-    return {r: (sum(right[r]) / len(right[r]), len(right[r])) for r in ("better", "same", "worse") if r in right}
-
-
-def reference_model(policy, reference):
-    """The reference, as a context: the frozen copy, or (reference None, with LoRA) the policy's
-    own frozen base, its adapters switched off inside the block."""
-    return contextlib.nullcontext(reference) if reference is not None else M.lora_disabled(policy)
-
-
-@torch.no_grad()
-def kl_on_samples(policy, reference, enc, prompts, reply_ids, device, batch_size=64):
-    """KL(pi || pi_ref) per reply, estimated on the policy's own samples:
-        KL = E_{y ~ pi} [ log pi(y|x) - log pi_ref(y|x) ]
-    where y is exactly the sampled token sequence (reply_ids, from sample_replies(return_ids=True):
-    its <|end|> when it stopped, none when cut at the length cap). A Monte Carlo mean: the KL itself is
-    never negative, but the estimate of a policy that has barely moved can read a little below 0.
-    reference None: the policy's LoRA base (see reference_model)."""
-    total = 0.0
-    for i in range(0, len(prompts), batch_size):
-        ids, mask = M.prompt_response_batch([M.render_prompt(enc, p) for p in prompts[i: i + batch_size]],
-                                            reply_ids[i: i + batch_size], M.special(enc, "endoftext"), device)
-        with reference_model(policy, reference) as ref_model:
-            ref_logps = sequence_logprobs(ref_model, ids, mask)
-        total += (sequence_logprobs(policy, ids, mask) - ref_logps).sum().item()
-    return total / max(1, len(prompts))
-
-
-def judge_during_training(policy, enc, problems, config):
-    """The policy's replies to a few held-out problems, sampled as at evaluation (in eval mode, as
-    generate() samples), judged."""
-    replies = M.sample_replies(policy, enc, [p["prompt"] for p in problems], config.max_new_tokens,
-                               config.eval_temperature, config.seed)
-    scores = world.score_replies(problems, replies)
-    return {"judge_score": scores["judge_score"], "accuracy": scores["accuracy"], "length": scores["mean_length"]}
-
-
-def win_rate_by_decider(problems, policy_replies, ref_replies):
-    """The judge's verdict on each (policy, reference) pair of replies, a tie counting half, split by
-    what decided it, which says where a win rate can still grow:
-      "correctness"  one reply is right and the other wrong: the right one wins, whatever its style
-      "style"        both right or both wrong, in styles of different rank: the better style wins
-      "length"       both right or both wrong, styles of equal rank: the shorter reply wins (equal
-                     lengths, e.g. the same reply sampled by both models, are a tie)
-    -> (win rate, {decider: {"comparisons": n, "win_rate": policy's wins / n}})"""
-    assert len(problems) == len(policy_replies) == len(ref_replies)
-    verdicts = {}
-    for p, a, b in zip(problems, policy_replies, ref_replies):
-        ja, jb = world.judge(p, a), world.judge(p, b)
-        rank_a, rank_b = (world.STYLE_RANK[world.classify_style(r)] for r in (a, b))
-        decider = ("correctness" if world.verify(p, a) != world.verify(p, b) else
-                   "style" if rank_a != rank_b else "length")
-        verdicts.setdefault(decider, []).append(1.0 if ja > jb else 0.5 if ja == jb else 0.0)
-    win_rate = sum(map(sum, verdicts.values())) / len(problems)
-    return win_rate, {d: {"comparisons": len(verdicts[d]), "win_rate": sum(verdicts[d]) / len(verdicts[d])}
-                      for d in ("correctness", "style", "length") if d in verdicts}
-
-
-def compare_by_sampling(policy, reference, enc, problems, config, device):
-    """Sample the reference and the policy on the same held-out prompts, same settings and seed;
-    the judge compares them reply by reply (a tie counts half). Greedy replies of both are scored
-    too: sampling shows the style a model favours, greedy its best answer.
-    -> (metrics, the reference's sampled replies, the policy's sampled replies)"""
-    prompts = [p["prompt"] for p in problems]
-    with reference_model(policy, reference) as ref_model:
-        ref_replies = M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, config.eval_temperature,
-                                       config.seed)
-        ref_greedy = M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, 0.0, config.seed)
-    pol_replies, pol_ids = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature,
-                                            config.seed, return_ids=True)
-    pol_greedy = M.sample_replies(policy, enc, prompts, config.max_new_tokens, 0.0, config.seed)
-    win_rate, by_decider = win_rate_by_decider(problems, pol_replies, ref_replies)
-    ref_scores, pol_scores = world.score_replies(problems, ref_replies), world.score_replies(problems, pol_replies)
-    return {"win_rate": win_rate, "win_rate_by_decider": by_decider,
-            "judge_score_policy": pol_scores["judge_score"], "judge_score_ref": ref_scores["judge_score"],
-            "accuracy_policy": pol_scores["accuracy"], "accuracy_ref": ref_scores["accuracy"],
-            "greedy_accuracy_policy": world.score_replies(problems, pol_greedy)["accuracy"],
-            "greedy_accuracy_ref": world.score_replies(problems, ref_greedy)["accuracy"],
-            "style_shares_policy": pol_scores["style_shares"], "style_shares_ref": ref_scores["style_shares"],
-            "length_policy": pol_scores["mean_length"], "length_ref": ref_scores["mean_length"],
-            "kl": kl_on_samples(policy, reference, enc, prompts, pol_ids, device)}, ref_replies, pol_replies
-
-
 # ----------------------------------------------------------------------------------------------
-# Training
+# The run
 
 
 def ensure_init(config):
@@ -566,70 +364,186 @@ def ensure_init(config):
         sft.train(sft.SFTConfig(out=config.out, device=config.device, data_dir=config.data_dir))
 
     path = os.path.join(config.out, "sft", "model.pt")
-    return M.previous_stage(config.init, path, build, f"dpo: no SFT checkpoint at {path}; building it now "
+    return P.previous_stage(config.init, path, build, f"dpo: no SFT checkpoint at {path}; building it now "
                             f"with sft.py (data, pretraining, SFT: 2-10 minutes on a 2-core CPU)")
 
 
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
     known = LOSS_TYPES + REFERENCE_FREE + ["kto"]
-    M.require(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
-    M.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
+    P.require(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
+    P.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
                                     "log_every", "eval_every_problems", "grad_clip"),
                   non_negative=("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps",
                                 "rpo_alpha", "eval_temperature"))
-    M.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
+    P.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
               f"paired losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
-    M.require(config.lr_schedule in M.LR_SCHEDULES, f"--lr-schedule {config.lr_schedule!r} is unknown; known: "
-              f"{', '.join(M.LR_SCHEDULES)}")
-    M.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
-    M.require(config.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
-    M.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
-    M.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
+    P.require(config.lr_schedule in P.LR_SCHEDULES, f"--lr-schedule {config.lr_schedule!r} is unknown; known: "
+              f"{', '.join(P.LR_SCHEDULES)}")
+    P.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
+    P.require(config.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
+    lora.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
+    P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
-    M.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
+    P.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
               f"[0, 0.5), got {config.label_smoothing}")
     # a flag that changes nothing would let a run pass for what it is not
-    M.require(config.label_smoothing > 0 or config.loss_type not in ("cdpo", "robust"), f"--loss-type "
+    P.require(config.label_smoothing > 0 or config.loss_type not in ("cdpo", "robust"), f"--loss-type "
               f"{config.loss_type} needs --label-smoothing > 0: with 0 it is plain DPO (sigmoid)")
-    M.require(0 <= config.kto_desirable_share <= 1, f"--kto-desirable-share is a share of the desirable rows, "
+    P.require(0 <= config.kto_desirable_share <= 1, f"--kto-desirable-share is a share of the desirable rows, "
               f"in [0, 1], got {config.kto_desirable_share}")
-    M.require(config.kto_desirable_share == 1 or config.loss_type == "kto", f"--kto-desirable-share does "
+    P.require(config.kto_desirable_share == 1 or config.loss_type == "kto", f"--kto-desirable-share does "
               f"nothing with --loss-type {config.loss_type}; it enters kto")
-    M.require(config.label_smoothing == 0 or config.loss_type in LABEL_SMOOTHED, f"--label-smoothing does nothing "
+    P.require(config.label_smoothing == 0 or config.loss_type in LABEL_SMOOTHED, f"--label-smoothing does nothing "
               f"with --loss-type {config.loss_type}; it enters {', '.join(LABEL_SMOOTHED)}")
-    M.check_out(config.out)
+    P.check_out(config.out)
+
+
+def read_inputs(config):
+    """The files the user named, validated before anything is built or trained (DataError naming
+    the file and line). -> {"pairs", "unpaired", "test_pairs", "problems"}, None where not given."""
+    inputs = {"pairs": None, "unpaired": False, "test_pairs": None, "problems": None}
+    if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
+        unpaired = config.loss_type == "kto" and "completion" in formats.read_jsonl(config.data)[0][1]
+        hint = "" if config.loss_type == "kto" else "; unpaired rows need --loss-type kto"
+        inputs["pairs"] = formats.read_unpaired(config.data) if unpaired else formats.read_pairs(config.data, hint)
+        inputs["unpaired"] = unpaired
+        if unpaired and config.label_noise:
+            raise P.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
+        if unpaired and config.kto_desirable_share != 1:
+            raise P.DataError(f"{config.data}: --kto-desirable-share thins the desirable rows split from pairs; "
+                              f"an unpaired file's rows are kept as they are")
+    held_out_hint = "; held-out rows are pairs, with --loss-type kto too"
+    if config.test_data:
+        inputs["test_pairs"] = formats.read_pairs(config.test_data, held_out_hint)
+    if config.eval_problems_file:
+        inputs["problems"] = formats.read_problems(config.eval_problems_file)
+    P.require_file(config.eval_reference)
+    return inputs
+
+
+def training_pairs(config, enc, rng, inputs, data_path, test_path):
+    """The training pairs shuffled, cut to --max-pairs (label noise or KTO's rows applied), and both
+    files tokenised. -> (examples, test_pairs, test_examples, batch_size, counts, test_counts)"""
+    pairs = inputs["pairs"] if inputs["pairs"] is not None else formats.read_pairs(data_path)
+    rng.shuffle(pairs)
+    if config.max_pairs:
+        pairs = pairs[: config.max_pairs]
+    if config.label_noise:
+        pairs, flipped = flip_labels(pairs, config.label_noise, rng)
+        print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
+    if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
+        # a pair with one reply twice is neither desirable nor undesirable
+        kept = pairs if inputs["unpaired"] else [(p, c, r) for p, c, r in pairs if c != r]
+        n_twice = len(pairs) - len(kept)
+        pairs = kto_examples(kept, rng, config.kto_desirable_share)
+        n_good = sum(p[3] for p in pairs)
+        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows ({n_twice} pairs with "
+              f"one reply twice dropped)")
+    examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
+    test_pairs = inputs["test_pairs"] if inputs["test_pairs"] is not None else formats.read_pairs(test_path)
+    test_examples, test_counts = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
+
+    def described(c):
+        return (f"{c['dropped_identical']} dropped as identical, {c['dropped_no_response']} with no room for a "
+                f"response; truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} responses")
+
+    unit = "rows" if config.loss_type == "kto" else "pairs"
+    print(f"dpo: {len(examples)} training {unit} ({described(counts)}), {len(test_examples)} held-out pairs "
+          f"({described(test_counts)})")
+    if not examples:
+        raise P.DataError(f"{data_path}: no usable pairs left")
+    if not test_examples:
+        raise P.DataError(f"{test_path}: no usable held-out pairs left")
+    batch_size = min(config.batch_size, len(examples))
+    if batch_size < config.batch_size:
+        print(f"dpo: only {len(examples)} {unit}: batch size {config.batch_size} -> {batch_size}")
+    if config.steps and config.steps * batch_size < len(examples):
+        # a short run meets only steps x batch_size of them (the pairs are shuffled already): keep those,
+        # so the reference pass scores no more than training will use
+        examples = examples[: config.steps * batch_size]
+        print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
+    return examples, test_pairs, test_examples, batch_size, counts, test_counts
+
+
+def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
+    """The reference's log-probs of every training and held-out pair, once, then the invariants at
+    step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2), and a live reference
+    gives the precomputed numbers (timed, for the comparison with --live-reference).
+    -> (ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, seconds, live seconds per step)"""
+    t_ref = time.time()
+    with lora.reference_model(policy, reference) as ref_model:
+        ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device)
+        reference_pass_seconds = time.time() - t_ref
+        test_ref_chosen, test_ref_rejected = pair_logprobs(ref_model, test_examples, pad, device)
+    batch = examples[:batch_size]
+    ids, mask = collate(batch, pad, device)
+    with torch.no_grad():
+        t_live = time.time()
+        with lora.reference_model(policy, reference) as ref_model:
+            live = sequence_logprobs(ref_model, ids, mask).cpu()
+        live_seconds_per_step = time.time() - t_live
+        pol = sequence_logprobs(policy, ids, mask).cpu()
+    labels = torch.tensor([ex.get("label", True) for ex in batch])
+    # (without RPO's NLL term, which is not 0 at step 0)
+    loss0, rc0, rr0 = batch_loss(replace(config, rpo_alpha=0.0), pol, mask[:, 1:].sum(-1).cpu(), live, labels)
+    # fp32 (CPU, MPS) agrees to rounding; bf16 autocast (CUDA) rounds differently in differently
+    # shaped batches, so allow a few hundredths of a nat per token there (a misaligned row is off by nats)
+    tol = 5e-2 * float(mask.sum(-1).max()) if device.type == "cuda" else 1e-3
+    gap = (live - torch.cat([ref_chosen[:len(batch)], ref_rejected[:len(batch)]])).abs().max().item()
+    if gap > tol:
+        raise RuntimeError(f"step-0 check: the precomputed reference log-probs differ from a live pass by {gap:.3g}")
+    if torch.cat([rc0, rr0]).abs().max() != 0:  # (KTO: either group may be empty in a batch)
+        raise RuntimeError("step-0 check: the rewards must be exactly 0 while the policy equals the reference")
+    ln2 = f" (ln 2 = {math.log(2):.4f})" if config.loss_type == "sigmoid" else ""
+    print(f"dpo: step-0 check: loss {loss0.item():.4f}{ln2}, rewards 0")
+    return ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, reference_pass_seconds, live_seconds_per_step
+
+
+def step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels, lengths, grad_norm):
+    """One step's figures, in TRL's names: the loss, the rewards and their margin, the share of
+    pairs ordered right, the log-probs, the gradient norm (and kl, nll_loss where they exist)."""
+    B = len(logps) // 2
+    if config.loss_type == "kto":  # unpaired: compare the two groups' means; right = reward's sign
+        chosen_logps, rejected_logps = logps[:B][labels], logps[:B][~labels]  # desirable, undesirable
+        margin = mean_or_0(chosen_rewards) - mean_or_0(rejected_rewards)
+        accuracy = torch.cat([chosen_rewards > 0, rejected_rewards < 0]).float().mean().item()
+    else:
+        chosen_logps, rejected_logps = logps[:B], logps[B:]
+        margins = chosen_rewards - rejected_rewards
+        margin, accuracy = margins.mean().item(), (margins > 0).float().mean().item()  # strict: a tie is no win
+    record = {
+        "loss": loss.item(),
+        "rewards/chosen": mean_or_0(chosen_rewards),
+        "rewards/rejected": mean_or_0(rejected_rewards),
+        "rewards/margins": margin,
+        "rewards/accuracies": accuracy,
+        "logps/chosen": mean_or_0(chosen_logps.detach()),
+        "logps/rejected": mean_or_0(rejected_logps.detach()),
+        "grad_norm": grad_norm.item()}
+    if ref_logps is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
+        record["kl"] = (logps.detach() - ref_logps).mean().item()
+    if config.rpo_alpha:  # loss includes alpha * this: loss - alpha * nll_loss compares with plain DPO's
+        record["nll_loss"] = chosen_nll(chosen_logps.detach(), lengths[:B]).item()
+    return record
+
+
+@torch.no_grad()
+def chosen_logp(policy, ids, mask):
+    """The mean log-prob of a batch's chosen replies (its first half of rows: see collate)."""
+    return sequence_logprobs(policy, ids, mask)[: len(ids) // 2].mean().item()
 
 
 def train(config):
-    """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json).
-    In six parts, each headed below: 1. the user's files checked, missing stages built; 2. the pairs
-    tokenised; 3. the policy, the reference, its one-time pass and the step-0 check; 4. the training
-    loop; 5. evaluation on held-out data; 6. the checkpoint and the summary."""
+    """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json)."""
     t_all = time.time()
     check_config(config)
-    device = M.pick_device(config.device)
-
-    # --- 1. the user's files, validated before anything expensive; then the missing stages built
-    user_pairs, unpaired = None, False
-    if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
-        unpaired = config.loss_type == "kto" and "completion" in M.read_jsonl(config.data)[0][1]
-        hint = "" if config.loss_type == "kto" else "; unpaired rows need --loss-type kto"
-        user_pairs = read_unpaired(config.data) if unpaired else read_pairs(config.data, hint)
-        if unpaired and config.label_noise:
-            raise M.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
-        if unpaired and config.kto_desirable_share != 1:
-            raise M.DataError(f"{config.data}: --kto-desirable-share thins the desirable rows split from pairs; "
-                              f"an unpaired file's rows are kept as they are")
-    held_out_hint = "; held-out rows are pairs, with --loss-type kto too"
-    user_test_pairs = read_pairs(config.test_data, held_out_hint) if config.test_data else None
-    user_problems = M.read_problems(config.eval_problems_file) if config.eval_problems_file else None
-    if config.eval_reference and not os.path.exists(config.eval_reference):
-        raise M.DataError(f"{config.eval_reference}: no such checkpoint")
+    device = P.pick_device(config.device)
+    inputs = read_inputs(config)
     init = ensure_init(config)  # builds the data and the SFT model if missing
     ensure_data(config.data_dir)
     tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
-    # --eval-reference is used only after training: a file that cannot serve must fail now, and
+    # --eval-reference serves only after training: a file that cannot serve must fail now, and
     # before the seed is set (building a model draws random weights, which would shift LoRA's init)
     eval_reference_context = None
     if config.eval_reference:
@@ -644,112 +558,49 @@ def train(config):
     pad = M.special(enc, "endoftext")
     out_dir = os.path.join(config.out, "dpo")
     os.makedirs(out_dir, exist_ok=True)
+    examples, test_pairs, test_examples, batch_size, counts, test_counts = training_pairs(
+        config, enc, rng, inputs, data_path, test_path)
 
-    # --- 2. the pairs: shuffled, cut to --max-pairs, tokenised with exact prompt/response boundaries
-    pairs = user_pairs if user_pairs is not None else read_pairs(data_path)
-    rng.shuffle(pairs)
-    if config.max_pairs:
-        pairs = pairs[: config.max_pairs]
-    if config.label_noise:
-        pairs, flipped = flip_labels(pairs, config.label_noise, rng)
-        print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
-    if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
-        # a pair with one reply twice is neither desirable nor undesirable
-        kept = pairs if unpaired else [(p, c, r) for p, c, r in pairs if c != r]
-        n_twice = len(pairs) - len(kept)
-        pairs = kto_examples(kept, rng, config.kto_desirable_share)
-        n_good = sum(p[3] for p in pairs)
-        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows ({n_twice} pairs with "
-              f"one reply twice dropped)")
-    examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
-    test_pairs = user_test_pairs if user_test_pairs is not None else read_pairs(test_path)
-    test_examples, test_counts = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
-
-    def described(c):
-        return (f"{c['dropped_identical']} dropped as identical, {c['dropped_no_response']} with no room for a "
-                f"response; truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} responses")
-
-    unit = "rows" if config.loss_type == "kto" else "pairs"
-    print(f"dpo: {len(examples)} training {unit} ({described(counts)}), {len(test_examples)} held-out pairs "
-          f"({described(test_counts)})")
-    if not examples:
-        raise M.DataError(f"{data_path}: no usable pairs left")
-    if not test_examples:
-        raise M.DataError(f"{test_path}: no usable held-out pairs left")
-    batch_size = min(config.batch_size, len(examples))
-    if batch_size < config.batch_size:
-        print(f"dpo: only {len(examples)} {unit}: batch size {config.batch_size} -> {batch_size}")
-    if config.steps and config.steps * batch_size < len(examples):
-        # a short run meets only steps x batch_size of them (the pairs are shuffled already): keep those,
-        # so the reference pass scores no more than training will use
-        examples = examples[: config.steps * batch_size]
-        print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
-
-    # --- 3. policy: trainable copy of the start; reference: frozen copy (no grad, eval mode, never
-    # stepped), or with LoRA the policy's own base, adapters off
+    # the policy: a trainable copy of the start, dropout off (the rewards compare it with the
+    # eval-mode reference); the reference: a frozen copy (no grad, eval mode, never stepped), or with
+    # LoRA the policy's own base, its adapters off
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)
-    if config.max_length > policy.config.block_size:
-        raise M.ConfigError(f"--max-length {config.max_length} is longer than the model's context "
-                            f"({policy.config.block_size} tokens, {init})")
-    policy.eval()  # dropout off (a checkpoint may have some): the rewards compare it with the eval-mode reference
-    print(f"dpo: start from {init} | {M.describe(policy, device)} | loss {config.loss_type}")
-    model_copies = 1  # model weights held in memory at once (the policy; + the reference copy)
+    P.require(config.max_length <= policy.config.block_size, f"--max-length {config.max_length} is longer than "
+              f"the model's context ({policy.config.block_size} tokens, {init})")
+    policy.eval()
+    print(f"dpo: start from {init} | {P.describe(policy, device)} | loss {config.loss_type}")
     if config.lora_rank:  # freeze the start, train adapters B A: the base is the reference
-        M.add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_targets)
+        lora.add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_targets)
     reference = ref_chosen = ref_rejected = test_ref_chosen = test_ref_rejected = None
     reference_pass_seconds = live_seconds_per_step = 0.0
+    model_copies = 1 if config.lora_rank or config.loss_type in REFERENCE_FREE else 2  # weights in memory at once
     if config.loss_type in REFERENCE_FREE:
         print(f"dpo: {config.loss_type} needs no reference model: one model in memory, no reference pass")
     else:
         if not config.lora_rank:
             reference, _ = M.load_checkpoint(init, device, tokenizer_path)
             reference.requires_grad_(False).eval()
-            model_copies = 2
-        # reference log-probs: once for every training and held-out pair
-        t_ref = time.time()
-        with reference_model(policy, reference) as ref_model:
-            ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device)
-            reference_pass_seconds = time.time() - t_ref
-            test_ref_chosen, test_ref_rejected = pair_logprobs(ref_model, test_examples, pad, device)
-
-        # invariants at step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2);
-        # the live reference gives the precomputed numbers (and we time it, for the comparison)
-        batch = examples[:batch_size]
-        ids, mask = collate(batch, pad, device)
-        with torch.no_grad():
-            t_live = time.time()
-            with reference_model(policy, reference) as ref_model:
-                live = sequence_logprobs(ref_model, ids, mask).cpu()
-            live_seconds_per_step = time.time() - t_live
-            pol = sequence_logprobs(policy, ids, mask).cpu()
-        labels = torch.tensor([ex.get("label", True) for ex in batch])
-        # (without RPO's NLL term, which is not 0 at step 0)
-        loss0, rc0, rr0 = batch_loss(replace(config, rpo_alpha=0.0), pol, mask[:, 1:].sum(-1).cpu(),
-                                     live, labels)
-        # fp32 (CPU, MPS) agrees to rounding; bf16 autocast (CUDA) rounds differently in differently
-        # shaped batches, so allow a few hundredths of a nat per token there (a misaligned row is off by nats)
-        tol = 5e-2 * float(mask.sum(-1).max()) if device.type == "cuda" else 1e-3
-        gap = (live - torch.cat([ref_chosen[:len(batch)], ref_rejected[:len(batch)]])).abs().max().item()
-        if gap > tol:
-            raise RuntimeError(f"step-0 check: the precomputed reference log-probs differ from a live pass "
-                               f"by {gap:.3g}")
-        if torch.cat([rc0, rr0]).abs().max() != 0:  # (KTO: either group may be empty in a batch)
-            raise RuntimeError("step-0 check: the rewards must be exactly 0 while the policy equals the "
-                               "reference")
-        ln2 = f" (ln 2 = {math.log(2):.4f})" if config.loss_type == "sigmoid" else ""
-        print(f"dpo: step-0 check: loss {loss0.item():.4f}{ln2}, rewards 0")
-        del ref_model  # a name bound by `with ... as` outlives its block and would keep the reference alive
+        (ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, reference_pass_seconds,
+         live_seconds_per_step) = reference_pass(config, policy, reference, examples, test_examples, batch_size,
+                                                 pad, device)
         if not config.live_reference:
             reference = None  # its log-probs are all we need from it during training: free it
-    trainable = M.trainable_parameters(policy)
-    total_params = sum(p.numel() for p in policy.parameters())
+    trainable, total_params = lora.trainable_parameters(policy), sum(p.numel() for p in policy.parameters())
     if config.lora_rank:
         print(f"dpo: LoRA r={config.lora_rank} on {config.lora_targets}: {trainable:,} trainable parameters, "
               f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
+    problems = inputs["problems"] or formats.read_problems(problems_path)  # for the sampling evaluations
+    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
+    if sampled:  # the evaluations sample replies after these prompts: they must fit, checked before training
+        prompts = [p["prompt"] for p in problems[:sampled]]
+        E.check_replies_fit(policy.config.block_size, enc, prompts, config.max_new_tokens, problems_path)
+        if config.eval_problems and eval_reference_context is not None:  # the final one samples that model too
+            E.check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
+                                problems_path, model=config.eval_reference)
 
-    # --- 4. training
+    # --- training: one step per batch of pairs, the loss on the policy's and reference's log-probs
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
-    M.warmup_note("dpo", config.warmup_steps, steps)
+    P.warmup_note("dpo", config.warmup_steps, steps)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -760,43 +611,24 @@ def train(config):
     # reference, log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta; without one (simpo, orpo), a
     # fixed probe batch, re-scored at each log line against its own start
     probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
-
-    def probe_chosen_logp():
-        with torch.no_grad():
-            return sequence_logprobs(policy, *probe)[:batch_size].mean().item()  # chosen rows come first
-
-    probe_start = probe_chosen_logp() if probe is not None else None
-    problems = user_problems or M.read_problems(problems_path)  # held-out problems for the sampling evaluations
-    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
-    if sampled:  # the evaluations sample replies after these prompts: they must fit, checked before training
-        prompts = [p["prompt"] for p in problems[:sampled]]
-        M.check_replies_fit(policy.config.block_size, enc, prompts, config.max_new_tokens, problems_path)
-        if config.eval_problems and eval_reference_context is not None:  # the final one samples that model too
-            M.check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
-                                problems_path, model=config.eval_reference)
+    probe_start = chosen_logp(policy, *probe) if probe is not None else None
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
-    peak = M.peak_flops(device)
-
-    def flops_per_token(T):
-        # in forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of
-        # them, a forward only: kto_logprobs), plus a live reference's forward
-        live = config.live_reference and ref_chosen is not None
-        passes = (2 if config.loss_type == "kto" else 3) + (1 if live else 0)
-        return M.flops_per_token(policy, T) * passes / 3  # M.flops_per_token counts forward + backward
-
+    peak = P.peak_flops(device)
+    # forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of them,
+    # a forward only: kto_logprobs), plus a live reference's forward
+    passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
     tokens, t_train, eval_seconds = 0, time.time(), 0.0
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
-        idx = M.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
+        idx = P.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
         ids, mask = collate([examples[i] for i in idx], pad, device)
-        B = len(idx)
         if config.loss_type == "kto":
             logps = kto_logprobs(policy, ids, mask)  # (2B,): completions, then mismatched ones (no graph)
         else:
             logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
         ref_logps = None
         if config.live_reference and ref_chosen is not None:
-            with torch.no_grad(), reference_model(policy, reference) as ref_model:
+            with torch.no_grad(), lora.reference_model(policy, reference) as ref_model:
                 ref_logps = sequence_logprobs(ref_model, ids, mask)  # (2B,)
         elif ref_chosen is not None:
             ref_logps = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
@@ -804,169 +636,85 @@ def train(config):
         lengths = mask[:, 1:].sum(-1)  # (2B,) response tokens per row
         loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref_logps, labels)
         for g in opt.param_groups:
-            g["lr"] = M.scheduled_lr(config.lr_schedule, step, steps, config.lr, config.warmup_steps)
+            g["lr"] = P.scheduled_lr(config.lr_schedule, step, steps, config.lr, config.warmup_steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
-        tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs; as sft.py)
-
-        if config.loss_type == "kto":  # unpaired: compare the two groups' means; right = reward's sign
-            chosen_logps, rejected_logps = logps[:B][labels], logps[:B][~labels]  # desirable, undesirable
-            margin = mean_or_0(chosen_rewards) - mean_or_0(rejected_rewards)
-            accuracy = torch.cat([chosen_rewards > 0, rejected_rewards < 0]).float().mean().item()
-        else:
-            chosen_logps, rejected_logps = logps[:B], logps[B:]
-            margins = chosen_rewards - rejected_rewards
-            margin, accuracy = margins.mean().item(), (margins > 0).float().mean().item()  # strict: a tie is no win
-        record = {
-            "loss": loss.item(),
-            "rewards/chosen": mean_or_0(chosen_rewards),
-            "rewards/rejected": mean_or_0(rejected_rewards),
-            "rewards/margins": margin,
-            "rewards/accuracies": accuracy,
-            "logps/chosen": mean_or_0(chosen_logps.detach()),
-            "logps/rejected": mean_or_0(rejected_logps.detach()),
-            "grad_norm": grad_norm.item()}
-        if ref_logps is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
-            record["kl"] = (logps.detach() - ref_logps).mean().item()
-        if config.rpo_alpha:  # loss includes alpha * this: loss - alpha * nll_loss compares with plain DPO's
-            record["nll_loss"] = chosen_nll(chosen_logps.detach(), lengths[:B]).item()
-        window.append(record)
+        tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs)
+        window.append(step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
+                                  lengths, grad_norm))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
         if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
             rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
-            if eval_due:  # the held-out judge score while training (not counted as training time)
-                t_eval = time.time()
-                rec.update(judge_during_training(policy, enc, tracked, config))
-                eval_seconds += time.time() - t_eval
+            t_eval = time.time()  # the held-out judge and the probe are not training: timed apart
+            if eval_due:
+                rec.update(E.judge_during_training(policy, enc, tracked, config))
+            if warning_step is None:
+                fall = -rec["rewards/chosen"] / config.beta if probe is None else probe_start - chosen_logp(
+                    policy, *probe)
+            eval_seconds += time.time() - t_eval
             elapsed = time.time() - t_train - eval_seconds
-            rec.update(step=step, lr=opt.param_groups[0]["lr"], pairs_per_second=(step + 1) * B / elapsed,
-                       tokens_per_second=tokens / elapsed,
-                       mfu=tokens / elapsed * flops_per_token(ids.shape[1]) / peak)
-            M.append_jsonl(log_path, rec)
+            mfu = tokens / elapsed * (M.flops_per_token(policy, ids.shape[1]) * passes / 3) / peak
+            rec.update(step=step, lr=opt.param_groups[0]["lr"], pairs_per_second=(step + 1) * len(idx) / elapsed,
+                       tokens_per_second=tokens / elapsed, mfu=mfu)
+            P.append_jsonl(log_path, rec)
             window = []
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
                             acc=f"{rec['rewards/accuracies']:.2f}", chosen=f"{rec['logps/chosen']:.1f}",
                             tok_s=f"{rec['tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
-            # the early warning: the margin grows by pushing the chosen reply down too (see probe above)
-            if warning_step is None:
-                t_probe = time.time()  # the probe's forward is not training: timed apart, like the evaluations
-                fall = -rec["rewards/chosen"] / config.beta if probe is None else probe_start - probe_chosen_logp()
-                eval_seconds += time.time() - t_probe
-                if fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
-                    warning_step = step
-                    below = "the reference's" if probe is None else "their start (a fixed batch)"
-                    tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on "
-                               f"the same replies while the margin grew to {rec['rewards/margins']:.2f}: both "
-                               f"replies are being pushed down (over-optimisation; lower --lr or --epochs"
-                               f"{', or raise --beta' if probe is None else ''})")
+            # the early warning: the margin grows by pushing the chosen reply down too
+            if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
+                warning_step = step
+                below = "the reference's" if probe is None else "their start (a fixed batch)"
+                tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on "
+                           f"the same replies while the margin grew to {rec['rewards/margins']:.2f}: both "
+                           f"replies are being pushed down (over-optimisation; lower --lr or --epochs"
+                           f"{', or raise --beta' if probe is None else ''})")
     train_seconds = time.time() - t_train - eval_seconds
 
-    # --- 5. evaluation on held-out data the training never saw, against the start (or --eval-reference)
+    # --- evaluation on held-out data the training never saw, against the start (or --eval-reference)
     if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
         reference, _ = M.load_checkpoint(config.eval_reference or init, device, tokenizer_path)
         reference.requires_grad_(False).eval()
-    policy.eval()
     reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
     pref_acc, margin, margins = preference_accuracy(policy, test_examples, test_ref_chosen, test_ref_rejected,
                                                     reward_scale, pad, device)
-    answers = [row.get("answer") for _, row in M.read_jsonl(test_path)]  # this world's pairs carry one
-    by_kind = accuracy_by_pair_kind(test_pairs, test_examples, margins, answers)
-    by_style = correct_vs_wrong_by_style(test_pairs, test_examples, margins, answers)
-    metrics = {"pref_accuracy": pref_acc, "margin": margin,
-               "pref_accuracy_by_kind": {k: {"accuracy": acc, "pairs": n} for k, (acc, n) in by_kind.items()},
-               "pref_accuracy_correct_vs_wrong_by_style": {r: {"accuracy": acc, "pairs": n}
-                                                           for r, (acc, n) in by_style.items()}}
-    if test_ref_chosen is not None:  # the baseline: what the start's own likelihood orders, before any training
-        ref_by_kind = accuracy_by_pair_kind(test_pairs, test_examples, test_ref_chosen - test_ref_rejected, answers)
-        metrics["ref_likelihood_accuracy"] = (test_ref_chosen > test_ref_rejected).float().mean().item()
-        metrics["ref_likelihood_accuracy_by_kind"] = {k: {"accuracy": acc, "pairs": n}
-                                                      for k, (acc, n) in ref_by_kind.items()}
+    answers = [row.get("answer") for _, row in formats.read_jsonl(test_path)]  # this world's pairs carry one
+    ref_margins = None if test_ref_chosen is None else test_ref_chosen - test_ref_rejected
+    metrics = E.preference_metrics(pref_acc, margin, margins, ref_margins, test_pairs, test_examples, answers)
     if config.eval_problems > 0:
         problems = problems[: config.eval_problems]
-        gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
+        gen_metrics, ref_replies, pol_replies = E.compare_by_sampling(policy, reference, enc, problems, config, device)
         metrics.update(gen_metrics)
         method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
         reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
-        print(f"\n--- three held-out prompts: reference ({reference_name}) | policy ({method}) ---")
-        for p, a, b in list(zip(problems, ref_replies, pol_replies))[:3]:
-            print(f"USER: {p['prompt']}  (answer {p['answer']})\n[reference] {a!r}\n[policy]    {b!r}\n")
+        E.show_replies(f"reference ({reference_name}) | policy ({method})", problems,
+                       {"reference": ref_replies, "policy": pol_replies})
+    flops = M.flops_per_token(policy, ids.shape[1]) * passes / 3
     metrics.update({
-        "pairs_per_second": steps * batch_size / train_seconds,
-        "tokens_per_second": tokens / train_seconds,
-        "mfu": tokens / train_seconds * flops_per_token(ids.shape[1]) / peak,
-        "train_seconds": train_seconds,
+        "pairs_per_second": steps * batch_size / train_seconds, "tokens_per_second": tokens / train_seconds,
+        "mfu": tokens / train_seconds * flops / peak, "train_seconds": train_seconds,
         "reference_pass_seconds": reference_pass_seconds,
-        "live_reference_seconds_estimate": live_seconds_per_step * steps,
-        "warning_step": warning_step,
+        "live_reference_seconds_estimate": live_seconds_per_step * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,
-        "peak_flops": peak,
-        "trainable_parameters": trainable, "trainable_share": trainable / total_params,
-        "memory_mb": training_memory(total_params, trainable, model_copies),
-        "wall_seconds": time.time() - t0,
-        "total_wall_seconds": time.time() - t_all,
-    })
-    # --- 6. the checkpoint (written atomically), metrics.json, the summary
+        "peak_flops": peak, "trainable_parameters": trainable, "trainable_share": trainable / total_params,
+        "memory_mb": P.training_memory(total_params, trainable, model_copies),
+        "wall_seconds": time.time() - t0, "total_wall_seconds": time.time() - t_all})
+    # --- the checkpoint (written atomically), metrics.json, the summary
     if config.lora_rank:  # the adapters alone (small), then folded in: a plain checkpoint for the next stage
-        M.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
-        M.merge_lora(policy)
-    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo", train_config=asdict(config),
-                      metrics=metrics)
-    M.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-
-    print(f"dpo: held-out preference accuracy {pref_acc:.1%} (margin {margin:.2f})" + "".join(
-        f"; {acc:.1%} of the {n} {kind} pairs" for kind, (acc, n) in by_kind.items()))
-    if by_style:
-        print("dpo: the correct_vs_wrong pairs by the right reply's style against the wrong one's: " + ", ".join(
-            f"{r} {acc:.0%} of {n}" for r, (acc, n) in by_style.items()) + " (style alone orders the 'better' "
-            "ones as the judge does, the 'worse' ones against it)")
-    if "ref_likelihood_accuracy" in metrics:
-        print(f"dpo: baseline, the reference's likelihood log pi_ref(chosen) > log pi_ref(rejected): "
-              f"{metrics['ref_likelihood_accuracy']:.1%}" + "".join(
-                  f"; {acc:.1%} of the {kind} pairs" for kind, (acc, n) in ref_by_kind.items()))
-    if "win_rate" in metrics:
-        sp, sr = metrics["style_shares_policy"], metrics["style_shares_ref"]
-        print(f"dpo: judge win rate of policy over reference {metrics['win_rate']:.1%}; judge score "
-              f"{metrics['judge_score_ref']:.2f} -> {metrics['judge_score_policy']:.2f}; verifier accuracy "
-              f"{metrics['accuracy_ref']:.1%} -> {metrics['accuracy_policy']:.1%} sampled, "
-              f"{metrics['greedy_accuracy_ref']:.1%} -> {metrics['greedy_accuracy_policy']:.1%} greedy; "
-              f"KL {metrics['kl']:.2f} nats/reply (estimated on the policy's samples)")
-        print("dpo: what decided the judge's verdicts: " + "; ".join(
-            f"{d} {v['comparisons']} (policy won {v['win_rate']:.0%})" for d, v in metrics["win_rate_by_decider"].items()))
-        print("dpo: styles (reference -> policy): " + ", ".join(f"{s} {sr[s]:.0%}->{sp[s]:.0%}" for s in sp))
-    reference_note = ("no reference pass" if ref_chosen is None else
-                      f"reference pass {reference_pass_seconds:.1f}s once vs ~"
-                      f"{metrics['live_reference_seconds_estimate']:.1f}s for a live reference")
-    print(f"dpo: {metrics['pairs_per_second']:.1f} {unit}/s, {metrics['tokens_per_second'] / 1e3:.1f}k tok/s, "
-          f"MFU {metrics['mfu']:.0%}; "
-          f"{reference_note}; DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
-    mem = metrics["memory_mb"]
-    print(f"dpo: memory: {trainable:,} trainable parameters ({trainable / total_params:.1%}); weights "
-          f"{mem['weights']:.1f} MB ({model_copies} {'copies' if model_copies > 1 else 'copy'}) + grads "
-          f"{mem['grads']:.1f} + AdamW {mem['optimizer']:.1f} = {mem['total']:.1f} MB; peak process {mem['peak_process']:.0f} MB")
+        lora.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
+        lora.merge_lora(policy)
+    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo",
+                      train_config=asdict(config), metrics=metrics)
+    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    E.print_dpo_summary(metrics, "rows" if config.loss_type == "kto" else "pairs", ref_chosen is not None,
+                        model_copies, out_dir)
     return metrics
 
 
-def training_memory(total_params, trainable, model_copies):
-    """What training needs for the model, in MB of fp32: every weight of each copy held at once
-    (policy, and the reference while its pass runs), a gradient per trainable weight, and AdamW's
-    two moments per trainable weight; and the process's peak resident memory (all of Python and
-    torch included, so it moves far less than the model's share)."""
-    try:
-        import resource  # POSIX only
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
-        peak_mb = peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
-    except ImportError:
-        peak_mb = float("nan")
-    mb = 4 / 2 ** 20
-    weights, grads, optimizer = model_copies * total_params * mb, trainable * mb, 2 * trainable * mb
-    return {"weights": weights, "grads": grads, "optimizer": optimizer,
-            "total": weights + grads + optimizer, "peak_process": peak_mb}
-
-
 def main(argv=None):
-    M.run_cli(__doc__, DPOConfig, train, argv)
+    P.run_cli(__doc__, DPOConfig, train, argv)
 
 
 if __name__ == "__main__":

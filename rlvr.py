@@ -57,56 +57,56 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-import dpo
+import evaluation as E
 import model as M
-from data import world
+import plumbing as P
+from data import formats, world
 from data.prepare import DATA_DIR, ensure_data
+from plumbing import option
 
 
 @dataclass
 class RLVRConfig:
     # rollouts
-    prompts_per_step: int = M.option(16, "prompts per step", "rollouts")
-    group_size: int = M.option(8, "replies sampled per prompt (G)", "rollouts")
-    temperature: float = M.option(1.0, "sampling temperature (the ratio uses the same one)", "rollouts")
-    max_new_tokens: int = M.option(96, "longest reply; a reply cut off there scores 0", "rollouts")
-    mask_truncated: bool = M.option(False, "leave replies that hit --max-new-tokens out of the loss", "rollouts")
-    format_reward: float = M.option(0.0, "extra reward for a well-formed final line (0 = verifier only)", "rollouts")
+    prompts_per_step: int = option(16, "prompts per step", "rollouts")
+    group_size: int = option(8, "replies sampled per prompt (G)", "rollouts")
+    temperature: float = option(1.0, "sampling temperature (the ratio uses the same one)", "rollouts")
+    max_new_tokens: int = option(96, "longest reply; a reply cut off there scores 0", "rollouts")
+    mask_truncated: bool = option(False, "leave replies that hit --max-new-tokens out of the loss", "rollouts")
+    format_reward: float = option(0.0, "extra reward for a well-formed final line (0 = verifier only)", "rollouts")
     # the objective
-    scale_rewards: bool = M.option(True, "divide advantages by the group's std (GRPO); "
+    scale_rewards: bool = option(True, "divide advantages by the group's std (GRPO); "
                                    "--no-scale-rewards: only subtract the mean (Dr. GRPO)", "objective")
-    std_floor: float = M.option(0.1, "smallest std divided by, so a near-constant group cannot explode", "objective")
-    clip_eps: float = M.option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps] (see --clip-eps-high)", "objective")
-    clip_eps_high: float = M.option(0.0, "upper clip eps (DAPO's clip-higher); 0 = same as --clip-eps", "objective")
-    kl_coef: float = M.option(0.02, "beta_KL: weight of the k3 KL penalty to the reference (0 = no reference pass)", "objective")
-    aggregation: str = M.option("token", "token: mean over all reply tokens of the batch; "
+    std_floor: float = option(0.1, "smallest std divided by, so a near-constant group cannot explode", "objective")
+    clip_eps: float = option(0.2, "PPO clip range: the ratio is clipped to [1 - eps, 1 + eps] (see --clip-eps-high)", "objective")
+    clip_eps_high: float = option(0.0, "upper clip eps (DAPO's clip-higher); 0 = same as --clip-eps", "objective")
+    kl_coef: float = option(0.02, "beta_KL: weight of the k3 KL penalty to the reference (0 = no reference pass)", "objective")
+    aggregation: str = option("token", "token: mean over all reply tokens of the batch; "
                                 "sequence: mean per reply, then over replies (GRPO paper)", "objective")
-    inner_steps: int = M.option(1, "mu: optimizer updates per batch of rollouts", "objective")
+    inner_steps: int = option(1, "mu: optimizer updates per batch of rollouts", "objective")
     # optimisation
-    steps: int = M.option(50, "RL steps (each: sample, score, update)", "optimisation")
-    max_seconds: float = M.option(0.0, "stop after the step that passes this many seconds of sampling and "
+    steps: int = option(50, "RL steps (each: sample, score, update)", "optimisation")
+    max_seconds: float = option(0.0, "stop after the step that passes this many seconds of sampling and "
                                   "training (0 = run every step): a wall-clock budget", "optimisation")
-    lr: float = M.option(1e-4, "peak learning rate", "optimisation")
-    warmup_steps: int = M.option(5, "linear warmup steps, then constant", "optimisation")
-    grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
-    micro_batch: int = M.option(0, "replies per forward/backward (0 = all of a step's at once); "
+    lr: float = option(1e-4, "peak learning rate", "optimisation")
+    warmup_steps: int = option(5, "linear warmup steps, then constant", "optimisation")
+    grad_clip: float = option(1.0, "clip the gradient norm to this", "optimisation")
+    micro_batch: int = option(0, "replies per forward/backward (0 = all of a step's at once); "
                                 "the same loss and gradient either way", "optimisation")
     # data and evaluation
-    data_dir: str = M.option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
-    data: str = M.option("", "RL problems, JSONL {prompt, answer} (default: <data-dir>/rl.jsonl)", "data")
-    eval_problems_file: str = M.option("", "held-out problems (default: <data-dir>/test.jsonl)", "data")
-    eval_problems: int = M.option(300, "held-out problems for greedy accuracy and pass@k (0 = skip)", "evaluation")
-    eval_samples: int = M.option(8, "sampled replies per held-out problem for pass@k (k <= this)", "evaluation")
+    data_dir: str = option(DATA_DIR, "the tokenizer and default data files (built if missing)", "data")
+    data: str = option("", "RL problems, JSONL {prompt, answer} (default: <data-dir>/rl.jsonl)", "data")
+    eval_problems_file: str = option("", "held-out problems (default: <data-dir>/test.jsonl)", "data")
+    eval_problems: int = option(300, "held-out problems for greedy accuracy and pass@k (0 = skip)", "evaluation")
+    eval_samples: int = option(8, "sampled replies per held-out problem for pass@k (k <= this)", "evaluation")
     # run
-    init: str = M.option("", "checkpoint to start from (default: <out>/dpo/model.pt, built if missing)", "run")
-    eval_reference: str = M.option("", "checkpoint the evaluation's KL is measured against (default: the start; "
+    init: str = option("", "checkpoint to start from (default: <out>/dpo/model.pt, built if missing)", "run")
+    eval_reference: str = option("", "checkpoint the evaluation's KL is measured against (default: the start; "
                                    "e.g. out/sft/model.pt to compare stages)", "run")
-    out: str = M.option(M.OUT_DIR, "output root: writes <out>/rlvr (default: out/ in the repository)", "run")
-    device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = M.option(1337, "random seed", "run")
-    log_every: int = M.option(1, "steps between log lines", "run")
-    measure_kv_cache: bool = M.option(False, "first time sampling 64 replies of 64 tokens (fewer if the context "
-                                      "lacks room) with and without the KV cache, and print the speed-up", "run")
+    out: str = option(P.OUT_DIR, "output root: writes <out>/rlvr (default: out/ in the repository)", "run")
+    device: str = option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = option(1337, "random seed", "run")
+    log_every: int = option(1, "steps between log lines", "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,15 +139,6 @@ def group_advantages(rewards, scale=True, std_floor=0.1):
         std = rewards.std(dim=1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)  # (P, 1)
         advantages = advantages / std.clamp(min=std_floor)  # (P, G)
     return advantages * has_spread[:, None], has_spread
-
-
-def pass_at_k(n, c, k):
-    """The unbiased pass@k estimate from n samples of which c are correct (Chen et al. 2021):
-    1 - C(n - c, k) / C(n, k), the chance that k samples drawn without replacement include a
-    correct one."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,7 +195,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, clip_eps=0.2, clip_
 
 
 # ----------------------------------------------------------------------------------------------
-# Rollouts and evaluation
+# Rollouts
 
 
 def rollout(policy, enc, problems, group_size, config, generator):
@@ -225,96 +216,100 @@ def rollout(policy, enc, problems, group_size, config, generator):
             "finished": finished, "correct": correct, "texts": texts, "rewards": rewards}
 
 
-@torch.no_grad()
-def evaluate(model, reference, enc, problems, config, device, batch_size=128):
-    """Held-out figures: greedy verifier accuracy; pass@k for k in {1, 4, 8} (unbiased, from
-    config.eval_samples sampled replies per problem at the training temperature); the judge's
-    mean score, the mean reply length, the style shares, on the first sampled reply per problem;
-    and KL(model || reference) per reply on those samples."""
-    prompts = [p["prompt"] for p in problems]
-    greedy = M.sample_replies(model, enc, prompts, config.max_new_tokens, temperature=0.0, seed=config.seed)
-    n = config.eval_samples
-    expanded = [p for p in prompts for _ in range(n)]
-    sampled, sampled_ids = M.sample_replies(model, enc, expanded, config.max_new_tokens, config.temperature,
-                                            seed=config.seed + 1, batch_size=batch_size, return_ids=True)
-    correct = [sum(world.verify(problems[i], sampled[i * n + j]) for j in range(n)) for i in range(len(problems))]
-    first = [sampled[i * n] for i in range(len(problems))]
-    scores = world.score_replies(problems, first)
-    metrics = {"accuracy": world.score_replies(problems, greedy)["accuracy"],
-               "pass_at_k": {str(k): sum(pass_at_k(n, c, k) for c in correct) / len(problems)
-                             for k in (1, 4, 8) if k <= n},
-               "judge_score": scores["judge_score"], "mean_length": scores["mean_length"],
-               "style_shares": scores["style_shares"],
-               "kl": dpo.kl_on_samples(model, reference, enc, prompts, sampled_ids[::n], device)}
-    by_ops = {}
-    for k in sorted({p["n_ops"] for p in problems if "n_ops" in p}):
-        idx = [i for i, p in enumerate(problems) if p.get("n_ops") == k]
-        by_ops[str(k)] = sum(correct[i] for i in idx) / (n * len(idx))
-    metrics["pass_at_1_by_ops"] = by_ops
-    return metrics, greedy, first
-
-
-def kv_cache_speedup(model, prompt_ids, new_tokens=64, seed=0):
-    """Seconds to sample new_tokens for every prompt with the KV cache (each step feeds one new
-    token; keys and values of the prefix are kept) and without it (each step recomputes the whole
-    prefix), from the same seed, so both draw the same tokens. -> (cached s, uncached s)."""
-    seconds = []
-    for use_cache in (True, False):
-        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-        t = time.perf_counter()  # a fine clock: a short sample can take less than time.time()'s tick
-        M.generate(model, prompt_ids, new_tokens, stop_token=-1, generator=gen, use_cache=use_cache)  # never stops early
-        seconds.append(time.perf_counter() - t)
-    return tuple(seconds)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 
 
 def ensure_init(config):
     """The checkpoint RL starts from; the default DPO one is built (announced) when missing."""
+    def build():
+        import dpo  # only needed to build the missing stage
+        dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir))
+
     path = os.path.join(config.out, "dpo", "model.pt")
-    return M.previous_stage(
-        config.init, path, lambda: dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir)),
-        f"rlvr: no DPO checkpoint at {path}; building it now with dpo.py (and the data and SFT model "
-        f"if missing: about 11 minutes on a 2-core CPU)")
+    return P.previous_stage(config.init, path, build, f"rlvr: no DPO checkpoint at {path}; building it now "
+                            f"with dpo.py (and the data and SFT model if missing)")
 
 
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
-    M.require(config.aggregation in ("token", "sequence"), f"--aggregation {config.aggregation!r} is unknown; "
+    P.require(config.aggregation in ("token", "sequence"), f"--aggregation {config.aggregation!r} is unknown; "
               f"known: token, sequence")
-    M.check_flags(config, positive=("prompts_per_step", "temperature", "max_new_tokens", "lr", "eval_samples",
+    P.check_flags(config, positive=("prompts_per_step", "temperature", "max_new_tokens", "lr", "eval_samples",
                                     "inner_steps", "log_every", "std_floor", "grad_clip"),
                   non_negative=("steps", "max_seconds", "warmup_steps", "micro_batch", "eval_problems", "kl_coef",
                                 "clip_eps", "clip_eps_high", "format_reward"))
-    M.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
+    P.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
               f"to the same prompt), got {config.group_size}")
-    M.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio's lower clip is 1 - eps), "
+    P.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio's lower clip is 1 - eps), "
               f"got {config.clip_eps}")
     # a flag that changes nothing would let a run pass for what it is not
-    M.require(config.scale_rewards or config.std_floor == RLVRConfig.std_floor, "--std-floor does nothing with "
+    P.require(config.scale_rewards or config.std_floor == RLVRConfig.std_floor, "--std-floor does nothing with "
               "--no-scale-rewards: the advantages are not divided by the std")
     for name in ("eval_reference", "eval_problems_file"):
-        M.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
+        P.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
                   f"with --eval-problems 0 (no evaluation)")
-    M.check_out(config.out)
-    M.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
+    P.check_out(config.out)
+    P.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
               f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
+
+
+def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, device):
+    """The update(s) of one step on the informative replies (rows): per-token clipped ratios and the
+    KL penalty, --inner-steps optimizer steps, in micro-batches of --micro-batch replies.
+    -> (stats of the rollouts as sampled, summed over tokens; the loss; rho summed over the last inner
+    step's tokens; clipped tokens over every inner step; the last gradient norm; tokens through the
+    policy)"""
+    stats = {"kl": 0.0, "clipped": 0.0, "ratio": 0.0, "tokens": 0}
+    grad_norm = step_loss = clipped = ratio_sum = 0.0
+    if not rows:
+        return stats, step_loss, ratio_sum, clipped, grad_norm, None
+    ids, mask = M.prompt_response_batch([ro["prompt_ids"][i] for i in rows], [ro["reply_ids"][i] for i in rows],
+                                        pad, device)
+    adv = advantages.flatten()[rows].to(device)  # (N,)
+    mb = config.micro_batch or len(rows)
+    chunks = [slice(i, i + mb) for i in range(0, len(rows), mb)]
+    ref_logps = [None] * len(chunks)
+    if config.kl_coef:
+        with torch.no_grad():
+            ref_logps = [M.shifted_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
+    normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
+    old_logps = [None] * len(chunks)
+    for inner in range(config.inner_steps):
+        opt.zero_grad(set_to_none=True)
+        ratio_sum = 0.0  # each inner step starts it again: the log keeps the last one's
+        for j, c in enumerate(chunks):
+            logps, m = M.shifted_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
+            if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
+                # recomputed, not the sampler's log-probs: the sampler's KV-cache forward (bf16
+                # on CUDA) rounds differently, and the ratio would not be exactly 1
+                old_logps[j] = logps.detach()
+            ref = ref_logps[j] if ref_logps[j] is not None else logps.detach()
+            loss, s = grpo_loss(logps, old_logps[j], ref, adv[c], m, config.clip_eps,
+                                config.clip_eps_high, config.kl_coef, config.aggregation, normaliser)
+            loss.backward()
+            clipped += s["clipped"]  # over every inner step: clipping needs mu > 1
+            ratio_sum += s["ratio"]
+            if inner == 0:  # the figures of the rollouts as sampled (ratio 1: on-policy)
+                step_loss += loss.item()
+                for k in stats:
+                    stats[k] += s[k]
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip).item()
+        opt.step()
+    return stats, step_loss, ratio_sum, clipped, grad_norm, ids
 
 
 def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
     check_config(config)
-    device = M.pick_device(config.device)
-    user_problems = M.read_problems(config.data) if config.data else None  # validate before anything expensive
-    user_eval = M.read_problems(config.eval_problems_file) if config.eval_problems_file else None
-    if config.eval_reference and not os.path.exists(config.eval_reference):
-        raise M.DataError(f"{config.eval_reference}: no such checkpoint")
+    device = P.pick_device(config.device)
+    user_problems = formats.read_problems(config.data) if config.data else None  # validated before anything else
+    user_eval = formats.read_problems(config.eval_problems_file) if config.eval_problems_file else None
+    P.require_file(config.eval_reference)
     init = ensure_init(config)
     ensure_data(config.data_dir)
-    peak = M.peak_flops(device)
+    peak = P.peak_flops(device)
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -324,55 +319,40 @@ def train(config):
     pad = M.special(enc, "endoftext")
     out_dir = os.path.join(config.out, "rlvr")
     os.makedirs(out_dir, exist_ok=True)
-    problems = user_problems or M.read_problems(os.path.join(config.data_dir, "rl.jsonl"))
-    eval_problems = user_eval or M.read_problems(os.path.join(config.data_dir, "test.jsonl"))
-    eval_problems = eval_problems[: config.eval_problems]
+    data_path = config.data or os.path.join(config.data_dir, "rl.jsonl")
+    eval_source = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")
+    problems = user_problems or formats.read_problems(data_path)
+    eval_problems = (user_eval or formats.read_problems(eval_source))[: config.eval_problems]
 
     policy, _ = M.load_checkpoint(init, device, tokenizer_path)
     reference, _ = M.load_checkpoint(init, device, tokenizer_path)
     reference.requires_grad_(False).eval()
     policy.eval()  # dropout off: the log-probs must be those the sampler saw
-    print(f"rlvr: start from {init} | {M.describe(policy, device)} | {len(problems)} RL problems, "
+    print(f"rlvr: start from {init} | {P.describe(policy, device)} | {len(problems)} RL problems, "
           f"{len(eval_problems)} held-out")
     if config.steps:  # rollouts sample after the training problems (--steps 0 only evaluates)
-        M.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
-                            config.data or os.path.join(config.data_dir, "rl.jsonl"))
+        E.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
+                            data_path)
     eval_prompts = [p["prompt"] for p in eval_problems]
-    eval_source = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")
-    M.check_replies_fit(policy.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source)
-
-    if config.measure_kv_cache:
-        batch = [M.render_prompt(enc, p["prompt"]) for p in problems[:64]]
-        # 64 new tokens, or as many as the longest prompt leaves room for in the context
-        longest, context = max(len(ids) for ids in batch), policy.config.block_size
-        new_tokens = min(64, context - longest)
-        M.require(new_tokens > 0, f"--measure-kv-cache: the longest prompt it samples after, in "
-                  f"{config.data or os.path.join(config.data_dir, 'rl.jsonl')}, is {longest} tokens long, "
-                  f"leaving no room in the model's {context}-token context")
-        cached, uncached = kv_cache_speedup(policy, batch, new_tokens)
-        print(f"rlvr: sampling {len(batch)} replies x {new_tokens} tokens: {cached:.2f}s with the KV cache, {uncached:.2f}s "
-              f"recomputing the prefix: {uncached / cached:.1f}x faster")
-
+    E.check_replies_fit(policy.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source)
     # the evaluation's KL is against the start, or against --eval-reference (a third model, eval only)
     kl_reference = reference
     if config.eval_reference:
         kl_reference, _ = M.load_checkpoint(config.eval_reference, device, tokenizer_path)
         kl_reference.requires_grad_(False).eval()
-        # the KL scores prompt and reply on it too
-        M.check_replies_fit(kl_reference.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source,
-                            model=config.eval_reference)
+        E.check_replies_fit(kl_reference.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source,
+                            model=config.eval_reference)  # the KL scores prompt and reply on it too
     before = None
     if eval_problems:
         t_eval = time.time()
-        before, greedy, sampled = evaluate(policy, kl_reference, enc, eval_problems, config, device)
-        print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, pass@1 {before['pass_at_k']['1']:.1%}"
-              + "".join(f", pass@{k} {v:.1%}" for k, v in before["pass_at_k"].items() if k != "1")
-              + f", judge {before['judge_score']:.2f} "
-              f"({time.time() - t_eval:.0f}s)")
+        before, greedy, sampled = E.evaluate_pass_at_k(policy, kl_reference, enc, eval_problems, config, device)
+        print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, " + ", ".join(
+            f"pass@{k} {v:.1%}" for k, v in before["pass_at_k"].items())
+            + f", judge {before['judge_score']:.2f} ({time.time() - t_eval:.0f}s)")
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
-    M.warmup_note("rlvr", config.warmup_steps, config.steps)
+    P.warmup_note("rlvr", config.warmup_steps, config.steps)
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     order, curve = [], []
@@ -382,7 +362,7 @@ def train(config):
         if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
             tqdm.write(f"rlvr: time budget of {config.max_seconds:g}s spent after {step} steps")
             break
-        batch = [problems[i] for i in M.next_indices(order, len(problems), config.prompts_per_step, rng)]
+        batch = [problems[i] for i in P.next_indices(order, len(problems), config.prompts_per_step, rng)]
 
         # 1. rollouts: G replies per prompt from the current policy, scored by the verifier
         t_sample = time.time()
@@ -397,45 +377,13 @@ def train(config):
             keep &= torch.tensor(ro["finished"])
         rows = keep.nonzero().flatten().tolist()
 
-        # 3. the update(s): per-token clipped ratios and the KL penalty, on the informative replies
+        # 3. the update(s) on the informative replies, at one lr per step whatever the inner steps
         t_train = time.time()
-        stats = {"kl": 0.0, "clipped": 0.0, "ratio": 0.0, "tokens": 0}
-        grad_norm = step_loss = clipped = 0.0
-        ratio_sum = 0.0  # rho summed over the last inner step's tokens: how far pi_theta has moved from pi_old
-        for g in opt.param_groups:  # one lr per step, whatever the number of inner steps (or none)
-            g["lr"] = M.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
-        if rows:
-            ids, mask = M.prompt_response_batch([ro["prompt_ids"][i] for i in rows], [ro["reply_ids"][i] for i in rows], pad, device)
-            adv = advantages.flatten()[rows].to(device)  # (N,)
-            mb = config.micro_batch or len(rows)
-            chunks = [slice(i, i + mb) for i in range(0, len(rows), mb)]
-            ref_logps = [None] * len(chunks)
-            if config.kl_coef:
-                with torch.no_grad():
-                    ref_logps = [M.shifted_logprobs(reference, ids[c], mask[c], config.temperature)[0] for c in chunks]
-            normaliser = mask[:, 1:].sum() if config.aggregation == "token" else len(rows)
-            old_logps = [None] * len(chunks)
-            for inner in range(config.inner_steps):
-                opt.zero_grad(set_to_none=True)
-                ratio_sum = 0.0  # each inner step starts it again: the log keeps the last one's
-                for j, c in enumerate(chunks):
-                    logps, m = M.shifted_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
-                    if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
-                        # recomputed, not the sampler's log-probs: the sampler's KV-cache forward (bf16
-                        # on CUDA) rounds differently, and the ratio would not be exactly 1
-                        old_logps[j] = logps.detach()
-                    ref = ref_logps[j] if ref_logps[j] is not None else logps.detach()
-                    loss, s = grpo_loss(logps, old_logps[j], ref, adv[c], m, config.clip_eps,
-                                        config.clip_eps_high, config.kl_coef, config.aggregation, normaliser)
-                    loss.backward()
-                    clipped += s["clipped"]  # over every inner step: clipping needs mu > 1
-                    ratio_sum += s["ratio"]
-                    if inner == 0:  # the figures of the rollouts as sampled (ratio 1: on-policy)
-                        step_loss += loss.item()
-                        for k in stats:
-                            stats[k] += s[k]
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip).item()
-                opt.step()
+        for g in opt.param_groups:
+            g["lr"] = P.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
+        stats, step_loss, ratio_sum, clipped, grad_norm, ids = policy_update(
+            policy, reference, opt, ro, rows, advantages, config, pad, device)
+        if ids is not None:
             # tokens through the policy, prompt and padding included (they cost FLOPs); the reference's
             # forward and the sampling are not counted in the training MFU
             train_tokens += ids[:, 1:].numel() * config.inner_steps
@@ -462,7 +410,7 @@ def train(config):
             rec["kl"] = stats["kl"] / n_tok
         curve.append(rec)
         if (step + 1) % config.log_every == 0 or step == config.steps - 1:
-            M.append_jsonl(log_path, rec)
+            P.append_jsonl(log_path, rec)
             recent = curve[-10:]
             bar.set_postfix(reward=f"{sum(r['reward'] for r in recent) / len(recent):.3f}",
                             zero=f"{rec['zero_spread_groups']:.2f}",
@@ -480,44 +428,20 @@ def train(config):
     if eval_problems:
         after = before
         if curve:  # with no step, the model is the start: no need to evaluate it twice
-            after, greedy, sampled = evaluate(policy, kl_reference, enc, eval_problems, config, device)
-        metrics.update({
-            "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
-            "pass_at_k": {k: {"before": before["pass_at_k"][k], "after": after["pass_at_k"][k]}
-                          for k in after["pass_at_k"]},
-            "judge_score_before": before["judge_score"], "judge_score_after": after["judge_score"],
-            "length_before": before["mean_length"], "length_after": after["mean_length"],
-            "style_shares_before": before["style_shares"], "style_shares_after": after["style_shares"],
-            "pass_at_1_by_ops_before": before["pass_at_1_by_ops"], "pass_at_1_by_ops_after": after["pass_at_1_by_ops"],
-            "kl_before": before["kl"], "kl": after["kl"]})
-        print("\n--- three held-out prompts after RL (greedy | sampled) ---")
-        for p, g, s in list(zip(eval_problems, greedy, sampled))[:3]:
-            print(f"USER: {p['prompt']}  (answer {p['answer']})\n[greedy]  {g!r}\n[sampled] {s!r}\n")
+            after, greedy, sampled = E.evaluate_pass_at_k(policy, kl_reference, enc, eval_problems, config, device)
+        metrics.update(E.before_after(before, after))
+        E.show_replies("after RL (greedy | sampled)", eval_problems, {"greedy": greedy, "sampled": sampled})
     metrics.update({"peak_flops": peak, "wall_seconds": time.time() - t0,
                     "total_wall_seconds": time.time() - t_all})
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="rlvr",
                       train_config=asdict(config), metrics=metrics)
-    M.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-
-    r = metrics["reward_curve"]
-    if r:
-        head, tail = r[: max(1, len(r) // 5)], r[-max(1, len(r) // 5):]
-        print(f"rlvr: reward {sum(head) / len(head):.3f} (first fifth of steps) -> {sum(tail) / len(tail):.3f} (last fifth)")
-    if eval_problems:
-        pk = metrics["pass_at_k"]
-        print(f"rlvr: held-out greedy accuracy {metrics['accuracy_before']:.1%} -> {metrics['accuracy_after']:.1%}; "
-              + ", ".join(f"pass@{k} {v['before']:.1%} -> {v['after']:.1%}" for k, v in pk.items()))
-        print(f"rlvr: judge score {metrics['judge_score_before']:.2f} -> {metrics['judge_score_after']:.2f}; "
-              f"reply length {metrics['length_before']:.0f} -> {metrics['length_after']:.0f} chars; "
-              f"KL to {config.eval_reference or 'the start'} {metrics['kl']:.2f} nats/reply")
-    print(f"rlvr: sampling {metrics['sample_tokens_per_second'] / 1e3:.1f}k tok/s, training "
-          f"{metrics['train_tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} (peak {peak / 1e9:.0f} "
-          f"GFLOP/s); RL stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    E.print_rlvr_summary(metrics, config.eval_reference or "the start", out_dir)
     return metrics
 
 
 def main(argv=None):
-    M.run_cli(__doc__, RLVRConfig, train, argv)
+    P.run_cli(__doc__, RLVRConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -33,45 +33,48 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import evaluation as E
 import model as M
-from data import world
+import plumbing as P
+from data import formats
 from data.prepare import DATA_DIR, ensure_data
+from plumbing import option
 
 
 @dataclass
 class SFTConfig:
     # model
-    n_layer: int = M.option(4, "transformer blocks", "model")
-    n_head: int = M.option(4, "attention heads", "model")
-    n_embd: int = M.option(128, "embedding width", "model")
-    block_size: int = M.option(192, "longest sequence the model can take", "model")
+    n_layer: int = option(4, "transformer blocks", "model")
+    n_head: int = option(4, "attention heads", "model")
+    n_embd: int = option(128, "embedding width", "model")
+    block_size: int = option(192, "longest sequence the model can take", "model")
     # pretraining
-    pretrain_steps: int = M.option(800, "pretraining optimizer steps", "pretraining")
+    pretrain_steps: int = option(800, "pretraining optimizer steps", "pretraining")
     # small batches, many steps: memorising the arithmetic tables takes optimizer steps more than
     # tokens (a facts-only probe learned ~5% of the facts in 400 steps of 32 x 64 tokens, ~20% in
     # 1000 steps of 8 x 64, fewer tokens in all)
-    pretrain_batch_size: int = M.option(16, "windows per pretraining step", "pretraining")
-    pretrain_seq_len: int = M.option(128, "tokens per pretraining window", "pretraining")
-    pretrain_lr: float = M.option(3e-3, "peak learning rate (tiny models like a high one)", "pretraining")
+    pretrain_batch_size: int = option(16, "windows per pretraining step", "pretraining")
+    pretrain_seq_len: int = option(128, "tokens per pretraining window", "pretraining")
+    pretrain_lr: float = option(3e-3, "peak learning rate (tiny models like a high one)", "pretraining")
     # SFT
-    sft_steps: int = M.option(600, "SFT optimizer steps", "sft")
-    sft_batch_size: int = M.option(16, "conversations per SFT step", "sft")
-    sft_lr: float = M.option(1e-3, "peak SFT learning rate", "sft")
+    sft_steps: int = option(600, "SFT optimizer steps", "sft")
+    sft_batch_size: int = option(16, "conversations per SFT step", "sft")
+    sft_lr: float = option(1e-3, "peak SFT learning rate", "sft")
     # shared optimisation
-    warmup_steps: int = M.option(30, "linear warmup steps, then cosine decay to 10%", "optimisation")
-    weight_decay: float = M.option(0.1, "AdamW weight decay on matrices (not on norms)", "optimisation")
-    grad_clip: float = M.option(1.0, "clip the gradient norm to this", "optimisation")
+    warmup_steps: int = option(30, "linear warmup steps, then cosine decay to 10%", "optimisation")
+    weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms)", "optimisation")
+    grad_clip: float = option(1.0, "clip the gradient norm to this", "optimisation")
     # evaluation
-    eval_every: int = M.option(200, "steps between validation losses", "evaluation")
-    eval_problems: int = M.option(500, "held-out problems answered at the end (0 = skip)", "evaluation")
-    max_new_tokens: int = M.option(96, "longest reply sampled at evaluation", "evaluation")
+    eval_every: int = option(200, "steps between validation losses", "evaluation")
+    eval_problems: int = option(500, "held-out problems answered at the end (0 = skip)", "evaluation")
+    max_new_tokens: int = option(96, "longest reply sampled at evaluation", "evaluation")
     # run
-    stages: str = M.option("pretrain,sft", "which stages to run, comma-separated (empty: only build the data)", "run")
-    data_dir: str = M.option(DATA_DIR, "where the data files live (built if missing)", "run")
-    out: str = M.option(M.OUT_DIR, "output root: writes <out>/pretrain and <out>/sft (default: out/ in the repository)", "run")
-    device: str = M.option("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = M.option(1337, "random seed", "run")
-    log_every: int = M.option(25, "steps between log lines", "run")
+    stages: str = option("pretrain,sft", "which stages to run, comma-separated (empty: only build the data)", "run")
+    data_dir: str = option(DATA_DIR, "where the data files live (built if missing)", "run")
+    out: str = option(P.OUT_DIR, "output root: writes <out>/pretrain and <out>/sft (default: out/ in the repository)", "run")
+    device: str = option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = option(1337, "random seed", "run")
+    log_every: int = option(25, "steps between log lines", "run")
 
 
 def pretrain_stream(enc, path):
@@ -89,18 +92,10 @@ def pretrain_stream(enc, path):
 def sft_examples(enc, path, block_size):
     """Conversations of a {"messages": [...]} JSONL file -> list of (ids, mask), validated."""
     out = []
-    for n, row in M.read_jsonl(path):
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise M.DataError(f"{path}:{n}: 'messages' must be a non-empty list")
-        for m in msgs:
-            if not isinstance(m, dict) or m.get("role") not in M.ROLES or not isinstance(m.get("content"), str):
-                raise M.DataError(f"{path}:{n}: each message needs a role in {M.ROLES} and a string content")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise M.DataError(f"{path}:{n}: no assistant message to learn from")
+    for n, msgs in formats.read_conversations(path):
         ids, mask = M.render_chat(enc, msgs)
         if not any(mask[1:block_size]):  # (token 0 is never predicted) a row with nothing to learn from
-            raise M.DataError(f"{path}:{n}: no assistant token within the first {block_size} tokens (--block-size): "
+            raise P.DataError(f"{path}:{n}: no assistant token within the first {block_size} tokens (--block-size): "
                               f"the conversation is cut there")
         out.append((ids[:block_size], mask[:block_size]))  # over-long rows are cut, not dropped
     return out
@@ -129,15 +124,15 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     opt = make_optimizer(model, lr, config.weight_decay)
-    M.warmup_note(name, config.warmup_steps, steps)
-    peak_flops = M.peak_flops(device)
+    P.warmup_note(name, config.warmup_steps, steps)
+    peak_flops = P.peak_flops(device)
     model.train()
     tokens_seen, t_start, t_log, tok_log = 0, time.time(), time.time(), 0
     val_loss = float("nan")
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = M.scheduled_lr("cosine", step, steps, lr, config.warmup_steps, min_ratio=0.1)
+            g["lr"] = P.scheduled_lr("cosine", step, steps, lr, config.warmup_steps, min_ratio=0.1)
         ids, mask = next_batch()
         loss = lm_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
@@ -159,7 +154,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
             mfu = tps * M.flops_per_token(model, ids.shape[1]) / peak_flops
             rec = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
                    "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu}
-            M.append_jsonl(log_path, rec)
+            P.append_jsonl(log_path, rec)
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}", tok_s=f"{tps / 1e3:.1f}k",
                             mfu=f"{mfu:.0%}")
             t_log, tok_log = time.time(), 0
@@ -179,40 +174,25 @@ def evaluate_loss(model, batches):
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-def evaluate_answers(model, enc, problems, max_new_tokens, seed):
-    """Greedy and temperature-1 replies to held-out problems, scored by the verifier."""
-    prompts = [p["prompt"] for p in problems]
-    greedy = M.sample_replies(model, enc, prompts, max_new_tokens, temperature=0.0, seed=seed)
-    sampled = M.sample_replies(model, enc, prompts, max_new_tokens, temperature=1.0, seed=seed)
-    g, s = world.score_replies(problems, greedy), world.score_replies(problems, sampled)
-    by_ops = {}
-    for k in sorted({p["n_ops"] for p in problems if "n_ops" in p}):
-        idx = [i for i, p in enumerate(problems) if p.get("n_ops") == k]
-        by_ops[str(k)] = sum(world.verify(problems[i], greedy[i]) for i in idx) / len(idx)
-    return {"accuracy": g["accuracy"], "accuracy_sampled": s["accuracy"], "accuracy_by_ops": by_ops,
-            "style_shares": s["style_shares"], "style_shares_greedy": g["style_shares"],
-            "judge_score_sampled": s["judge_score"]}, greedy, sampled
-
-
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built (ConfigError)."""
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-    M.require(set(stages) <= {"pretrain", "sft"}, f"--stages {config.stages!r}: name pretrain, sft or both, "
+    P.require(set(stages) <= {"pretrain", "sft"}, f"--stages {config.stages!r}: name pretrain, sft or both, "
               f"comma-separated")
-    M.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
+    P.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
                                     "pretrain_seq_len", "pretrain_lr", "sft_batch_size", "sft_lr", "max_new_tokens",
                                     "eval_every", "log_every", "grad_clip"),
                   non_negative=("warmup_steps", "weight_decay", "eval_problems"))
-    M.require(config.pretrain_steps > 0 or "pretrain" not in stages, f"--pretrain-steps must be > 0, got "
+    P.require(config.pretrain_steps > 0 or "pretrain" not in stages, f"--pretrain-steps must be > 0, got "
               f"{config.pretrain_steps} (leave the stage out with --stages sft)")
-    M.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
+    P.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
               f"(leave the stage out with --stages pretrain)")
-    M.check_out(config.out)
-    M.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
+    P.check_out(config.out)
+    P.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
               f"{config.n_head} (each head gets n_embd / n_head dimensions)")
-    M.require(config.n_embd // config.n_head % 2 == 0, f"--n-embd {config.n_embd} / --n-head {config.n_head} "
+    P.require(config.n_embd // config.n_head % 2 == 0, f"--n-embd {config.n_embd} / --n-head {config.n_head} "
               f"gives heads of {config.n_embd // config.n_head} dimensions; RoPE rotates them in pairs: make it even")
-    M.require(config.pretrain_seq_len <= config.block_size or "pretrain" not in stages, f"--pretrain-seq-len "
+    P.require(config.pretrain_seq_len <= config.block_size or "pretrain" not in stages, f"--pretrain-seq-len "
               f"{config.pretrain_seq_len} is longer than the model's context, --block-size {config.block_size}")
     return stages
 
@@ -223,7 +203,7 @@ def train(config):
     stages = check_config(config)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    device = M.pick_device(config.device)
+    device = P.pick_device(config.device)
     ensure_data(config.data_dir)
     tok_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tok_path)
@@ -238,7 +218,7 @@ def train(config):
             context = config.block_size
         else:
             if not os.path.exists(path):
-                raise M.DataError(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
+                raise P.DataError(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
             gpt, _ = M.load_checkpoint(path, device, tok_path)
             context = gpt.config.block_size
             shape = ("n_layer", "n_head", "n_embd", "block_size")
@@ -251,13 +231,13 @@ def train(config):
         problems = []
         if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
             test_path = os.path.join(config.data_dir, "test.jsonl")
-            problems = M.read_problems(test_path)[: config.eval_problems]
-            M.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+            problems = formats.read_problems(test_path)[: config.eval_problems]
+            E.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
 
     if "pretrain" in stages:
         gpt = M.GPT(M.GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size,
                                 n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd)).to(device)
-        print(f"pretrain: {M.describe(gpt, device)}")
+        print(f"pretrain: {P.describe(gpt, device)}")
         stream = pretrain_stream(enc, os.path.join(config.data_dir, "pretrain.txt"))
         val_path = os.path.join(config.data_dir, "pretrain_val.txt")
         val_stream = pretrain_stream(enc, val_path)
@@ -275,25 +255,25 @@ def train(config):
 
         val_batches = [windows(val_stream, torch.arange(i * B * T, (i + 1) * B * T, T))
                        for i in range(min(4, (len(val_stream) - 1) // (B * T)))]
-        M.require(val_batches, f"{val_path}: {len(val_stream)} tokens hold no validation batch of --pretrain-batch-size "
+        P.require(val_batches, f"{val_path}: {len(val_stream)} tokens hold no validation batch of --pretrain-batch-size "
                   f"{B} x --pretrain-seq-len {T} (+1) tokens")
         metrics = train_stage("pretrain", gpt, next_batch, val_batches, config.pretrain_steps,
                               config.pretrain_lr, config, pretrain_dir, device)
         M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
                           train_config=asdict(config), metrics=metrics)
-        M.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
+        P.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
         print(f"pretrain: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
               f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
               f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s), {metrics['wall_seconds']:.0f}s")
 
     if "sft" in stages:
         t_sft = time.time()
-        print(f"sft: {M.describe(gpt, device)}")
+        print(f"sft: {P.describe(gpt, device)}")
         pad = M.special(enc, "endoftext")
         order = []
 
         def next_batch():
-            batch = [train_rows[i] for i in M.next_indices(order, len(train_rows), config.sft_batch_size, rng)]
+            batch = [train_rows[i] for i in P.next_indices(order, len(train_rows), config.sft_batch_size, rng)]
             return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
 
         val_batches = [M.pad_batch([r[0] for r in val_rows[i: i + 64]], [r[1] for r in val_rows[i: i + 64]], pad, device)
@@ -303,18 +283,15 @@ def train(config):
                               config, sft_dir, device)
         if problems:
             t_eval = time.time()
-            ev, greedy, sampled = evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
+            ev, greedy, sampled = E.evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
             metrics.update(ev)
             metrics["eval_seconds"] = time.time() - t_eval
-            print("\n--- three held-out problems, greedy replies ---")
-            for p, r in list(zip(problems, greedy))[:3]:
-                print(f"USER: {p['prompt']}\nASSISTANT: {r}\n  -> verifier: {world.verify(p, r)} "
-                      f"(answer {p['answer']})\n")
+            E.show_replies("the SFT model (greedy | sampled)", problems, {"greedy": greedy, "sampled": sampled})
         metrics["wall_seconds"] = time.time() - t_sft
         metrics["total_wall_seconds"] = time.time() - t0
         M.save_checkpoint(os.path.join(sft_dir, "model.pt"), gpt, tok_path, stage="sft",
                           train_config=asdict(config), metrics=metrics)
-        M.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
+        P.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
         print(f"sft: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
               f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
               f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s)")
@@ -328,7 +305,7 @@ def train(config):
 
 
 def main(argv=None):
-    M.run_cli(__doc__, SFTConfig, train, argv)
+    P.run_cli(__doc__, SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -81,14 +81,12 @@ def train_bpe(text, vocab_size):
 
 def save_tokenizer(ranks, directory):
     """Write tokenizer.tiktoken and tokenizer.json into `directory`, each atomically."""
+    from data.formats import write_text  # here, not at the top: `python data/bpe.py` runs on its own
     lines = "".join(f"{base64.b64encode(tok).decode()} {r}\n" for tok, r in sorted(ranks.items(), key=lambda kv: kv[1]))
     meta = {"pattern": PATTERN, "ranks_file": "tokenizer.tiktoken",
             "special_tokens": {t: len(ranks) + i for i, t in enumerate(SPECIAL_TOKENS)}}
     for name, content in [("tokenizer.tiktoken", lines), ("tokenizer.json", json.dumps(meta, indent=1))]:
-        path = os.path.join(directory, name)
-        with open(path + ".tmp", "w") as f:
-            f.write(content)
-        os.replace(path + ".tmp", path)
+        write_text(os.path.join(directory, name), content)
 
 
 def main():

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import bpe, world  # noqa: E402
+from data.formats import write_text  # noqa: E402
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "sft_val.jsonl", "prefs.jsonl",
@@ -127,14 +128,8 @@ def pretrain_text(rng, n_bytes, fact_share, heldout):
     return "\n".join(docs) + "\n"
 
 
-def write(path, content):
-    with open(path + ".tmp", "w") as f:
-        f.write(content)
-    os.replace(path + ".tmp", path)
-
-
 def write_jsonl(path, rows):
-    write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def up_to_date(config, out_dir):
@@ -180,8 +175,8 @@ def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     say = print if verbose else (lambda *a, **k: None)
 
     text = pretrain_text(rng, int(config.pretrain_mb * 1e6), config.fact_share, heldout=False)
-    write(os.path.join(out_dir, "pretrain.txt"), text)
-    write(os.path.join(out_dir, "pretrain_val.txt"),
+    write_text(os.path.join(out_dir, "pretrain.txt"), text)
+    write_text(os.path.join(out_dir, "pretrain_val.txt"),
           pretrain_text(rng, int(config.pretrain_mb * 1e6) // 50, config.fact_share, heldout=True))
     say(f"data: pretrain.txt {len(text) / 1e6:.1f} MB")
 
@@ -214,7 +209,7 @@ def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     bpe.save_tokenizer(ranks, out_dir)
     say(f"data: tokenizer with {len(ranks)} + {len(bpe.SPECIAL_TOKENS)} tokens ({time.time() - t1:.1f}s)")
 
-    write(manifest, json.dumps({"version": VERSION, "config": asdict(config)}, indent=1))
+    write_text(manifest, json.dumps({"version": VERSION, "config": asdict(config)}, indent=1))
     say(f"data: done in {time.time() - t0:.1f}s -> {out_dir}")
 
 

@@ -16,7 +16,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import dpo  # noqa: E402
-import model as M  # noqa: E402
+import plumbing as P  # noqa: E402
 from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare  # noqa: E402
 
 # --quick: a tiny world (built in about a second) and a tiny SFT model (a few seconds), so that an
@@ -30,7 +30,7 @@ def parse_args(doc, argv=None):
     parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tiny world and model: seconds, for tests "
                         "(results under <out>/experiments/quick/<name>)")
-    parser.add_argument("--out", default=M.OUT_DIR, help="output root: results go to <out>/experiments/<name> "
+    parser.add_argument("--out", default=P.OUT_DIR, help="output root: results go to <out>/experiments/<name> "
                         "(default: out/ in the repository)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     return parser.parse_args(argv)
@@ -39,7 +39,7 @@ def parse_args(doc, argv=None):
 def run(main):
     """An experiment's command line: main(), where a bad flag value or input file ends in its one-line
     error and exit code 1, as in every stage."""
-    return M.one_line_errors(main)
+    return P.one_line_errors(main)
 
 
 def setup(name, args, quick_data=QUICK_DATA, quick_sft=QUICK_SFT):
@@ -47,8 +47,8 @@ def setup(name, args, quick_data=QUICK_DATA, quick_sft=QUICK_SFT):
     data, the SFT checkpoint every run starts from (built, announced, when missing), where the
     stages' own outputs go, whether this is a --quick run, and the device."""
     import sft
-    M.pick_device(args.device)  # a device this machine lacks stops here, before anything is built
-    M.check_out(args.out)
+    P.pick_device(args.device)  # a device this machine lacks stops here, before anything is built
+    P.check_out(args.out)
     # --quick writes apart, under experiments/quick/: its figures must never replace a real run's
     root = os.path.join(args.out, "experiments", "quick" if args.quick else "")
     out_dir = os.path.join(root, name)
@@ -64,7 +64,7 @@ def setup(name, args, quick_data=QUICK_DATA, quick_sft=QUICK_SFT):
         stage_out = args.out
         config = sft.SFTConfig(data_dir=data_dir, out=stage_out, device=args.device)
     path = os.path.join(stage_out, "sft", "model.pt")
-    init = M.previous_stage("", path, lambda: sft.train(config),
+    init = P.previous_stage("", path, lambda: sft.train(config),
                             f"{name}: no SFT checkpoint at {path}; building it now with sft.py")
     return {"dir": out_dir, "data_dir": data_dir, "init": init, "stages": stage_out, "quick": args.quick,
             "device": args.device}
@@ -82,7 +82,7 @@ def dpo_config(s, run, **overrides):
 
 def write_results(s, results, columns, title, takeaway=""):
     """results.json (the figures), results.md (a table of results["rows"], or of the scalars)."""
-    M.write_json(os.path.join(s["dir"], "results.json"), results)
+    P.write_json(os.path.join(s["dir"], "results.json"), results)
     rows = results.get("rows") or [{k: v for k, v in results.items() if not isinstance(v, (list, dict))}]
     if s["quick"]:
         title = f"[--quick: a tiny world and model; the figures test the plumbing, they mean nothing] {title}"
@@ -96,7 +96,7 @@ def write_results(s, results, columns, title, takeaway=""):
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     if takeaway:
         lines += ["", takeaway]
-    M.write_text(os.path.join(s["dir"], "results.md"), "\n".join(lines) + "\n")
+    P.write_text(os.path.join(s["dir"], "results.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

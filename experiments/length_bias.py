@@ -20,7 +20,7 @@ import os
 import random
 
 import common
-from data import world
+from data import formats, world
 from data.prepare import write_jsonl
 
 FILLER = ["Let me write that out clearly.", "Here is how I worked it out in my head."]
@@ -93,7 +93,7 @@ def length_gap(rows):
 def main(argv=None):
     args = common.parse_args(__doc__, argv)
     s = common.setup("length_bias", args)
-    rows = [r for _, r in common.M.read_jsonl(os.path.join(s["data_dir"], "prefs.jsonl"))]
+    rows = [r for _, r in formats.read_jsonl(os.path.join(s["data_dir"], "prefs.jsonl"))]
     sets = {"default": rows, "biased": biased(rows), "balanced": balanced(rows, random.Random(0)),
             "shorter": shorter(rows, random.Random(0))}
     runs = [("default", "sigmoid"), ("biased", "sigmoid"), ("balanced", "sigmoid"), ("biased", "sigmoid_norm"),

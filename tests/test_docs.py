@@ -1,7 +1,9 @@
-"""The commands the docs show: every `python <script>.py --flag ...` in README.md and in the scripts'
-own text uses flags that script defines, spelled out in full, so a renamed or removed flag cannot
-leave a command behind that fails with "unrecognized arguments" (or that works only because argparse
-accepts a prefix of a flag). And every link within the README reaches one of its headings."""
+"""The commands the docs show: every `python <script>.py --flag ...` in README.md, in the pages of
+docs/ and in the scripts' own text uses flags that script defines, spelled out in full, so a renamed
+or removed flag cannot leave a command behind that fails with "unrecognized arguments" (or that
+works only because argparse accepts a prefix of a flag). Every link within a page reaches one of its
+headings, and every link from README.md or a docs page to a file reaches a file that exists (and,
+with an anchor, a heading of that page)."""
 
 import argparse
 import glob
@@ -20,6 +22,13 @@ COMMAND = r"python3? (?:\./)?((?:data/|experiments/)?\w+\.py)\b(.*)"
 SCRIPTS = sorted(os.path.relpath(p, ROOT) for p in
                  glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "data", "*.py"))
                  + glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+DOCS = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+PAGES = ["README.md"] + DOCS
+
+
+def read(page):
+    with open(os.path.join(ROOT, page)) as f:
+        return f.read()
 
 
 def readme_commands(text):
@@ -94,19 +103,35 @@ def test_the_checker_catches_a_renamed_flag(known_flags):
 
 
 def test_every_readme_command_uses_flags_its_script_defines(known_flags):
-    with open(os.path.join(ROOT, "README.md")) as f:
-        commands = readme_commands(f.read())
-    assert len(commands) >= 30 and {s for s, _ in commands} >= {"dpo.py", "sft.py", "rlvr.py", "data/prepare.py"}
+    commands = readme_commands(read("README.md"))
+    # the README keeps a few commands and the docs the rest: the count spans both, so that neither
+    # check can pass on an empty page
+    everywhere = [c for page in PAGES for c in readme_commands(read(page))]
+    assert len(everywhere) >= 30 and {s for s, _ in commands} >= {"dpo.py", "sft.py", "rlvr.py", "data/prepare.py"}
     assert unknown(commands, known_flags) == []
 
 
-def test_every_flag_the_readme_names_exists(known_flags):
-    # flags quoted alone (`--rpo-alpha 3`) name some script's flag; pip's is the one outside
-    with open(os.path.join(ROOT, "README.md")) as f:
-        spans = re.findall(r"```.*?```|`[^`]+`", f.read(), re.S)
-    named = {flag for span in spans for flag in re.findall(FLAG, span)}
-    assert len(named) >= 30
-    assert named - set().union(*known_flags.values()) == {"--index-url"}
+def test_there_are_docs_pages():
+    assert {"docs/dpo.md", "docs/rl.md", "docs/family.md", "docs/lora.md", "docs/exercises.md",
+            "docs/log.md"} <= set(DOCS)
+
+
+@pytest.mark.parametrize("page", DOCS)
+def test_every_command_in_a_docs_page_uses_flags_its_script_defines(known_flags, page):
+    assert unknown(readme_commands(read(page)), known_flags) == []
+
+
+def test_every_flag_the_docs_name_exists(known_flags):
+    # flags quoted alone (`--rpo-alpha 3`) name some script's flag; pip's is the one outside, in
+    # the README's install note
+    def named(page):
+        spans = re.findall(r"```.*?```|`[^`]+`", read(page), re.S)
+        return {flag for span in spans for flag in re.findall(FLAG, span)}
+
+    defined = set().union(*known_flags.values())
+    assert len(set().union(*map(named, PAGES))) >= 30
+    assert named("README.md") - defined == {"--index-url"}
+    assert {page: sorted(named(page) - defined) for page in DOCS} == {page: [] for page in DOCS}
 
 
 def test_every_command_in_the_scripts_uses_flags_its_script_defines(known_flags):
@@ -133,11 +158,58 @@ def test_github_anchor_by_hand():
             == "what-does-beta-do-python-experimentsbeta_sweeppy-65-min")
 
 
-def test_every_link_within_the_readme_reaches_a_heading():
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    prose = re.sub(r"```.*?```", "", text, flags=re.S)  # a "#" inside a code block is not a heading
-    anchors = {github_anchor(h) for h in re.findall(r"^#+ (.+)$", prose, re.M)}
-    links = re.findall(r"\]\(#([^)]+)\)", prose)
-    assert len(links) >= 3
-    assert sorted(set(links) - anchors) == []
+def prose(text):
+    return re.sub(r"```.*?```", "", text, flags=re.S)  # a "#" inside a code block is not a heading
+
+
+def headings(text):
+    return {github_anchor(h) for h in re.findall(r"^#+ (.+)$", prose(text), re.M)}
+
+
+def broken_links(page, text, exists=os.path.exists, read_target=read):
+    """The links of a page (README.md or docs/x.md, its text given) that lead nowhere: an anchor
+    within the page that is none of its headings, a relative path (from the page's own folder) to
+    no file, or an anchor that is none of the headings of the page it names. Web links are not
+    followed."""
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(text)):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        if not path:
+            if anchor not in headings(text):
+                broken.append(target)
+            continue
+        file = os.path.normpath(os.path.join(os.path.dirname(page), path))
+        if not exists(os.path.join(ROOT, file)):
+            broken.append(target)
+        elif anchor and (not file.endswith(".md") or anchor not in headings(read_target(file))):
+            broken.append(target)
+    return broken
+
+
+def test_the_link_checker_catches_a_broken_link():
+    pages = {"docs/a.md": "# A page\n## What falls short\n", "docs/plot.png": ""}
+    exists = lambda path: os.path.relpath(path, ROOT) in pages
+    text = ("# Top\nSee [here](#top), [there](#nowhere), [a](docs/a.md), [b](docs/a.md#what-falls-short),\n"
+            "[c](docs/a.md#what-falls), [d](docs/b.md), ![plot](docs/plot.png), [web](https://x.org/#y).\n"
+            "```\n# not a heading\n```\n[e](#not-a-heading)")
+    assert broken_links("README.md", text, exists, pages.get) == [
+        "#nowhere", "docs/a.md#what-falls", "docs/b.md", "#not-a-heading"]
+    # from a docs page, paths start in docs/
+    assert broken_links("docs/c.md", "[a](a.md#a-page) ![p](plot.png) [r](../docs/a.md) [x](docs/a.md)",
+                        exists, pages.get) == ["docs/a.md"]
+
+
+def test_every_link_within_a_page_reaches_a_heading():
+    links = {page: re.findall(r"\]\(#([^)]+)\)", prose(read(page))) for page in PAGES}
+    assert sum(map(len, links.values())) >= 3
+    for page in PAGES:
+        assert sorted(set(links[page]) - headings(read(page))) == [], page
+
+
+def test_every_link_to_a_file_reaches_it_and_its_heading():
+    to_files = [t for page in PAGES for t in re.findall(r"\]\(([^)#\s][^)\s]*)\)", prose(read(page)))
+                if not re.match(r"[a-z]+:", t)]
+    assert len(to_files) >= 10 and any(t.endswith(".png") for t in to_files) and any("#" in t for t in to_files)
+    assert {page: broken_links(page, read(page)) for page in PAGES} == {page: [] for page in PAGES}

@@ -19,6 +19,9 @@ from data import world
 from helpers import reply_logp, tiny_gpt
 from data.prepare import write_jsonl
 import model as M
+import plumbing as P
+from data import formats
+import evaluation as E
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LN2 = math.log(2)
@@ -36,7 +39,7 @@ def tiny_path(tiny_data_dir, name):
 
 @pytest.fixture(scope="module")
 def tiny_pairs(tiny_data_dir):
-    return dpo.read_pairs(tiny_path(tiny_data_dir, "prefs.jsonl"))
+    return formats.read_pairs(tiny_path(tiny_data_dir, "prefs.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -525,19 +528,19 @@ def write_with_bad_line(path, bad):
 def test_read_pairs_names_file_line_and_problem(tmp_path, bad, message):
     path = tmp_path / "pairs.jsonl"
     write_with_bad_line(path, bad)  # a good row, a blank line, then the bad row at line 3
-    with pytest.raises(M.DataError) as e:
-        dpo.read_pairs(str(path))
+    with pytest.raises(P.DataError) as e:
+        formats.read_pairs(str(path))
     assert f"{path}:3:" in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_read_pairs_missing_and_empty_files(tmp_path):
-    with pytest.raises(M.DataError, match="no such file"):
-        dpo.read_pairs(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(P.DataError, match="no such file"):
+        formats.read_pairs(str(tmp_path / "nope.jsonl"))
     (tmp_path / "empty.jsonl").write_text("\n \n")
-    with pytest.raises(M.DataError, match="no rows"):
-        dpo.read_pairs(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(P.DataError, match="no rows"):
+        formats.read_pairs(str(tmp_path / "empty.jsonl"))
     (tmp_path / "ok.jsonl").write_text(json.dumps(GOOD) + "\n")
-    assert dpo.read_pairs(str(tmp_path / "ok.jsonl")) == [(GOOD["prompt"], GOOD["chosen"], GOOD["rejected"])]
+    assert formats.read_pairs(str(tmp_path / "ok.jsonl")) == [(GOOD["prompt"], GOOD["chosen"], GOOD["rejected"])]
 
 
 @pytest.mark.parametrize("case", ["missing", "not_json", "missing_field", "empty_chosen", "empty_file",
@@ -667,7 +670,7 @@ def test_eval_temperature_zero_is_greedy_and_allowed():
 
 def test_max_length_beyond_the_models_context_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     block = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))[0].config.block_size
-    with pytest.raises(M.ConfigError, match=f"--max-length {block + 1} is longer than the model's context"):
+    with pytest.raises(P.ConfigError, match=f"--max-length {block + 1} is longer than the model's context"):
         dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), max_length=block + 1))
     assert not (tmp_path / "dpo" / "model.pt").exists()
 
@@ -681,8 +684,8 @@ def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
              "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows]
     write_jsonl(str(tmp_path / "str.jsonl"), rows)
     write_jsonl(str(tmp_path / "conv.jsonl"), conv)
-    a, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "str.jsonl")), 96, 192)
-    b, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "conv.jsonl")), 96, 192)
+    a, _ = dpo.tokenize_pairs(tiny_enc, formats.read_pairs(str(tmp_path / "str.jsonl")), 96, 192)
+    b, _ = dpo.tokenize_pairs(tiny_enc, formats.read_pairs(str(tmp_path / "conv.jsonl")), 96, 192)
     assert len(a) == len(b) == 2 and a == b
     # TRL's implicit prompt (the replies carry the whole conversation, no "prompt") and the
     # "-trl-style" sets (a "prompt" string, and the whole conversation again in each reply)
@@ -691,7 +694,7 @@ def test_conversational_rows_give_the_same_ids_as_strings(tiny_enc, tmp_path):
                   **{k: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r[k]}]
                      for k in ("chosen", "rejected")}} for r in rows]
         write_jsonl(str(tmp_path / "whole.jsonl"), whole)
-        c, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(str(tmp_path / "whole.jsonl")), 96, 192)
+        c, _ = dpo.tokenize_pairs(tiny_enc, formats.read_pairs(str(tmp_path / "whole.jsonl")), 96, 192)
         assert c == a
     # a system turn in a conversational prompt is kept, in the template
     sys_prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": rows[0]["prompt"]}]
@@ -731,12 +734,12 @@ def test_accuracy_by_pair_kind_splits_style_pairs_from_answer_pairs(tiny_enc):
     # examples no longer line up with pairs: the row index is what finds each example's text
     assert counts["dropped_identical"] == 1 and [ex["row"] for ex in examples] == [1, 2, 3, 4, 5]
     margins = t([0.5, -0.25, 3.0, -1.0, 2.0])  # right, wrong, (unscored), wrong, right
-    got = dpo.accuracy_by_pair_kind(pairs, examples, margins, answers)
+    got = E.accuracy_by_pair_kind(pairs, examples, margins, answers)
     assert got == {"style": (0.5, 2), "correct_vs_wrong": (0.0, 1), "both_wrong": (1.0, 1)}
     # without the answers, the two kinds of answer pairs are one
-    assert dpo.accuracy_by_pair_kind(pairs, examples, margins) == {"style": (0.5, 2), "answer": (0.5, 2)}
+    assert E.accuracy_by_pair_kind(pairs, examples, margins) == {"style": (0.5, 2), "answer": (0.5, 2)}
     # a tie is no win, as in preference_accuracy
-    assert dpo.accuracy_by_pair_kind(pairs, examples, t([0.0, 2.0, 1.0, 1.0, 0.0]), answers) == {
+    assert E.accuracy_by_pair_kind(pairs, examples, t([0.0, 2.0, 1.0, 1.0, 0.0]), answers) == {
         "style": (0.5, 2), "correct_vs_wrong": (1.0, 1), "both_wrong": (0.0, 1)}
 
 
@@ -754,7 +757,7 @@ def test_correct_vs_wrong_pairs_split_by_the_right_replys_style(tiny_enc):
     examples, _ = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
     margins = t([1.0, -2.0, 0.5, 0.0, 3.0, 3.0, -1.0])
     # worked by hand: accuracy is margin > 0 (the file's label first), as in accuracy_by_pair_kind
-    assert dpo.correct_vs_wrong_by_style(pairs, examples, margins, answers) == {
+    assert E.correct_vs_wrong_by_style(pairs, examples, margins, answers) == {
         "better": (0.5, 2), "same": (0.0, 1), "worse": (0.5, 2)}
     # a reward that only sees style: it orders a pair as its styles rank, so every "better" pair and no
     # "worse" one (the labels here put the right reply first)
@@ -762,7 +765,7 @@ def test_correct_vs_wrong_pairs_split_by_the_right_replys_style(tiny_enc):
     examples, _ = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
     rank = lambda reply: world.STYLE_RANK[world.classify_style(reply)]  # noqa: E731
     style_margins = t([float(rank(c) - rank(r)) for _, c, r in pairs])
-    assert dpo.correct_vs_wrong_by_style(pairs, examples, style_margins, answers) == {
+    assert E.correct_vs_wrong_by_style(pairs, examples, style_margins, answers) == {
         "better": (1.0, 1), "same": (0.0, 1), "worse": (0.0, 2)}
 
 
@@ -780,12 +783,12 @@ def test_win_rate_by_decider_splits_the_judges_verdicts_by_what_decided_them():
         (step_right_long, step_right),              # length, both step and right: the shorter wins -> 0
         (step_right, step_right),                   # length, identical: a tie -> 0.5
     ]
-    win_rate, by = dpo.win_rate_by_decider([p] * 7, [a for a, _ in comparisons], [b for _, b in comparisons])
+    win_rate, by = E.win_rate_by_decider([p] * 7, [a for a, _ in comparisons], [b for _, b in comparisons])
     assert by == {"correctness": {"comparisons": 3, "win_rate": pytest.approx(2 / 3)},
                   "style": {"comparisons": 2, "win_rate": 0.5}, "length": {"comparisons": 2, "win_rate": 0.25}}
     assert win_rate == pytest.approx((1 + 1 + 0 + 1 + 0 + 0 + 0.5) / 7)
     # rude and 'other' share the lowest rank, so between them length decides
-    assert list(dpo.win_rate_by_decider([p], ["Ugh."], ["hello there, friend"])[1]) == ["length"]
+    assert list(E.win_rate_by_decider([p], ["Ugh."], ["hello there, friend"])[1]) == ["length"]
 
 
 def test_chosen_nll_is_the_mean_over_chosen_tokens_and_0_when_empty():
@@ -832,7 +835,7 @@ def test_greedy_accuracy_scores_the_temperature_0_replies(tiny_sft_ckpt, tiny_da
     monkeypatch.setattr(M, "sample_replies", fake_sample)
     model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
     config = dpo.DPOConfig(eval_temperature=1.0, max_new_tokens=16)
-    metrics, _, _ = dpo.compare_by_sampling(model, model, tiny_enc, problems, config, "cpu")
+    metrics, _, _ = E.compare_by_sampling(model, model, tiny_enc, problems, config, "cpu")
     assert sorted(calls) == [0.0, 0.0, 1.0, 1.0]
     assert metrics["greedy_accuracy_policy"] == metrics["greedy_accuracy_ref"] == 1.0
     assert metrics["accuracy_policy"] == metrics["accuracy_ref"] == 0.0
@@ -843,7 +846,7 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     # step 0, computed here: the SFT model scored against itself ranks no pair strictly (acc 0)
     tok = tiny_path(tiny_data_dir, "tokenizer.json")
     start, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
-    test_ex, _ = dpo.tokenize_pairs(tiny_enc, dpo.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl")),
+    test_ex, _ = dpo.tokenize_pairs(tiny_enc, formats.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl")),
                                     96, 192)
     rc, rr = dpo.pair_logprobs(start.eval(), test_ex, pad_id(tiny_enc), "cpu")
     acc0, margin0, _ = dpo.preference_accuracy(start, test_ex, rc, rr, 0.1, pad_id(tiny_enc), "cpu")
@@ -866,13 +869,13 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     assert 0.0 <= saved["win_rate"] <= 1.0 and saved["pairs_per_second"] > 0
     # the likelihood baseline, brute force: log pi_ref(chosen) > log pi_ref(rejected), one pair at a
     # time, in float64, from the start checkpoint (which training must not have touched)
-    test_pairs = dpo.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl"))
-    answers = [row["answer"] for _, row in M.read_jsonl(tiny_path(tiny_data_dir, "prefs_test.jsonl"))]
+    test_pairs = formats.read_pairs(tiny_path(tiny_data_dir, "prefs_test.jsonl"))
+    answers = [row["answer"] for _, row in formats.read_jsonl(tiny_path(tiny_data_dir, "prefs_test.jsonl"))]
     gaps = [reply_logp(start, ex["prompt"], ex["chosen"]) - reply_logp(start, ex["prompt"], ex["rejected"])
             for ex in test_ex]
     assert min(abs(g) for g in gaps) > 1e-4  # no near-tie that float32 could flip
     assert saved["ref_likelihood_accuracy"] == pytest.approx(sum(g > 0 for g in gaps) / len(gaps))
-    by_kind = dpo.accuracy_by_pair_kind(test_pairs, test_ex, torch.tensor(gaps), answers)
+    by_kind = E.accuracy_by_pair_kind(test_pairs, test_ex, torch.tensor(gaps), answers)
     assert saved["ref_likelihood_accuracy_by_kind"] == {k: {"accuracy": pytest.approx(a), "pairs": n}
                                                         for k, (a, n) in by_kind.items()}
     # the right-against-wrong pairs by style: the trained policy re-scored here, split by hand-checked
@@ -882,7 +885,7 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
     assert acc == pytest.approx(saved["pref_accuracy"])
     by_style = saved["pref_accuracy_correct_vs_wrong_by_style"]
     assert by_style == {r: {"accuracy": pytest.approx(a), "pairs": n} for r, (a, n) in
-                        dpo.correct_vs_wrong_by_style(test_pairs, test_ex, margins, answers).items()}
+                        E.correct_vs_wrong_by_style(test_pairs, test_ex, margins, answers).items()}
     cvw = saved["pref_accuracy_by_kind"]["correct_vs_wrong"]
     assert sum(v["pairs"] for v in by_style.values()) == cvw["pairs"] > 0
     assert sum(v["accuracy"] * v["pairs"] for v in by_style.values()) == pytest.approx(cvw["accuracy"] * cvw["pairs"])
@@ -901,7 +904,7 @@ def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, 
 
 def test_a_trl_style_conversational_file_trains_like_the_string_file(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     # the same pairs as whole conversations, the form of the "-trl-style" sets: the same losses
-    rows = [row for _, row in M.read_jsonl(tiny_path(tiny_data_dir, "prefs.jsonl"))]
+    rows = [row for _, row in formats.read_jsonl(tiny_path(tiny_data_dir, "prefs.jsonl"))]
     conv = [{"prompt": r["prompt"], **{k: [{"role": "user", "content": r["prompt"]},
                                            {"role": "assistant", "content": r[k]}] for k in ("chosen", "rejected")}}
             for r in rows]
@@ -1024,7 +1027,7 @@ def test_eval_every_logs_the_held_out_judge_score_of_the_policy_at_that_step(tin
     # the last one is the saved policy's: sample the same problems with the same seed, judge
     tok = tiny_path(tiny_data_dir, "tokenizer.json")
     policy, _ = M.load_checkpoint(os.path.join(out, "dpo", "model.pt"), "cpu", tok)
-    problems = [r for _, r in M.read_jsonl(tiny_path(tiny_data_dir, "test.jsonl"))][:6]
+    problems = [r for _, r in formats.read_jsonl(tiny_path(tiny_data_dir, "test.jsonl"))][:6]
     replies = M.sample_replies(policy, M.load_tokenizer(tok), [p["prompt"] for p in problems], 16, 1.0, 1337)
     assert log[-1]["judge_score"] == pytest.approx(sum(world.judge(p, r) for p, r in zip(problems, replies)) / 6)
 
@@ -1044,7 +1047,7 @@ def test_kl_on_samples_scores_exactly_the_sampled_tokens(tiny_enc):
     for prompt, reply in zip(prompts, reply_ids):
         p = M.render_prompt(tiny_enc, prompt)
         total += reply_logp(policy, p, reply) - reply_logp(reference, p, reply)
-    got = dpo.kl_on_samples(policy, reference, tiny_enc, prompts, reply_ids, "cpu", batch_size=3)
+    got = E.kl_on_samples(policy, reference, tiny_enc, prompts, reply_ids, "cpu", batch_size=3)
     assert got == pytest.approx(total / len(prompts), rel=1e-4, abs=1e-5)
 
 

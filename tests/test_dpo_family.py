@@ -359,6 +359,8 @@ import random  # noqa: E402
 import re  # noqa: E402
 
 import model as M  # noqa: E402
+import plumbing as P  # noqa: E402
+from data import formats  # noqa: E402
 
 ALL_LOSSES = dpo.LOSS_TYPES + dpo.REFERENCE_FREE + ["kto"]
 
@@ -394,15 +396,15 @@ def test_read_unpaired_validates_rows(tmp_path):
     good = tmp_path / "kto.jsonl"
     good.write_text('{"prompt": "q", "completion": "a", "label": true}\n'
                     '{"prompt": "q", "completion": [{"role": "assistant", "content": "b"}], "label": false}\n')
-    assert dpo.read_unpaired(str(good)) == [("q", "a", True), ("q", "b", False)]
+    assert formats.read_unpaired(str(good)) == [("q", "a", True), ("q", "b", False)]
     for row, message in [('{"prompt": "q", "completion": "a"}', "missing field 'label'"),
                          ('{"prompt": "q", "completion": "a", "label": 1}', "'label' must be true or false"),
                          ('{"prompt": "q", "completion": " ", "label": true}', "'completion' must be"),
                          ('{"prompt": "", "completion": "a", "label": true}', "'prompt' must be")]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"prompt": "q", "completion": "a", "label": true}\n' + row + "\n")
-        with pytest.raises(M.DataError, match=rf"bad.jsonl:2: {message}"):
-            dpo.read_unpaired(str(bad))
+        with pytest.raises(P.DataError, match=rf"bad.jsonl:2: {message}"):
+            formats.read_unpaired(str(bad))
 
 
 def family_config(tiny_data_dir, init, out, **overrides):
@@ -453,7 +455,7 @@ def test_reference_free_losses_load_one_model_and_never_run_a_reference(loss_typ
 
 
 def test_kto_reads_trls_unpaired_format(tiny_sft_ckpt, tiny_data_dir, tmp_path):
-    rows = dpo.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:40]
+    rows = formats.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:40]
     path = tmp_path / "kto.jsonl"
     with open(path, "w") as f:
         for prompt, chosen, rejected in rows:
@@ -495,7 +497,7 @@ def test_a_kto_row_whose_mismatched_reply_equals_its_own_is_kept(tiny_enc):
 
 def test_kto_drops_a_pair_with_one_reply_twice_and_says_so(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):
     # such a pair would become a desirable and an undesirable row for the same reply
-    rows = dpo.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:10]
+    rows = formats.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:10]
     path = tmp_path / "pairs.jsonl"
     with open(path, "w") as f:
         for i, (prompt, chosen, rejected) in enumerate(rows):
@@ -512,7 +514,7 @@ def test_kto_scores_its_mismatched_rows_without_a_graph_and_the_gradient_is_unch
                                                                                          tiny_enc):
     policy, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
     policy.eval()  # dropout off, as in training, so the two passes see the same function
-    pairs = dpo.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:4]
+    pairs = formats.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))[:4]
     rows = fam.kto_examples(pairs, random.Random(0))
     examples, _ = dpo.tokenize_pairs(tiny_enc, rows, 96, 192)
     ids, mask = dpo.collate(examples, M.special(tiny_enc, "endoftext"), torch.device("cpu"))

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
@@ -21,8 +22,11 @@ import common  # noqa: E402
 import dpo  # noqa: E402
 import helpers  # noqa: E402
 import ipo_vs_dpo  # noqa: E402
+import kv_cache  # noqa: E402
 import length_bias  # noqa: E402
 import model as M  # noqa: E402
+import plumbing as P  # noqa: E402
+from data import formats  # noqa: E402
 import offline_vs_online  # noqa: E402
 import overtraining  # noqa: E402
 
@@ -107,8 +111,46 @@ def test_offline_vs_online_quick(out):
     assert r["rows"][2]["samples"] > 0
 
 
+def test_kv_cache_quick_samples_the_same_tokens_faster(out):
+    kv_cache.main(["--quick", "--out", out])
+    r = results(out, "kv_cache")
+    cached, uncached = r["rows"]
+    assert cached["sampler"] == "KV cache" and uncached["sampler"] == "recomputed prefix"
+    assert r["speedup"] == pytest.approx(uncached["seconds"] / cached["seconds"])
+    assert r["peak_flops"] > 0
+
+
+def test_the_kv_cache_benchmark_draws_the_same_tokens_both_ways(tiny_enc):
+    # the comparison is fair only if the cache changes the work, not the draw
+    model = helpers.tiny_gpt(tiny_enc.n_vocab, seed=3, std=0.3)
+    prompts = [M.render_prompt(tiny_enc, p) for p in ("Ana has 7 pens.", "Ben has 3 cards. He gets 2 more.")]
+    draws = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(5)
+        draws.append(M.generate(model, prompts, 12, stop_token=-1, generator=gen, use_cache=use_cache)[0])
+    assert draws[0] == draws[1] and all(len(r) == 12 for r in draws[0])
+    cached, uncached = kv_cache.kv_cache_speedup(model, prompts, new_tokens=12)
+    assert cached > 0 and uncached > 0
+
+
+def test_the_kv_cache_benchmark_samples_only_what_the_context_has_room_for(tiny_sft_ckpt, tiny_data_dir):
+    # a prompt that leaves fewer than 64 free context tokens: the benchmark samples that many, and a
+    # prompt with no room left at all stops in one line that says so
+    enc = M.load_tokenizer(os.path.join(tiny_data_dir, "tokenizer.json"))
+    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
+    prompt = M.render_prompt(enc, "Mia has 3 pens. " * 25 + "How many pens does Mia have?")
+    room = model.config.block_size - len(prompt)
+    assert 0 < room < 64  # the premise
+    assert kv_cache.room_for(model, [prompt], "long.jsonl") == room
+    assert kv_cache.room_for(model, [prompt[:10]], "short.jsonl") == 64
+    too_long = M.render_prompt(enc, "Mia has 3 pens. " * 40 + "How many pens does Mia have?")
+    with pytest.raises(P.ConfigError, match=r"^long\.jsonl: the longest prompt is \d+ tokens long, leaving no room "
+                       r"in the model's 192-token context$"):
+        kv_cache.room_for(model, [too_long], "long.jsonl")
+
+
 def test_length_biased_data_is_biased_and_the_balanced_data_is_not(tiny_data_dir):
-    rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
+    rows = [r for _, r in formats.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
     gap = length_bias.length_gap(rows)
     padded = sum(length_bias.paddable(r["chosen"]) for r in rows) / len(rows)
     filler = len("\n".join(length_bias.FILLER)) + 1  # the lines and the newline before them
@@ -137,7 +179,7 @@ def test_shorter_pairs_differ_only_in_length(tiny_data_dir, monkeypatch):
         return out
 
     monkeypatch.setattr(world, "sample_problems", recording)
-    rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
+    rows = [r for _, r in formats.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
     new = length_bias.shorter(rows, random.Random(0), share=0.5)
     assert len(new) == len(rows)
     replaced = [b for a, b in zip(rows, new) if b != a]
@@ -161,7 +203,7 @@ def test_shorter_pairs_differ_only_in_length(tiny_data_dir, monkeypatch):
 
 def test_filler_keeps_the_judges_labels(tiny_data_dir):
     from data import world
-    rows = [r for _, r in M.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
+    rows = [r for _, r in formats.read_jsonl(os.path.join(tiny_data_dir, "prefs.jsonl"))]
     kept = [a for a in rows if length_bias.paddable(min(a["chosen"], a["rejected"], key=len))]
     for old, new in ((rows, length_bias.biased(rows)), (kept, length_bias.balanced(rows, random.Random(0)))):
         for a, b in zip(old, new):
@@ -197,7 +239,7 @@ def test_results_hold_strict_json_and_the_table_says_nan(tmp_path):
 
 def test_read_log_reads_a_logged_nan_back_as_nan(tmp_path):
     path = str(tmp_path / "log.jsonl")
-    common.M.append_jsonl(path, {"step": 0, "loss": float("nan"), "kl": 0.5})
+    common.P.append_jsonl(path, {"step": 0, "loss": float("nan"), "kl": 0.5})
     (rec,) = common.read_log(path)
     assert rec["step"] == 0 and rec["kl"] == 0.5 and math.isnan(rec["loss"])
 
@@ -242,7 +284,7 @@ def test_stage_from_python_equals_the_command_line(tiny_sft_ckpt, tiny_data_dir,
         assert cli[key] == pytest.approx(in_process[key], abs=1e-6), key
 
 
-EXPERIMENTS = [beta_sweep, ipo_vs_dpo, length_bias, offline_vs_online, overtraining]
+EXPERIMENTS = [beta_sweep, ipo_vs_dpo, kv_cache, length_bias, offline_vs_online, overtraining]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda m: m.__name__)
@@ -269,7 +311,7 @@ def test_quick_data_is_rebuilt_when_its_settings_change(tmp_path, monkeypatch):
     # --quick used to reuse any data dir with a manifest in it, whatever settings built it
     args = common.parse_args("x", ["--quick", "--out", str(tmp_path)])
     built = []
-    monkeypatch.setattr(common.M, "previous_stage", lambda *a: built.append(a) or "sft.pt")
+    monkeypatch.setattr(common.P, "previous_stage", lambda *a: built.append(a) or "sft.pt")
     small = dict(common.QUICK_DATA, n_rl=10)
     s = common.setup("x", args, quick_data=small)
     with open(os.path.join(s["data_dir"], "rl.jsonl")) as f:

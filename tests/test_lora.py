@@ -14,6 +14,8 @@ import torch.nn as nn
 
 import helpers
 import model as M
+import plumbing as P
+import lora
 
 V = 50
 TARGET_SUFFIXES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -31,7 +33,7 @@ def perturb(model, seed=1, std=0.5):
     """Give every B random values, so that each adapter changes its layer's output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in M.lora_layers(model).values():
+        for m in lora.lora_layers(model).values():
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * std)
     return model
 
@@ -49,7 +51,7 @@ def test_lora_linear_computes_w_plus_scaled_ba_by_hand():
     torch.manual_seed(0)
     base = nn.Linear(5, 3, bias=True)
     W, b = base.weight.detach().clone(), base.bias.detach().clone()
-    layer = M.LoRALinear(base, rank=2, alpha=6)
+    layer = lora.LoRALinear(base, rank=2, alpha=6)
     # the base is frozen and keeps its keys; the adapters are A (r, in) and B (out, r)
     assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
     assert not layer.weight.requires_grad and not layer.bias.requires_grad
@@ -77,7 +79,7 @@ def test_lora_linear_computes_w_plus_scaled_ba_by_hand():
 def test_adapted_model_starts_exactly_equal_to_the_base():
     base = tiny_gpt()
     adapted = copy.deepcopy(base)
-    names = M.add_lora(adapted, rank=4, alpha=8)
+    names = lora.add_lora(adapted, rank=4, alpha=8)
     assert names == [f"blocks.{i}.{s}" for i in range(2) for s in TARGET_SUFFIXES]
     x = tokens()
     # B = 0: bit-for-bit the base, so at DPO's step 0 policy = reference and every reward is 0
@@ -87,11 +89,11 @@ def test_adapted_model_starts_exactly_equal_to_the_base():
 def test_state_dict_keeps_the_base_keys_and_adds_only_adapters():
     base = tiny_gpt()
     adapted = copy.deepcopy(base)
-    names = M.add_lora(adapted, rank=2, alpha=2)
+    names = lora.add_lora(adapted, rank=2, alpha=2)
     keys = set(adapted.state_dict())
     lora_keys = {f"{n}.lora_{ab}" for n in names for ab in "AB"}
     assert keys == set(base.state_dict()) | lora_keys
-    assert set(M.lora_state_dict(adapted)) == lora_keys
+    assert set(lora.lora_state_dict(adapted)) == lora_keys
     # so a base state_dict loads into the adapted model, only the adapters missing
     result = perturb(adapted).load_state_dict(base.state_dict(), strict=False)
     assert set(result.missing_keys) == lora_keys and not result.unexpected_keys
@@ -99,26 +101,26 @@ def test_state_dict_keeps_the_base_keys_and_adds_only_adapters():
 
 def test_targets_pick_the_adapted_layers():
     m = tiny_gpt()
-    names = M.add_lora(m, rank=2, alpha=2, targets="attn")
+    names = lora.add_lora(m, rank=2, alpha=2, targets="attn")
     assert names == [f"blocks.{i}.attn.{s}" for i in range(2) for s in ("c_attn", "c_proj")]
     for i in range(2):
         block = m.blocks[i]
-        assert isinstance(block.attn.c_attn, M.LoRALinear) and isinstance(block.attn.c_proj, M.LoRALinear)
+        assert isinstance(block.attn.c_attn, lora.LoRALinear) and isinstance(block.attn.c_proj, lora.LoRALinear)
         assert type(block.mlp.c_fc) is nn.Linear and type(block.mlp.c_proj) is nn.Linear
     assert type(m.lm_head) is nn.Linear and m.lm_head.weight is m.wte.weight  # never the tied head
     # a module-name suffix picks one kind of layer
     m = tiny_gpt()
-    assert M.add_lora(m, 2, 2, targets=["mlp.c_fc"]) == ["blocks.0.mlp.c_fc", "blocks.1.mlp.c_fc"]
+    assert lora.add_lora(m, 2, 2, targets=["mlp.c_fc"]) == ["blocks.0.mlp.c_fc", "blocks.1.mlp.c_fc"]
     # --lora-targets' comma-separated form names the same layers as the list
-    assert M.add_lora(tiny_gpt(), 2, 2, targets="attn.c_proj, mlp.c_fc") == M.add_lora(
+    assert lora.add_lora(tiny_gpt(), 2, 2, targets="attn.c_proj, mlp.c_fc") == lora.add_lora(
         tiny_gpt(), 2, 2, targets=["attn.c_proj", "mlp.c_fc"])
     # unknown names (the tied head included) are refused, naming the known ones
     for bad in (["qkv"], ["attn", "lm_head"]):
         with pytest.raises(ValueError, match="unknown LoRA targets") as e:
-            M.add_lora(tiny_gpt(), 2, 2, targets=bad)
+            lora.add_lora(tiny_gpt(), 2, 2, targets=bad)
         assert "'attn'" in str(e.value) and "'mlp'" in str(e.value)
     with pytest.raises(ValueError, match="already has LoRA"):
-        M.add_lora(m, 2, 2)
+        lora.add_lora(m, 2, 2)
 
 
 def test_trainable_share_matches_a_hand_count_on_the_default_config():
@@ -131,10 +133,10 @@ def test_trainable_share_matches_a_hand_count_on_the_default_config():
     shares = {}
     for r in (4, 16):
         m = M.GPT(M.GPTConfig())
-        M.add_lora(m, rank=r, alpha=2 * r)
-        assert M.trainable_parameters(m) == r * per_rank
+        lora.add_lora(m, rank=r, alpha=2 * r)
+        assert lora.trainable_parameters(m) == r * per_rank
         assert m.num_params() == base_total + r * per_rank
-        shares[r] = M.trainable_parameters(m) / m.num_params()
+        shares[r] = lora.trainable_parameters(m) / m.num_params()
     # r = 4: 32,768 of 953,472 (3.4%). r = 16: 131,072 of 1,051,776 (12.5%): on a model only 128
     # wide, r = 16 is an eighth of the width, so LoRA saves little; r * (in + out) << in * out
     # needs r << 128.
@@ -142,9 +144,9 @@ def test_trainable_share_matches_a_hand_count_on_the_default_config():
     assert shares[16] == pytest.approx(131072 / 1051776)
     # attention only at r = 16: 4 * 16 * (4C + 2C) = 49,152, 5.1% of the total
     m = M.GPT(M.GPTConfig())
-    M.add_lora(m, rank=16, alpha=32, targets="attn")
-    assert M.trainable_parameters(m) == 4 * 16 * (4 * C + 2 * C)
-    assert M.trainable_parameters(m) / m.num_params() < 0.10
+    lora.add_lora(m, rank=16, alpha=32, targets="attn")
+    assert lora.trainable_parameters(m) == 4 * 16 * (4 * C + 2 * C)
+    assert lora.trainable_parameters(m) / m.num_params() < 0.10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,17 +156,17 @@ def test_trainable_share_matches_a_hand_count_on_the_default_config():
 def test_lora_disabled_gives_the_base_model_exactly():
     base = tiny_gpt()
     adapted = copy.deepcopy(base)
-    M.add_lora(adapted, rank=4, alpha=8)
+    lora.add_lora(adapted, rank=4, alpha=8)
     perturb(adapted)
     x = tokens(1)
     mask = torch.ones_like(x)
     assert not torch.allclose(logits(adapted, x), logits(base, x), atol=1e-3)  # adapters matter
-    with M.lora_disabled(adapted):
+    with lora.lora_disabled(adapted):
         assert torch.equal(logits(adapted, x), logits(base, x))
         with torch.no_grad():
             ref_logps, _ = M.shifted_logprobs(adapted, x, mask)
-        assert not any(m.enabled for m in M.lora_layers(adapted).values())
-    assert all(m.enabled for m in M.lora_layers(adapted).values())  # back on after the block
+        assert not any(m.enabled for m in lora.lora_layers(adapted).values())
+    assert all(m.enabled for m in lora.lora_layers(adapted).values())  # back on after the block
     with torch.no_grad():
         base_logps, _ = M.shifted_logprobs(base, x, mask)
     assert torch.equal(ref_logps, base_logps)
@@ -173,11 +175,11 @@ def test_lora_disabled_gives_the_base_model_exactly():
 
 def test_lora_disabled_restores_the_previous_state_even_after_an_exception():
     m = tiny_gpt()
-    M.add_lora(m, 2, 2)
-    layers = list(M.lora_layers(m).values())
+    lora.add_lora(m, 2, 2)
+    layers = list(lora.lora_layers(m).values())
     layers[0].enabled = False  # one adapter was already off: it must stay off afterwards
     with pytest.raises(RuntimeError, match="boom"):
-        with M.lora_disabled(m):
+        with lora.lora_disabled(m):
             raise RuntimeError("boom")
     assert [layer.enabled for layer in layers] == [False] + [True] * (len(layers) - 1)
 
@@ -188,26 +190,26 @@ def test_lora_disabled_is_the_base_in_eval_mode_even_with_dropout():
     torch.manual_seed(0)
     base = M.GPT(M.GPTConfig(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.5)).eval()
     adapted = copy.deepcopy(base)
-    M.add_lora(adapted, rank=4, alpha=8)
+    lora.add_lora(adapted, rank=4, alpha=8)
     perturb(adapted)
     adapted.train()
     x = tokens(2)
     torch.manual_seed(1)
     assert not torch.equal(logits(adapted, x), logits(adapted, x))  # train mode: dropout draws differ
-    with M.lora_disabled(adapted):
+    with lora.lora_disabled(adapted):
         assert not adapted.training and not any(m.training for m in adapted.modules())
         first, second = logits(adapted, x), logits(adapted, x)
     assert torch.equal(first, second) and torch.equal(first, logits(base, x))
     assert adapted.training and all(m.training for m in adapted.modules())
     with pytest.raises(RuntimeError, match="boom"):  # and back in train mode when the block raises
-        with M.lora_disabled(adapted):
+        with lora.lora_disabled(adapted):
             raise RuntimeError("boom")
     assert adapted.training
     # every module gets its own mode back: an eval-mode model stays in eval, a mixed one stays mixed
     for modes in ([False] * len(list(adapted.modules())), [i % 2 == 0 for i in range(len(list(adapted.modules())))]):
         for m, training in zip(adapted.modules(), modes):
             m.training = training
-        with M.lora_disabled(adapted):
+        with lora.lora_disabled(adapted):
             assert not any(m.training for m in adapted.modules())
         assert [m.training for m in adapted.modules()] == modes
 
@@ -218,7 +220,7 @@ def test_lora_disabled_is_the_base_in_eval_mode_even_with_dropout():
 
 def test_only_adapters_get_gradients_and_base_weights_stay_bit_identical():
     m = tiny_gpt()
-    M.add_lora(m, rank=4, alpha=8)
+    lora.add_lora(m, rank=4, alpha=8)
     m.train()
     base = {k: v.clone() for k, v in m.state_dict().items() if "lora_" not in k}
     x = tokens(2)
@@ -236,7 +238,7 @@ def test_only_adapters_get_gradients_and_base_weights_stay_bit_identical():
         else:
             assert not p.requires_grad and p.grad is None, name
     # with B = 0 the first gradient reaches B only: dL/dA = (alpha / r) B^T (dL/dh) x^T = 0
-    for layer in M.lora_layers(m).values():
+    for layer in lora.lora_layers(m).values():
         assert torch.equal(layer.lora_A.grad, torch.zeros_like(layer.lora_A))
         assert layer.lora_B.grad.abs().max() > 0
     # every parameter handed to AdamW, as a careless caller would: frozen ones have no gradient,
@@ -258,12 +260,12 @@ def test_only_adapters_get_gradients_and_base_weights_stay_bit_identical():
 
 def test_merge_folds_the_adapters_into_a_plain_gpt(tmp_path, tiny_data_dir):
     m = tiny_gpt()
-    M.add_lora(m, rank=4, alpha=8)
+    lora.add_lora(m, rank=4, alpha=8)
     perturb(m)
     x = tokens(3)
     adapted = logits(m, x)
-    merged = M.merge_lora(m)
-    assert not M.lora_layers(merged)
+    merged = lora.merge_lora(m)
+    assert not lora.lora_layers(merged)
     assert all(type(mod) is nn.Linear for n, mod in merged.named_modules() if n.endswith(TARGET_SUFFIXES))
     assert set(merged.state_dict()) == set(tiny_gpt().state_dict())
     assert all(p.requires_grad for p in merged.parameters())
@@ -279,7 +281,7 @@ def test_merge_folds_the_adapters_into_a_plain_gpt(tmp_path, tiny_data_dir):
 
 def test_save_checkpoint_refuses_an_unmerged_model(tmp_path, tiny_data_dir):
     m = tiny_gpt()
-    M.add_lora(m, 2, 2)
+    lora.add_lora(m, 2, 2)
     with pytest.raises(ValueError, match="merge_lora"):
         M.save_checkpoint(str(tmp_path / "x.pt"), m, os.path.join(tiny_data_dir, "tokenizer.json"))
     assert not os.listdir(tmp_path)
@@ -287,19 +289,19 @@ def test_save_checkpoint_refuses_an_unmerged_model(tmp_path, tiny_data_dir):
 
 def test_adapter_file_round_trips_into_a_fresh_base(tmp_path, tiny_data_dir):
     m = tiny_gpt()
-    M.add_lora(m, rank=2, alpha=4, targets="attn")
+    lora.add_lora(m, rank=2, alpha=4, targets="attn")
     perturb(m)
     path = str(tmp_path / "lora" / "adapter.pt")
-    M.save_lora(path, m, base="out/sft/model.pt")
+    lora.save_lora(path, m, base="out/sft/model.pt")
     assert os.listdir(tmp_path / "lora") == ["adapter.pt"]  # the temp file was renamed away
     fresh = tiny_gpt()  # the same base weights, no adapters
-    info = M.load_lora(path, fresh)
+    info = lora.load_lora(path, fresh)
     assert (info["rank"], info["alpha"], info["base"]) == (2, 4, "out/sft/model.pt")
-    assert list(M.lora_layers(fresh)) == list(M.lora_layers(m))
-    assert M.lora_layers(fresh)["blocks.0.attn.c_attn"].scale == 2.0
+    assert list(lora.lora_layers(fresh)) == list(lora.lora_layers(m))
+    assert lora.lora_layers(fresh)["blocks.0.attn.c_attn"].scale == 2.0
     x = tokens(4)
     assert torch.equal(logits(fresh, x), logits(m, x))
-    assert M.trainable_parameters(fresh) == M.trainable_parameters(m)  # the base frozen there too
+    assert lora.trainable_parameters(fresh) == lora.trainable_parameters(m)  # the base frozen there too
     # the adapters alone are a small fraction of the full model's file
     full = str(tmp_path / "full.pt")
     M.save_checkpoint(full, tiny_gpt(), os.path.join(tiny_data_dir, "tokenizer.json"))
@@ -308,34 +310,34 @@ def test_adapter_file_round_trips_into_a_fresh_base(tmp_path, tiny_data_dir):
 
 def test_load_lora_refuses_a_file_that_does_not_fit(tmp_path, tiny_data_dir):
     m = tiny_gpt()
-    M.add_lora(m, rank=4, alpha=8)
+    lora.add_lora(m, rank=4, alpha=8)
     path = str(tmp_path / "r4.pt")
-    M.save_lora(path, m)
+    lora.save_lora(path, m)
     # a model already carrying rank-2 adapters: the shapes differ
     other = tiny_gpt()
-    M.add_lora(other, rank=2, alpha=8)
-    with pytest.raises(M.DataError, match="do not fit") as e:
-        M.load_lora(path, other)
+    lora.add_lora(other, rank=2, alpha=8)
+    with pytest.raises(P.DataError, match="do not fit") as e:
+        lora.load_lora(path, other)
     assert path in str(e.value) and "(4, 32)" in str(e.value)
     # a base with one block: the file's second-block adapters have nowhere to go
     one_block = helpers.tiny_gpt(V, 0, block_size=32, n_layer=1)
-    with pytest.raises(M.DataError, match="blocks.1") as e:
-        M.load_lora(path, one_block)
-    assert path in str(e.value) and not M.lora_layers(one_block)  # left untouched
+    with pytest.raises(P.DataError, match="blocks.1") as e:
+        lora.load_lora(path, one_block)
+    assert path in str(e.value) and not lora.lora_layers(one_block)  # left untouched
     # a full checkpoint is not an adapter file
     full = str(tmp_path / "full.pt")
     M.save_checkpoint(full, tiny_gpt(), os.path.join(tiny_data_dir, "tokenizer.json"))
-    with pytest.raises(M.DataError, match="not a LoRA adapter file") as e:
-        M.load_lora(full, tiny_gpt())
+    with pytest.raises(P.DataError, match="not a LoRA adapter file") as e:
+        lora.load_lora(full, tiny_gpt())
     assert full in str(e.value)
 
 
 
 def test_load_lora_checks_the_whole_file_before_it_changes_the_model(tmp_path):
     m = tiny_gpt()
-    M.add_lora(m, rank=4, alpha=8)
+    lora.add_lora(m, rank=4, alpha=8)
     good = str(tmp_path / "r4.pt")
-    M.save_lora(good, m)
+    lora.save_lora(good, m)
     saved = torch.load(good, weights_only=True)
     n_params = len(list(tiny_gpt().parameters()))
     # malformed files used to raise KeyError, ZeroDivisionError or AttributeError, or to load no
@@ -345,23 +347,23 @@ def test_load_lora_checks_the_whole_file_before_it_changes_the_model(tmp_path):
         path = str(tmp_path / f"broken{i}.pt")
         torch.save(broken, path)
         base = tiny_gpt()
-        with pytest.raises(M.DataError, match=f"^{path}: not a LoRA adapter file as save_lora writes it"):
-            M.load_lora(path, base)
-        assert not M.lora_layers(base) and M.trainable_parameters(base) == M.trainable_parameters(tiny_gpt())
+        with pytest.raises(P.DataError, match=f"^{path}: not a LoRA adapter file as save_lora writes it"):
+            lora.load_lora(path, base)
+        assert not lora.lora_layers(base) and lora.trainable_parameters(base) == lora.trainable_parameters(tiny_gpt())
     # tensors of the wrong shape for this base: refused before any Linear is wrapped or frozen
     small = {**saved, "lora": {k: v[:, :3] if k.endswith("lora_A") else v for k, v in saved["lora"].items()}}
     path = str(tmp_path / "small.pt")
     torch.save(small, path)
     base = tiny_gpt()
-    with pytest.raises(M.DataError, match="do not fit this model"):
-        M.load_lora(path, base)
-    assert not M.lora_layers(base) and all(p.requires_grad for p in base.parameters())
+    with pytest.raises(P.DataError, match="do not fit this model"):
+        lora.load_lora(path, base)
+    assert not lora.lora_layers(base) and all(p.requires_grad for p in base.parameters())
     assert len(list(base.parameters())) == n_params
     # the same base with its adapters: an alpha that differs is named
     other = tiny_gpt()
-    M.add_lora(other, rank=4, alpha=16)
-    with pytest.raises(M.DataError, match="alpha 8 in the file differs"):
-        M.load_lora(good, other)
+    lora.add_lora(other, rank=4, alpha=16)
+    with pytest.raises(P.DataError, match="alpha 8 in the file differs"):
+        lora.load_lora(good, other)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,11 +409,11 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
     tok = os.path.join(tiny_data_dir, "tokenizer.json")
     merged, _ = real_load(os.path.join(out, "dpo", "model.pt"), "cpu", tok)
     base, _ = real_load(tiny_sft_ckpt, "cpu", tok)
-    M.load_lora(os.path.join(out, "dpo", "adapter.pt"), base)
+    lora.load_lora(os.path.join(out, "dpo", "adapter.pt"), base)
     x = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(merged.eval()(x), base.eval()(x), atol=1e-5)
-        with M.lora_disabled(base):  # and with the adapters off, the untouched SFT weights
+        with lora.lora_disabled(base):  # and with the adapters off, the untouched SFT weights
             start, _ = real_load(tiny_sft_ckpt, "cpu", tok)
             assert torch.equal(base(x), start.eval()(x))
 

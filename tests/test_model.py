@@ -19,6 +19,10 @@ import torch
 
 import helpers
 import model as M
+import plumbing as P
+import lora
+from data import formats
+import evaluation as E
 from data import bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -383,7 +387,7 @@ def test_generate_restores_training_mode_when_sampling_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         M.generate(m, ragged_prompts(), 2, NO_STOP, temperature=1.0)
     assert modes == [False] and m.training  # sampled in eval mode, and left as it was found
-    with pytest.raises(M.ConfigError, match="top_k must be >= 1"):
+    with pytest.raises(P.ConfigError, match="top_k must be >= 1"):
         M.generate(m, ragged_prompts(), 2, NO_STOP, top_k=0)
     assert m.training
 
@@ -460,7 +464,7 @@ def test_load_checkpoint_refuses_another_tokenizer(tmp_path, tiny_data_dir):
     bpe.save_tokenizer(bpe.train_bpe("aaab aaab aaab", 1000), str(other_dir))
     path = str(tmp_path / "model.pt")
     M.save_checkpoint(path, tiny_gpt(), tok)
-    with pytest.raises(M.DataError, match="different tokenizer"):
+    with pytest.raises(P.DataError, match="different tokenizer"):
         M.load_checkpoint(path, tokenizer_path=str(other_dir / "tokenizer.json"))
     M.load_checkpoint(path, tokenizer_path=None)  # None: no check
 
@@ -475,7 +479,7 @@ def test_load_checkpoint_refuses_arbitrary_objects(tmp_path, tiny_data_dir):
                 "tokenizer": {"path": "x", "sha256": M.tokenizer_fingerprint(
                     os.path.join(tiny_data_dir, "tokenizer.json"))},
                 "extra": NotAWeight()}, path)
-    with pytest.raises(M.DataError) as e:
+    with pytest.raises(P.DataError) as e:
         M.load_checkpoint(path, tokenizer_path=None)
     # one line that names the file and the object refused
     assert str(e.value) == (f"{path}: not a checkpoint that torch.load(weights_only=True) can read "
@@ -499,8 +503,8 @@ def test_load_checkpoint_names_the_file_it_cannot_use(tmp_path, tiny_data_dir):
         (tmp_path / name).write_bytes(content)
     torch.save({"a": torch.zeros(2)}, str(tmp_path / "other.pt"))  # a torch file, but no checkpoint
     adapted = tiny_gpt()
-    M.add_lora(adapted, 2, 4.0, "attn")
-    M.save_lora(str(tmp_path / "adapter.pt"), adapted)
+    lora.add_lora(adapted, 2, 4.0, "attn")
+    lora.save_lora(str(tmp_path / "adapter.pt"), adapted)
     ckpt = torch.load(good, weights_only=True)
     mlp = [k for k in ckpt["model"] if ".mlp." in k]  # 2 blocks x c_fc, c_proj weights
     without_mlp = {k: v for k, v in ckpt["model"].items() if k not in mlp}
@@ -509,18 +513,18 @@ def test_load_checkpoint_names_the_file_it_cannot_use(tmp_path, tiny_data_dir):
     (tmp_path / "folder.pt").mkdir()
     expected = {"text.pt": "not a checkpoint that torch.load", "cut.pt": "not a checkpoint that torch.load",
                 "empty.pt": "not a checkpoint that torch.load", "other.pt": "not a model checkpoint",
-                "adapter.pt": "a LoRA adapter file\\? load it with load_lora",
+                "adapter.pt": "a LoRA adapter file\\? load it with lora.load_lora",
                 "mismatch.pt": f"its weights do not fit its config: {len(mlp)} tensors missing, unexpected or of "
                                f"another shape \\({mlp[0]}",
                 "newer.pt": "its config has fields this code does not know: \\['n_experts'\\]",
                 "folder.pt": "Is a directory", "absent.pt": "No such file or directory"}
     for name, message in expected.items():
         path = str(tmp_path / name)
-        with pytest.raises(M.DataError, match=message) as e:
+        with pytest.raises(P.DataError, match=message) as e:
             M.load_checkpoint(path, tokenizer_path=None)
         assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
-    with pytest.raises(M.DataError, match="text.pt: not a LoRA adapter file that torch.load"):
-        M.load_lora(str(tmp_path / "text.pt"), tiny_gpt())
+    with pytest.raises(P.DataError, match="text.pt: not a LoRA adapter file that torch.load"):
+        lora.load_lora(str(tmp_path / "text.pt"), tiny_gpt())
     M.load_checkpoint(good, tokenizer_path=None)  # the intact file loads
 
 
@@ -529,43 +533,43 @@ def test_load_checkpoint_names_the_file_it_cannot_use(tmp_path, tiny_data_dir):
 
 
 def test_pick_device():
-    assert M.pick_device("cpu") == torch.device("cpu")
+    assert P.pick_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available() and not torch.backends.mps.is_available():
-        assert M.pick_device("auto") == torch.device("cpu")
+        assert P.pick_device("auto") == torch.device("cpu")
 
 
 def test_pick_device_refuses_a_device_number_the_machine_lacks(monkeypatch):
     # a one-GPU machine: cuda:1 used to pass, and the run died later at .to(device) with a traceback
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert M.pick_device("cuda:0") == torch.device("cuda:0")
-    assert M.pick_device("cuda") == torch.device("cuda")
-    with pytest.raises(M.ConfigError, match=r"^--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$"):
-        M.pick_device("cuda:1")
+    assert P.pick_device("cuda:0") == torch.device("cuda:0")
+    assert P.pick_device("cuda") == torch.device("cuda")
+    with pytest.raises(P.ConfigError, match=r"^--device cuda:1: this machine has 1 CUDA device \(cuda:0\)$"):
+        P.pick_device("cuda:1")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert M.pick_device("cuda:1") == torch.device("cuda:1")
-    with pytest.raises(M.ConfigError, match=r"this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$"):
-        M.pick_device("cuda:2")
+    assert P.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(P.ConfigError, match=r"this machine has 2 CUDA devices \(cuda:0 to cuda:1\)$"):
+        P.pick_device("cuda:2")
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert M.pick_device("mps") == torch.device("mps")
-    with pytest.raises(M.ConfigError, match="there is one MPS device"):
-        M.pick_device("mps:1")
+    assert P.pick_device("mps") == torch.device("mps")
+    with pytest.raises(P.ConfigError, match="there is one MPS device"):
+        P.pick_device("mps:1")
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
                                         ("NVIDIA A100-SXM4-80GB", 312e12)])
 def test_a_known_gpu_reads_its_peak_from_the_spec_sheet_per_device(monkeypatch, name, peak):
-    monkeypatch.setattr(M, "_PEAK", {})
+    monkeypatch.setattr(P, "_PEAK", {})
     names = {0: name, 1: "NVIDIA A100-SXM4-80GB"}  # two different cards in one machine
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: names[torch.device(d).index or 0])
-    assert M.peak_flops("cuda:0") == peak
-    assert M.peak_flops("cuda:1") == 312e12  # its own card's figure, not cuda:0's cached one
+    assert P.peak_flops("cuda:0") == peak
+    assert P.peak_flops("cuda:1") == 312e12  # its own card's figure, not cuda:0's cached one
 
 
 def test_cosine_schedule_hand_computed():
     # peak 2.0, 10 warmup steps, 110 in all: 100 decay steps, floor 0.1 * peak = 0.2
-    lr = lambda step: M.scheduled_lr("cosine", step, 110, 2.0, 10, min_ratio=0.1)  # noqa: E731
+    lr = lambda step: P.scheduled_lr("cosine", step, 110, 2.0, 10, min_ratio=0.1)  # noqa: E731
     assert lr(0) == pytest.approx(0.2)       # warmup: peak * (step + 1) / warmup
     assert lr(4) == pytest.approx(1.0)
     assert lr(9) == pytest.approx(2.0)       # warmup ends at the peak ...
@@ -575,34 +579,34 @@ def test_cosine_schedule_hand_computed():
     assert lr(60) == pytest.approx(2 * (0.1 + 0.45))  # half way: cos = 0
     assert lr(110) == pytest.approx(0.2)
     assert lr(1000) == pytest.approx(0.2)    # past the end it stays at the floor
-    assert M.scheduled_lr("cosine", 0, 10, 1.0, 0) == pytest.approx(1.0)  # no warmup: start at the peak
-    assert M.scheduled_lr("cosine", 10, 10, 1.0, 0) == pytest.approx(0.0)  # no floor: down to 0
+    assert P.scheduled_lr("cosine", 0, 10, 1.0, 0) == pytest.approx(1.0)  # no warmup: start at the peak
+    assert P.scheduled_lr("cosine", 10, 10, 1.0, 0) == pytest.approx(0.0)  # no floor: down to 0
 
 
 def test_linear_and_constant_schedules_hand_computed():
     # peak 3.0, 2 warmup steps, 6 in all: warmup 1.5, 3.0; then a straight line over 4 steps to 0 at step 6
-    linear = [M.scheduled_lr("linear", step, 6, 3.0, 2) for step in range(7)]
+    linear = [P.scheduled_lr("linear", step, 6, 3.0, 2) for step in range(7)]
     assert linear == pytest.approx([1.5, 3.0, 3.0, 2.25, 1.5, 0.75, 0.0])
     # a floor: down to min_ratio * peak = 1.0 instead of 0, over the same 4 steps
-    floored = [M.scheduled_lr("linear", step, 6, 3.0, 2, min_ratio=1 / 3) for step in range(2, 7)]
+    floored = [P.scheduled_lr("linear", step, 6, 3.0, 2, min_ratio=1 / 3) for step in range(2, 7)]
     assert floored == pytest.approx([3.0, 2.5, 2.0, 1.5, 1.0])
-    constant = [M.scheduled_lr("constant", step, 6, 3.0, 2) for step in range(7)]
+    constant = [P.scheduled_lr("constant", step, 6, 3.0, 2) for step in range(7)]
     assert constant == pytest.approx([1.5, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0])
     # no warmup: the first step is at the peak
-    assert M.scheduled_lr("linear", 0, 4, 3.0, 0) == M.scheduled_lr("constant", 0, 4, 3.0, 0) == 3.0
+    assert P.scheduled_lr("linear", 0, 4, 3.0, 0) == P.scheduled_lr("constant", 0, 4, 3.0, 0) == 3.0
     for step in (0, 3):  # an unknown name is refused in the warmup too, not only once the decay starts
         with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
-            M.scheduled_lr("step", step, 6, 3.0, 2)
+            P.scheduled_lr("step", step, 6, 3.0, 2)
 
 
 def test_warmup_note_exactly_when_every_step_of_the_run_is_warmup():
     # brute force over the schedule itself: the note is due when the run has steps and each step's lr
     # is the warmup's peak * (step + 1) / warmup; it quotes the last step's share of the peak
     for warmup, steps in [(10, 4), (4, 4), (3, 4), (1, 1), (0, 1), (0, 5), (10, 93), (5, 2), (5, 0), (0, 0)]:
-        lrs = [M.scheduled_lr("linear", step, steps, 2.0, warmup) for step in range(steps)]
+        lrs = [P.scheduled_lr("linear", step, steps, 2.0, warmup) for step in range(steps)]
         all_warmup = bool(lrs) and warmup > 0 and all(
             lr == pytest.approx(2.0 * (step + 1) / warmup) for step, lr in enumerate(lrs))
-        note = M.warmup_note("rlvr", warmup, steps)  # steps 0: rlvr's evaluation-only run, no note
+        note = P.warmup_note("rlvr", warmup, steps)  # steps 0: rlvr's evaluation-only run, no note
         assert (note is not None) == all_warmup, (warmup, steps)
         if note:
             assert note.startswith(f"rlvr: note: --warmup-steps {warmup} covers the whole run of {steps} steps")
@@ -612,16 +616,16 @@ def test_warmup_note_exactly_when_every_step_of_the_run_is_warmup():
 def test_next_indices_covers_each_pass_once_and_repeats_a_small_file():
     import random
     rng, order = random.Random(0), []
-    first = M.next_indices(order, 6, 4, rng)
+    first = P.next_indices(order, 6, 4, rng)
     # by hand: the first pass is one shuffle of range(6), drawn from its end
     one_pass = list(range(6))
     random.Random(0).shuffle(one_pass)
     assert first == one_pass[::-1][:4] and order == one_pass[:2]
     # two more draws complete two whole passes (the two left of the first wait below the second): 12
     # indices, each index exactly twice
-    flat = first + M.next_indices(order, 6, 4, rng) + M.next_indices(order, 6, 4, rng)
+    flat = first + P.next_indices(order, 6, 4, rng) + P.next_indices(order, 6, 4, rng)
     assert sorted(flat) == sorted(list(range(6)) * 2) and order == []
-    small = M.next_indices([], 2, 5, random.Random(1))  # a file of 2 for a batch of 5: three passes drawn
+    small = P.next_indices([], 2, 5, random.Random(1))  # a file of 2 for a batch of 5: three passes drawn
     assert len(small) == 5 and sorted(small).count(0) >= 2 and sorted(small).count(1) >= 2
 
 
@@ -630,17 +634,17 @@ def test_replies_that_would_run_past_the_context_are_refused_in_one_line(tiny_en
     prompt = "Ben has 3 cards. He gets 2 more. How many cards does Ben have?"
     L = len(M.render_prompt(tiny_enc, prompt))
     model = helpers.tiny_gpt(tiny_enc.n_vocab, block_size=L + 5).eval()
-    M.check_replies_fit(L + 5, tiny_enc, [prompt, "Hi?"], 5, "test.jsonl")  # exactly fits
-    with pytest.raises(M.ConfigError, match=rf"^--max-new-tokens 6 does not fit: the longest prompt in test.jsonl "
+    E.check_replies_fit(L + 5, tiny_enc, [prompt, "Hi?"], 5, "test.jsonl")  # exactly fits
+    with pytest.raises(P.ConfigError, match=rf"^--max-new-tokens 6 does not fit: the longest prompt in test.jsonl "
                                             rf"takes {L} of the model's {L + 5} context tokens, leaving 5$"):
-        M.check_replies_fit(L + 5, tiny_enc, ["Hi?", prompt], 6, "test.jsonl")
-    with pytest.raises(M.ConfigError, match=rf"takes {L} of ref.pt's {L - 2} context tokens, leaving 0$"):
-        M.check_replies_fit(L - 2, tiny_enc, [prompt], 1, "test.jsonl", model="ref.pt")  # a prompt past it
-    M.check_replies_fit(L + 5, tiny_enc, [], 6, "test.jsonl")  # no prompts, nothing to sample
+        E.check_replies_fit(L + 5, tiny_enc, ["Hi?", prompt], 6, "test.jsonl")
+    with pytest.raises(P.ConfigError, match=rf"takes {L} of ref.pt's {L - 2} context tokens, leaving 0$"):
+        E.check_replies_fit(L - 2, tiny_enc, [prompt], 1, "test.jsonl", model="ref.pt")  # a prompt past it
+    E.check_replies_fit(L + 5, tiny_enc, [], 6, "test.jsonl")  # no prompts, nothing to sample
     ids = [M.render_prompt(tiny_enc, prompt)]
     replies, _ = M.generate(model, ids, 5, stop_token=-1, temperature=0.0)  # never stops early: uses all 5
     assert len(replies[0]) == 5
-    with pytest.raises(M.ConfigError, match=rf"after a prompt of {L} tokens runs past the model's context"):
+    with pytest.raises(P.ConfigError, match=rf"after a prompt of {L} tokens runs past the model's context"):
         M.generate(model, ids, 6, stop_token=-1, temperature=0.0)  # was an AssertionError deep in forward()
 
 
@@ -671,8 +675,8 @@ class DemoConfig:
 
 
 def _parse(argv, cls=DemoConfig):
-    parser = M.add_config_args(argparse.ArgumentParser(), cls())
-    return M.config_from_args(cls, parser.parse_args(argv)), parser
+    parser = P.add_config_args(argparse.ArgumentParser(), cls())
+    return P.config_from_args(cls, parser.parse_args(argv)), parser
 
 
 def test_config_args_round_trip():
@@ -688,9 +692,9 @@ def test_config_args_round_trip():
 
 
 def test_config_args_ignore_unrelated_arguments():
-    parser = M.add_config_args(argparse.ArgumentParser(), DemoConfig())
+    parser = P.add_config_args(argparse.ArgumentParser(), DemoConfig())
     parser.add_argument("--extra", default="e")
-    assert M.config_from_args(DemoConfig, parser.parse_args(["--extra", "z"])) == DemoConfig()
+    assert P.config_from_args(DemoConfig, parser.parse_args(["--extra", "z"])) == DemoConfig()
 
 
 @dataclass
@@ -718,8 +722,8 @@ def test_pad_batch_right_pads():
 
 def test_append_jsonl_writes_non_finite_numbers_as_null(tmp_path):
     path = tmp_path / "log.jsonl"
-    M.append_jsonl(str(path), {"step": 0, "loss": float("nan"), "val_loss": float("inf"), "lr": 1e-3})
-    M.append_jsonl(str(path), {"step": 1, "loss": 2.5, "val_loss": float("-inf"), "lr": 0.0})
+    P.append_jsonl(str(path), {"step": 0, "loss": float("nan"), "val_loss": float("inf"), "lr": 1e-3})
+    P.append_jsonl(str(path), {"step": 1, "loss": 2.5, "val_loss": float("-inf"), "lr": 0.0})
     rows = [helpers.strict_loads(line) for line in path.read_text().splitlines()]
     assert rows == [{"step": 0, "loss": None, "val_loss": None, "lr": 1e-3},
                     {"step": 1, "loss": 2.5, "val_loss": None, "lr": 0.0}]
@@ -729,7 +733,7 @@ def test_write_json_writes_non_finite_numbers_as_null_at_any_depth(tmp_path):
     path = tmp_path / "out" / "metrics.json"
     metrics = {"loss": 0.5, "memory_mb": {"total": 17.5, "peak_process": float("nan")},
                "curve": [1.0, float("inf"), {"kl": float("-inf")}], "by_ops": (0.25, float("nan")), "name": "dpo"}
-    M.write_json(str(path), metrics)
+    P.write_json(str(path), metrics)
     assert helpers.strict_loads(path.read_text()) == {
         "loss": 0.5, "memory_mb": {"total": 17.5, "peak_process": None},
         "curve": [1.0, None, {"kl": None}], "by_ops": [0.25, None], "name": "dpo"}
@@ -740,29 +744,29 @@ def test_write_json_writes_non_finite_numbers_as_null_at_any_depth(tmp_path):
 def test_read_jsonl_reads_rows_with_line_numbers(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text('{"a": 1}\n\n{"a": 2}\n')
-    assert M.read_jsonl(str(path)) == [(1, {"a": 1}), (3, {"a": 2})]  # blank lines are counted
+    assert formats.read_jsonl(str(path)) == [(1, {"a": 1}), (3, {"a": 2})]  # blank lines are counted
 
 
 def test_read_jsonl_missing_file(tmp_path):
     path = str(tmp_path / "nope.jsonl")
-    with pytest.raises(M.DataError) as e:
-        M.read_jsonl(path)
+    with pytest.raises(P.DataError) as e:
+        formats.read_jsonl(path)
     assert path in str(e.value)
 
 
 def test_read_jsonl_bad_json_names_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": 1}\n\n{"a": \n{"a": 3}\n')
-    with pytest.raises(M.DataError) as e:
-        M.read_jsonl(str(path))
+    with pytest.raises(P.DataError) as e:
+        formats.read_jsonl(str(path))
     assert f"{path}:3" in str(e.value)
 
 
 def test_read_jsonl_non_object_row(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"a": 1}\n[1, 2]\n')
-    with pytest.raises(M.DataError) as e:
-        M.read_jsonl(str(path))
+    with pytest.raises(P.DataError) as e:
+        formats.read_jsonl(str(path))
     assert f"{path}:2" in str(e.value) and "list" in str(e.value)
 
 
@@ -770,14 +774,14 @@ def test_read_jsonl_non_object_row(tmp_path):
 def test_read_jsonl_empty_file(tmp_path, content):
     path = tmp_path / "empty.jsonl"
     path.write_text(content)
-    with pytest.raises(M.DataError) as e:
-        M.read_jsonl(str(path))
+    with pytest.raises(P.DataError) as e:
+        formats.read_jsonl(str(path))
     assert str(path) in str(e.value) and "no rows" in str(e.value)
 
 
 def test_data_error_is_a_value_error():
     # callers that catch ValueError (e.g. argparse-style validation) still see data errors
-    assert issubclass(M.DataError, ValueError)
+    assert issubclass(P.DataError, ValueError)
 
 
 def test_rope_scores_depend_only_on_relative_position():
@@ -818,11 +822,11 @@ def test_outputs_default_to_the_repositorys_out_wherever_the_scripts_run(monkeyp
 
 def test_the_cpu_peak_probe_leaves_the_global_rng_as_it_found_it(monkeypatch):
     # a stage seeds torch, then measures the machine: the probe must not shift what it draws next
-    monkeypatch.setattr(M, "_PEAK", {})  # force a fresh probe
+    monkeypatch.setattr(P, "_PEAK", {})  # force a fresh probe
     torch.manual_seed(1)
     expected = torch.rand(5)
     torch.manual_seed(1)
-    assert M.peak_flops("cpu") > 0
+    assert P.peak_flops("cpu") > 0
     assert torch.equal(torch.rand(5), expected)
 
 

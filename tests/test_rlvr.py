@@ -21,6 +21,9 @@ import torch
 from helpers import tiny_gpt
 from data.prepare import write_jsonl
 import model as M
+import plumbing as P
+from data import formats
+import evaluation as E
 import rlvr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,19 +260,19 @@ def brute_force_pass_at_k(n, c, k):
 
 
 def test_pass_at_k_hand_worked():
-    assert rlvr.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right one
-    assert rlvr.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert rlvr.pass_at_k(5, 0, 3) == 0.0
-    assert rlvr.pass_at_k(3, 3, 1) == 1.0
-    assert rlvr.pass_at_k(8, 2, 4) == pytest.approx(1 - (6 * 5 * 4 * 3) / (8 * 7 * 6 * 5))
-    assert rlvr.pass_at_k(10, 3, 8) == 1.0  # 7 wrong ones cannot fill 8 draws
+    assert E.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right one
+    assert E.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert E.pass_at_k(5, 0, 3) == 0.0
+    assert E.pass_at_k(3, 3, 1) == 1.0
+    assert E.pass_at_k(8, 2, 4) == pytest.approx(1 - (6 * 5 * 4 * 3) / (8 * 7 * 6 * 5))
+    assert E.pass_at_k(10, 3, 8) == 1.0  # 7 wrong ones cannot fill 8 draws
 
 
 def test_pass_at_k_matches_enumeration_of_all_subsets():
     for n in range(1, 9):
         for c in range(n + 1):
             for k in range(1, n + 1):
-                assert rlvr.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
+                assert E.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -546,7 +549,7 @@ def test_read_problems_accepts_good_rows(tmp_path):
             {"prompt": [{"role": "user", "content": "Finn?"}], "answer": 0}]
     path = tmp_path / "rl.jsonl"
     write_jsonl(str(path), rows)
-    got = M.read_problems(str(path))
+    got = formats.read_problems(str(path))
     assert [p["answer"] for p in got] == [2, 12, -4, 0]
     assert all(type(p["answer"]) is int for p in got)
     assert [p["prompt"] for p in got] == [r["prompt"] for r in rows] and got[1]["n_ops"] == 2
@@ -556,18 +559,18 @@ def test_read_problems_accepts_good_rows(tmp_path):
 def test_read_problems_names_file_line_and_problem(tmp_path, bad, message):
     path = tmp_path / "rl.jsonl"
     write_with_bad_line(path, bad)  # a good row, a blank line, then the bad row at line 3
-    with pytest.raises(M.DataError) as e:
-        M.read_problems(str(path))
+    with pytest.raises(P.DataError) as e:
+        formats.read_problems(str(path))
     assert f"{path}:3:" in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_read_problems_missing_and_empty_files(tmp_path):
-    with pytest.raises(M.DataError, match="no such file") as e:
-        M.read_problems(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(P.DataError, match="no such file") as e:
+        formats.read_problems(str(tmp_path / "nope.jsonl"))
     assert str(tmp_path / "nope.jsonl") in str(e.value)
     (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(M.DataError, match="no rows") as e:
-        M.read_problems(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(P.DataError, match="no rows") as e:
+        formats.read_problems(str(tmp_path / "empty.jsonl"))
     assert str(tmp_path / "empty.jsonl") in str(e.value)
 
 
@@ -577,8 +580,8 @@ def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
     # must end in the one-line DataError naming the file and line, not a traceback
     path = tmp_path / "rl.jsonl"
     write_with_bad_line(path, json.dumps({"prompt": "Ben?", "answer": answer}))
-    with pytest.raises(M.DataError) as e:
-        M.read_problems(str(path))
+    with pytest.raises(P.DataError) as e:
+        formats.read_problems(str(path))
     assert f"{path}:3:" in str(e.value)
 
 
@@ -659,7 +662,7 @@ def test_a_bad_eval_file_is_reported_before_building_anything(tmp_path):
 
 def test_missing_init_checkpoint_is_a_data_error_naming_it(tiny_data_dir, tmp_path):
     missing = str(tmp_path / "no" / "model.pt")
-    with pytest.raises(M.DataError) as e:
+    with pytest.raises(P.DataError) as e:
         rlvr.train(rlvr.RLVRConfig(init=missing, data_dir=tiny_data_dir, out=str(tmp_path / "out"), device="cpu"))
     assert missing in str(e.value)
     assert not (tmp_path / "out").exists()
@@ -872,7 +875,7 @@ def test_a_problem_file_smaller_than_a_step_is_repeated(tiny_sft_ckpt, tiny_data
 
 def test_a_reply_budget_past_the_context_stops_before_any_rollout(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(M.ConfigError, match=r"^--max-new-tokens 1000 does not fit: the longest prompt in .*rl.jsonl"):
+    with pytest.raises(P.ConfigError, match=r"^--max-new-tokens 1000 does not fit: the longest prompt in .*rl.jsonl"):
         rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(out), max_new_tokens=1000))
     assert not (out / "rlvr" / "model.pt").exists() and not (out / "rlvr" / "log.jsonl").exists()
 
@@ -886,7 +889,7 @@ def test_steps_without_an_update_log_the_scheduled_learning_rate(tiny_sft_ckpt, 
     rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, out, steps=2, warmup_steps=4, lr=1e-3))
     log = read_log(out)
     assert [r["zero_spread_groups"] for r in log] == [1.0, 1.0]
-    assert [r["lr"] for r in log] == pytest.approx([M.scheduled_lr("constant", s, 2, 1e-3, 4) for s in range(2)])
+    assert [r["lr"] for r in log] == pytest.approx([P.scheduled_lr("constant", s, 2, 1e-3, 4) for s in range(2)])
     assert [r["lr"] for r in log] == pytest.approx([2.5e-4, 5e-4])  # by hand: peak * (step + 1) / warmup
     assert [r["ratio"] for r in log] == [1.0, 1.0]
 
@@ -898,13 +901,13 @@ def test_an_eval_reference_too_short_for_the_replies_stops_before_any_rollout(ti
     tok = tokenizer_path(tiny_data_dir)
     enc = M.load_tokenizer(tok)
     model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)
-    prompts = [p["prompt"] for p in M.read_problems(os.path.join(tiny_data_dir, "test.jsonl"))[:2]]
+    prompts = [p["prompt"] for p in formats.read_problems(os.path.join(tiny_data_dir, "test.jsonl"))[:2]]
     longest = max(len(M.render_prompt(enc, p)) for p in prompts)
     model.config.block_size = longest + 4  # room for 4 new tokens, not 8
     short = str(tmp_path / "short.pt")
     M.save_checkpoint(short, model, tok)
     out = tmp_path / "out"
-    with pytest.raises(M.ConfigError, match=rf"^--max-new-tokens 8 does not fit: .* of {short}'s {longest + 4} "
+    with pytest.raises(P.ConfigError, match=rf"^--max-new-tokens 8 does not fit: .* of {short}'s {longest + 4} "
                                             r"context tokens, leaving 4$"):
         rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(out), eval_problems=2, eval_samples=2,
                                   eval_reference=short))
@@ -920,33 +923,10 @@ def test_only_the_prompts_a_run_samples_after_are_checked(tiny_sft_ckpt, tiny_da
     path = tmp_path / "long.jsonl"
     path.write_text(json.dumps({"prompt": "Mia has 3 pens. " * 40 + "How many pens does Mia have?", "answer": 3}) + "\n")
     config = dict(data=str(path), max_new_tokens=60, eval_problems=2, eval_samples=2)
-    with pytest.raises(M.ConfigError, match=r"^--max-new-tokens 60 does not fit: the longest prompt in .*long.jsonl"):
+    with pytest.raises(P.ConfigError, match=r"^--max-new-tokens 60 does not fit: the longest prompt in .*long.jsonl"):
         rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "a"), steps=1, **config))
     metrics = rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "b"), steps=0, **config))
     assert metrics["steps"] == 0
-
-
-def test_the_kv_cache_benchmark_samples_only_what_the_context_has_room_for(tiny_sft_ckpt, tiny_data_dir,
-                                                                          tmp_path, capsys):
-    # a prompt that leaves fewer than 64 free context tokens: the benchmark samples that many (it used
-    # to fail in generate() with a message naming --max-new-tokens, a flag it never used)
-    enc = M.load_tokenizer(os.path.join(tiny_data_dir, "tokenizer.json"))
-    prompt = "Mia has 3 pens. " * 25 + "How many pens does Mia have?"
-    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))
-    room = model.config.block_size - len(M.render_prompt(enc, prompt))
-    assert 0 < room < 64  # the premise
-    path = tmp_path / "long.jsonl"
-    path.write_text(json.dumps({"prompt": prompt, "answer": 3}) + "\n")
-    rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out"), steps=0, data=str(path),
-                              measure_kv_cache=True))
-    assert f"rlvr: sampling 1 replies x {room} tokens: " in capsys.readouterr().out
-    # a prompt with no room left at all stops in one line that says so
-    path.write_text(json.dumps({"prompt": "Mia has 3 pens. " * 40 + "How many pens does Mia have?",
-                                "answer": 3}) + "\n")
-    with pytest.raises(M.ConfigError, match=r"^--measure-kv-cache: the longest prompt it samples after, in "
-                       r".*long\.jsonl, is \d+ tokens long, leaving no room in the model's 192-token context$"):
-        rlvr.train(tiny_rl_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path / "out2"), steps=0, data=str(path),
-                                  measure_kv_cache=True))
 
 
 def test_the_summary_names_what_it_measured(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):

@@ -13,6 +13,7 @@ import torch
 
 import helpers
 import model as M
+import plumbing
 import sft
 from data import prepare as P
 
@@ -159,7 +160,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 def test_sft_examples_rejects_bad_rows_with_file_and_line(tiny_enc, tmp_path, bad):
     path = tmp_path / "sft.jsonl"
     _write_rows(path, [GOOD, GOOD, bad, GOOD])
-    with pytest.raises(M.DataError) as e:
+    with pytest.raises(plumbing.DataError) as e:
         sft.sft_examples(tiny_enc, str(path), 192)
     assert f"{path}:3" in str(e.value)
 
@@ -167,7 +168,7 @@ def test_sft_examples_rejects_bad_rows_with_file_and_line(tiny_enc, tmp_path, ba
 def test_sft_examples_reports_bad_json_with_file_and_line(tiny_enc, tmp_path):
     path = tmp_path / "sft.jsonl"
     _write_rows(path, [GOOD, "{not json"])
-    with pytest.raises(M.DataError, match=f"{path}:2"):
+    with pytest.raises(plumbing.DataError, match=f"{path}:2"):
         sft.sft_examples(tiny_enc, str(path), 192)
 
 
@@ -183,7 +184,7 @@ def test_sft_examples_renders_and_cuts_long_rows(tiny_enc, tmp_path):
     assert (ids, mask) == (full_ids[:cut], full_mask[:cut]) and sum(mask) == 2
     # ... unless the cut leaves no reply token to learn from: that stops, naming the file and line
     _write_rows(path, [GOOD, GOOD])
-    with pytest.raises(M.DataError, match=f"^{path}:1: no assistant token within the first {cut - 2} tokens "):
+    with pytest.raises(plumbing.DataError, match=f"^{path}:1: no assistant token within the first {cut - 2} tokens "):
         sft.sft_examples(tiny_enc, str(path), cut - 2)
 
 
@@ -277,7 +278,7 @@ def test_sft_stage_alone_resumes_from_the_pretrained_checkpoint(sft_run, tiny_da
 
 
 def test_sft_stage_alone_without_checkpoint_exits(tiny_data_dir, tmp_path, monkeypatch):
-    with pytest.raises(M.DataError, match="no pretrained checkpoint"):
+    with pytest.raises(plumbing.DataError, match="no pretrained checkpoint"):
         sft.train(tiny_sft_config(tiny_data_dir, str(tmp_path), stages="sft"))
     with pytest.raises(SystemExit, match="no pretrained checkpoint"):  # one line on the command line
         sft.main(["--data-dir", tiny_data_dir, "--out", str(tmp_path), "--stages", "sft", "--device", "cpu"])
@@ -311,7 +312,7 @@ def test_a_bad_held_out_problem_stops_before_pretraining(tiny_data_dir, tmp_path
     lines[1] = json.dumps(row) + "\n"
     (data / "test.jsonl").write_text("".join(lines))
     out = tmp_path / "out"
-    with pytest.raises(M.DataError, match=f"test.jsonl:2: {message}"):
+    with pytest.raises(plumbing.DataError, match=f"test.jsonl:2: {message}"):
         sft.train(tiny_sft_config(str(data), str(out), eval_problems=4))
     assert not (out / "pretrain").exists()
     # a run that answers no held-out problems never reads the file
@@ -364,7 +365,7 @@ def test_a_pretraining_batch_larger_than_the_validation_text_stops_before_traini
     n_val = len(sft.pretrain_stream(enc, val_path))
     B, T = n_val // 32 + 1, 32  # one batch needs B * T + 1 > n_val tokens
     out = tmp_path / "out"
-    with pytest.raises(M.ConfigError, match=f"^{val_path}: {n_val} tokens hold no validation batch of "
+    with pytest.raises(plumbing.ConfigError, match=f"^{val_path}: {n_val} tokens hold no validation batch of "
                                             f"--pretrain-batch-size {B} x --pretrain-seq-len {T}"):
         sft.train(tiny_sft_config(tiny_data_dir, str(out), pretrain_batch_size=B, pretrain_seq_len=T))
     assert not (out / "pretrain" / "model.pt").exists()
@@ -373,7 +374,7 @@ def test_a_pretraining_batch_larger_than_the_validation_text_stops_before_traini
 def test_pretraining_flags_are_checked_only_when_pretraining_runs():
     # --stages sft starts from the pretrained checkpoint: its window length is not this run's business
     sft.check_config(sft.SFTConfig(stages="sft", block_size=50, pretrain_seq_len=128))
-    with pytest.raises(M.ConfigError, match="--pretrain-seq-len 128 is longer than the model's context"):
+    with pytest.raises(plumbing.ConfigError, match="--pretrain-seq-len 128 is longer than the model's context"):
         sft.check_config(sft.SFTConfig(stages="pretrain,sft", block_size=50, pretrain_seq_len=128))
 
 
