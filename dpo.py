@@ -69,8 +69,9 @@ import model as M
 import plumbing as P
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
-from dpo_family import (LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE, kto_examples, kto_loss,
-                        odds_ratio_loss, paired_losses, simpo_loss)
+from dpo_family import (BCO_REWARD_SHIFTS, LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE,  # noqa: F401
+                        bco_reward_shift, check_family_flags, chosen_nll, family_loss, kto_examples, kto_loss,
+                        kto_rows, odds_ratio_loss, paired_losses, simpo_loss)
 from plumbing import option
 
 
@@ -90,6 +91,8 @@ class DPOConfig:
     orpo_lambda: float = option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "dpo")
     kto_desirable_weight: float = option(1.0, "KTO's weight on desirable (good) replies", "dpo")
     kto_undesirable_weight: float = option(1.0, "KTO's weight on undesirable (bad) replies", "dpo")
+    bco_reward_shift: str = option("none", "bco_pair's reward shift delta: none (TRL) or batch-mean (the BCO "
+                                   "paper's mean reward, over the batch)", "dpo")
     kto_desirable_share: float = option(1.0, "KTO on pairs: keep only this share of the desirable rows "
                                         "(imbalanced data: then raise --kto-desirable-weight)", "dpo")
     lora_rank: int = option(0, "LoRA rank r (0: full fine-tuning): train W + (alpha/r) B A with W frozen; the "
@@ -169,7 +172,8 @@ def implicit_reward(policy_logps, ref_logps, beta=0.1):
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None):
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, chosen_lengths=None, rejected_lengths=None,
+             delta=None):
     """The DPO loss (eq. 7), batch mean, with the implicit rewards as detached diagnostics.
     Every other loss_type, and label_smoothing > 0 (cDPO), is TRL's formula in dpo_family.py.
     Shape: policy_chosen_logps (B,)    log pi(y_w|x), summed over response tokens
@@ -178,6 +182,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     Shape: ref_rejected_logps (B,)     log pi_ref(y_l|x)
     Shape: chosen_lengths (B,)         response tokens of y_w (ipo and sigmoid_norm average over them)
     Shape: rejected_lengths (B,)       response tokens of y_l
+    Shape: delta ()                    bco_pair's reward shift (see dpo_family.bco_reward_shift)
     Returns (loss scalar, chosen_rewards (B,), rejected_rewards (B,))."""
     chosen_logratios = policy_chosen_logps - ref_chosen_logps  # log pi(y_w)/pi_ref(y_w)
     rejected_logratios = policy_rejected_logps - ref_rejected_logps  # log pi(y_l)/pi_ref(y_l)
@@ -187,22 +192,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
         losses = -F.logsigmoid(beta * logits)  # eq. 7: -log sigmoid(beta * margin)
     else:  # the rest of the family; an unknown name raises there, listing the known ones
         losses = paired_losses(loss_type, chosen_logratios, rejected_logratios, beta, label_smoothing,
-                               chosen_lengths, rejected_lengths)
+                               chosen_lengths, rejected_lengths, delta)
     chosen_rewards = implicit_reward(policy_chosen_logps, ref_chosen_logps, beta).detach()
     rejected_rewards = implicit_reward(policy_rejected_logps, ref_rejected_logps, beta).detach()
     return losses.mean(), chosen_rewards, rejected_rewards
 
 
 LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
-
-
-def chosen_nll(policy_chosen_logps, chosen_lengths):
-    """The SFT loss on the chosen replies, one mean over all their tokens (as TRL; the RPO paper
-    averages per reply first): NLL = -sum log pi(y_w|x) / sum |y_w|  (negate: NLL = -logp).
-    Shape: policy_chosen_logps (B,)  log pi(y_w|x), summed over response tokens
-    Shape: chosen_lengths (B,)       response tokens of y_w
-    Returns a scalar; an empty mask gives 0, not NaN."""
-    return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
 
 
 def kto_logprobs(policy, input_ids, loss_mask):
@@ -234,25 +230,14 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
     Returns (loss, rewards of the first rows, rewards of the second rows), rewards detached; for
     KTO (loss, rewards of the desirable first rows, rewards of the undesirable first rows)."""
     B = len(logps) // 2
-    if config.loss_type == "simpo":
-        avg = logps / lengths.clamp(min=1)  # SimPO's reward is the per-token average, scaled by beta
-        losses, chosen_rewards, rejected_rewards = simpo_loss(avg[:B], avg[B:], config.simpo_beta,
-                                                              config.simpo_gamma, config.label_smoothing)
-        return losses.mean(), chosen_rewards, rejected_rewards
-    if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
-        avg = logps / lengths.clamp(min=1)
-        odds_losses, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
-        loss = chosen_nll(logps[:B], lengths[:B]) + odds_losses.mean()
-        return loss, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
-    if config.loss_type == "kto":
-        good = labels
-        losses, desirable_rewards, undesirable_rewards, _ = kto_loss(
-            logps[:B][good], logps[:B][~good], ref_logps[:B][good], ref_logps[:B][~good],
-            logps[B:], ref_logps[B:], config.beta, config.kto_desirable_weight, config.kto_undesirable_weight)
-        return losses.mean(), desirable_rewards, undesirable_rewards
+    if config.loss_type not in LOSS_TYPES:  # simpo, orpo, kto: not a function of two log-ratios
+        return family_loss(config, logps, lengths, ref_logps, labels)
+    delta = None
+    if config.loss_type == "bco_pair" and config.bco_reward_shift == "batch-mean":
+        delta = bco_reward_shift(logps[:B] - ref_logps[:B], logps[B:] - ref_logps[B:], config.beta)
     loss, chosen_rewards, rejected_rewards = dpo_loss(logps[:B], logps[B:], ref_logps[:B], ref_logps[B:],
                                                       config.beta, config.loss_type, config.label_smoothing,
-                                                      lengths[:B], lengths[B:])
+                                                      lengths[:B], lengths[B:], delta=delta)
     if config.rpo_alpha:  # RPO: L_DPO + alpha * NLL(y_w), holding the chosen reply's likelihood up
         loss = loss + config.rpo_alpha * chosen_nll(logps[:B], lengths[:B])
     return loss, chosen_rewards, rejected_rewards
@@ -370,14 +355,11 @@ def ensure_init(config):
 
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
-    known = LOSS_TYPES + REFERENCE_FREE + ["kto"]
-    P.require(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
+    check_family_flags(config)
     P.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
                                     "log_every", "eval_every_problems", "grad_clip"),
                   non_negative=("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps",
                                 "rpo_alpha", "eval_temperature"))
-    P.require(not config.rpo_alpha or config.loss_type in LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
-              f"paired losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
     P.require(config.lr_schedule in P.LR_SCHEDULES, f"--lr-schedule {config.lr_schedule!r} is unknown; known: "
               f"{', '.join(P.LR_SCHEDULES)}")
     P.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
@@ -385,17 +367,6 @@ def check_config(config):
     lora.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
-    P.require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
-              f"[0, 0.5), got {config.label_smoothing}")
-    # a flag that changes nothing would let a run pass for what it is not
-    P.require(config.label_smoothing > 0 or config.loss_type not in ("cdpo", "robust"), f"--loss-type "
-              f"{config.loss_type} needs --label-smoothing > 0: with 0 it is plain DPO (sigmoid)")
-    P.require(0 <= config.kto_desirable_share <= 1, f"--kto-desirable-share is a share of the desirable rows, "
-              f"in [0, 1], got {config.kto_desirable_share}")
-    P.require(config.kto_desirable_share == 1 or config.loss_type == "kto", f"--kto-desirable-share does "
-              f"nothing with --loss-type {config.loss_type}; it enters kto")
-    P.require(config.label_smoothing == 0 or config.loss_type in LABEL_SMOOTHED, f"--label-smoothing does nothing "
-              f"with --loss-type {config.loss_type}; it enters {', '.join(LABEL_SMOOTHED)}")
     P.check_out(config.out)
 
 
@@ -433,13 +404,7 @@ def training_pairs(config, enc, rng, inputs, data_path, test_path):
         pairs, flipped = flip_labels(pairs, config.label_noise, rng)
         print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
     if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
-        # a pair with one reply twice is neither desirable nor undesirable
-        kept = pairs if inputs["unpaired"] else [(p, c, r) for p, c, r in pairs if c != r]
-        n_twice = len(pairs) - len(kept)
-        pairs = kto_examples(kept, rng, config.kto_desirable_share)
-        n_good = sum(p[3] for p in pairs)
-        print(f"dpo: kto: {n_good} desirable and {len(pairs) - n_good} undesirable rows ({n_twice} pairs with "
-              f"one reply twice dropped)")
+        pairs = kto_rows(pairs, inputs["unpaired"], rng, config.kto_desirable_share)
     examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
     test_pairs = inputs["test_pairs"] if inputs["test_pairs"] is not None else formats.read_pairs(test_path)
     test_examples, test_counts = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
@@ -530,8 +495,87 @@ def step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards
 
 @torch.no_grad()
 def chosen_logp(policy, ids, mask):
-    """The mean log-prob of a batch's chosen replies (its first half of rows: see collate)."""
+    """The mean log-prob of a batch's chosen replies (its first half of rows: see collate). The early
+    warning needs the chosen replies' log-prob measured on the same replies as it moves (a sum over a
+    reply's tokens varies with its length, so two batches are not comparable): with a reference,
+    log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta; without one (simpo, orpo), a fixed probe
+    batch, re-scored at each log line against its own start."""
     return sequence_logprobs(policy, ids, mask)[: len(ids) // 2].mean().item()
+
+
+def over_optimisation_warning(step, fall, margin, has_reference):
+    below = "the reference's" if has_reference else "their start (a fixed batch)"
+    return (f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on the same replies "
+            f"while the margin grew to {margin:.2f}: both replies are being pushed down (over-optimisation; "
+            f"lower --lr or --epochs{', or raise --beta' if has_reference else ''})")
+
+
+def check_sampling_fits(config, context, eval_reference_context, enc, problems, source):
+    """The evaluations sample replies after these prompts: they must fit the policy's context (and
+    --eval-reference's), checked before training."""
+    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
+    prompts = [p["prompt"] for p in problems[:sampled]]
+    if sampled:
+        E.check_replies_fit(context, enc, prompts, config.max_new_tokens, source)
+    if config.eval_problems and eval_reference_context:  # the final one samples that model too
+        E.check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
+                            source, model=config.eval_reference)
+
+
+def load_models(config, init, device, tokenizer_path, examples, test_examples, batch_size, pad):
+    """The policy: a trainable copy of the start, dropout off (the rewards compare it with the eval-mode
+    reference). The reference: a frozen copy (no grad, eval mode, never stepped), or with LoRA the
+    policy's own base, its adapters off; its log-probs computed once (reference_pass), after which it
+    is freed unless --live-reference. -> (policy, reference or None, (ref_chosen, ref_rejected,
+    test_ref_chosen, test_ref_rejected) or Nones, (pass seconds, live seconds per step), model copies)"""
+    policy, _ = M.load_checkpoint(init, device, tokenizer_path)
+    P.require(config.max_length <= policy.config.block_size, f"--max-length {config.max_length} is longer than "
+              f"the model's context ({policy.config.block_size} tokens, {init})")
+    policy.eval()
+    print(f"dpo: start from {init} | {P.describe(policy, device)} | loss {config.loss_type}")
+    if config.lora_rank:  # freeze the start, train adapters B A: the base is the reference
+        lora.add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_targets)
+    reference, refs, seconds = None, (None,) * 4, (0.0, 0.0)
+    model_copies = 1 if config.lora_rank or config.loss_type in REFERENCE_FREE else 2  # weights in memory at once
+    if config.loss_type in REFERENCE_FREE:
+        print(f"dpo: {config.loss_type} needs no reference model: one model in memory, no reference pass")
+    else:
+        if not config.lora_rank:
+            reference, _ = M.load_checkpoint(init, device, tokenizer_path)
+            reference.requires_grad_(False).eval()
+        *refs, pass_seconds, live_seconds = reference_pass(config, policy, reference, examples, test_examples,
+                                                           batch_size, pad, device)
+        seconds = (pass_seconds, live_seconds)
+        if not config.live_reference:
+            reference = None  # its log-probs are all we need from it during training: free it
+    if config.lora_rank:
+        trainable, total_params = lora.trainable_parameters(policy), sum(p.numel() for p in policy.parameters())
+        print(f"dpo: LoRA r={config.lora_rank} on {config.lora_targets}: {trainable:,} trainable parameters, "
+              f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
+    return policy, reference, tuple(refs), seconds, model_copies
+
+
+def held_out_evaluation(config, policy, reference, init, enc, problems, test_pairs, test_examples, test_refs,
+                        test_path, pad, device):
+    """Held-out data the training never saw, against the start (or --eval-reference): preference
+    accuracy on the held-out pairs, then both models sampled on the same problems. -> metrics"""
+    if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
+        reference, _ = M.load_checkpoint(config.eval_reference or init, device, os.path.join(config.data_dir, "tokenizer.json"))
+        reference.requires_grad_(False).eval()
+    reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
+    pref_acc, margin, margins = preference_accuracy(policy, test_examples, *test_refs,
+                                                    reward_scale, pad, device)
+    answers = [row.get("answer") for _, row in formats.read_jsonl(test_path)]  # this world's pairs carry one
+    ref_margins = None if test_refs[0] is None else test_refs[0] - test_refs[1]
+    metrics = E.preference_metrics(pref_acc, margin, margins, ref_margins, test_pairs, test_examples, answers)
+    if config.eval_problems > 0:
+        gen_metrics, ref_replies, pol_replies = E.compare_by_sampling(policy, reference, enc, problems, config, device)
+        metrics.update(gen_metrics)
+        method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
+        reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
+        E.show_replies(f"reference ({reference_name}) | policy ({method})", problems,
+                       {"reference": ref_replies, "policy": pol_replies})
+    return metrics
 
 
 def train(config):
@@ -545,9 +589,8 @@ def train(config):
     tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
     # --eval-reference serves only after training: a file that cannot serve must fail now, and
     # before the seed is set (building a model draws random weights, which would shift LoRA's init)
-    eval_reference_context = None
-    if config.eval_reference:
-        eval_reference_context = M.load_checkpoint(config.eval_reference, "cpu", tokenizer_path)[0].config.block_size
+    eval_reference_context = config.eval_reference and M.load_checkpoint(
+        config.eval_reference, "cpu", tokenizer_path)[0].config.block_size
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -561,42 +604,12 @@ def train(config):
     examples, test_pairs, test_examples, batch_size, counts, test_counts = training_pairs(
         config, enc, rng, inputs, data_path, test_path)
 
-    # the policy: a trainable copy of the start, dropout off (the rewards compare it with the
-    # eval-mode reference); the reference: a frozen copy (no grad, eval mode, never stepped), or with
-    # LoRA the policy's own base, its adapters off
-    policy, _ = M.load_checkpoint(init, device, tokenizer_path)
-    P.require(config.max_length <= policy.config.block_size, f"--max-length {config.max_length} is longer than "
-              f"the model's context ({policy.config.block_size} tokens, {init})")
-    policy.eval()
-    print(f"dpo: start from {init} | {P.describe(policy, device)} | loss {config.loss_type}")
-    if config.lora_rank:  # freeze the start, train adapters B A: the base is the reference
-        lora.add_lora(policy, config.lora_rank, config.lora_alpha, config.lora_targets)
-    reference = ref_chosen = ref_rejected = test_ref_chosen = test_ref_rejected = None
-    reference_pass_seconds = live_seconds_per_step = 0.0
-    model_copies = 1 if config.lora_rank or config.loss_type in REFERENCE_FREE else 2  # weights in memory at once
-    if config.loss_type in REFERENCE_FREE:
-        print(f"dpo: {config.loss_type} needs no reference model: one model in memory, no reference pass")
-    else:
-        if not config.lora_rank:
-            reference, _ = M.load_checkpoint(init, device, tokenizer_path)
-            reference.requires_grad_(False).eval()
-        (ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, reference_pass_seconds,
-         live_seconds_per_step) = reference_pass(config, policy, reference, examples, test_examples, batch_size,
-                                                 pad, device)
-        if not config.live_reference:
-            reference = None  # its log-probs are all we need from it during training: free it
+    policy, reference, refs, reference_seconds, model_copies = load_models(
+        config, init, device, tokenizer_path, examples, test_examples, batch_size, pad)
+    ref_chosen, ref_rejected, *test_refs = refs
     trainable, total_params = lora.trainable_parameters(policy), sum(p.numel() for p in policy.parameters())
-    if config.lora_rank:
-        print(f"dpo: LoRA r={config.lora_rank} on {config.lora_targets}: {trainable:,} trainable parameters, "
-              f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
     problems = inputs["problems"] or formats.read_problems(problems_path)  # for the sampling evaluations
-    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
-    if sampled:  # the evaluations sample replies after these prompts: they must fit, checked before training
-        prompts = [p["prompt"] for p in problems[:sampled]]
-        E.check_replies_fit(policy.config.block_size, enc, prompts, config.max_new_tokens, problems_path)
-        if config.eval_problems and eval_reference_context is not None:  # the final one samples that model too
-            E.check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
-                                problems_path, model=config.eval_reference)
+    check_sampling_fits(config, policy.config.block_size, eval_reference_context, enc, problems, problems_path)
 
     # --- training: one step per batch of pairs, the loss on the policy's and reference's log-probs
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
@@ -606,10 +619,7 @@ def train(config):
     log_path = os.path.join(out_dir, "log.jsonl")
     open(log_path, "w").close()
     order, window, warning_step = [], [], None
-    # the early warning needs the chosen replies' log-prob measured on the same replies as it moves (a
-    # sum over a reply's tokens varies with its length, so two batches are not comparable): with a
-    # reference, log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta; without one (simpo, orpo), a
-    # fixed probe batch, re-scored at each log line against its own start
+    # the early warning's fixed batch, when there is no reference to measure the fall against
     probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
     probe_start = chosen_logp(policy, *probe) if probe is not None else None
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
@@ -650,9 +660,9 @@ def train(config):
             t_eval = time.time()  # the held-out judge and the probe are not training: timed apart
             if eval_due:
                 rec.update(E.judge_during_training(policy, enc, tracked, config))
-            if warning_step is None:
-                fall = -rec["rewards/chosen"] / config.beta if probe is None else probe_start - chosen_logp(
-                    policy, *probe)
+            if warning_step is None:  # how far the chosen replies' log-prob fell (see chosen_logp)
+                fall = (-rec["rewards/chosen"] / config.beta if probe is None else
+                        probe_start - chosen_logp(policy, *probe))
             eval_seconds += time.time() - t_eval
             elapsed = time.time() - t_train - eval_seconds
             mfu = tokens / elapsed * (M.flops_per_token(policy, ids.shape[1]) * passes / 3) / peak
@@ -666,37 +676,17 @@ def train(config):
             # the early warning: the margin grows by pushing the chosen reply down too
             if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
                 warning_step = step
-                below = "the reference's" if probe is None else "their start (a fixed batch)"
-                tqdm.write(f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on "
-                           f"the same replies while the margin grew to {rec['rewards/margins']:.2f}: both "
-                           f"replies are being pushed down (over-optimisation; lower --lr or --epochs"
-                           f"{', or raise --beta' if probe is None else ''})")
+                tqdm.write(over_optimisation_warning(step, fall, rec["rewards/margins"], probe is None))
     train_seconds = time.time() - t_train - eval_seconds
 
-    # --- evaluation on held-out data the training never saw, against the start (or --eval-reference)
-    if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
-        reference, _ = M.load_checkpoint(config.eval_reference or init, device, tokenizer_path)
-        reference.requires_grad_(False).eval()
-    reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
-    pref_acc, margin, margins = preference_accuracy(policy, test_examples, test_ref_chosen, test_ref_rejected,
-                                                    reward_scale, pad, device)
-    answers = [row.get("answer") for _, row in formats.read_jsonl(test_path)]  # this world's pairs carry one
-    ref_margins = None if test_ref_chosen is None else test_ref_chosen - test_ref_rejected
-    metrics = E.preference_metrics(pref_acc, margin, margins, ref_margins, test_pairs, test_examples, answers)
-    if config.eval_problems > 0:
-        problems = problems[: config.eval_problems]
-        gen_metrics, ref_replies, pol_replies = E.compare_by_sampling(policy, reference, enc, problems, config, device)
-        metrics.update(gen_metrics)
-        method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
-        reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
-        E.show_replies(f"reference ({reference_name}) | policy ({method})", problems,
-                       {"reference": ref_replies, "policy": pol_replies})
+    metrics = held_out_evaluation(config, policy, reference, init, enc, problems[: config.eval_problems], test_pairs,
+                                  test_examples, test_refs, test_path, pad, device)
     flops = M.flops_per_token(policy, ids.shape[1]) * passes / 3
     metrics.update({
         "pairs_per_second": steps * batch_size / train_seconds, "tokens_per_second": tokens / train_seconds,
         "mfu": tokens / train_seconds * flops / peak, "train_seconds": train_seconds,
-        "reference_pass_seconds": reference_pass_seconds,
-        "live_reference_seconds_estimate": live_seconds_per_step * steps, "warning_step": warning_step,
+        "reference_pass_seconds": reference_seconds[0],
+        "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,
         "peak_flops": peak, "trainable_parameters": trainable, "trainable_share": trainable / total_params,
         "memory_mb": P.training_memory(total_params, trainable, model_copies),

@@ -21,7 +21,7 @@ s = sigmoid, eps = label_smoothing, n_w, n_l = response lengths in tokens.
   sigmoid_norm  -log s(beta (a/n_w - b/n_l))                         DPO on per-token averages
   exo_pair      KL( softmax(beta [a, b]) || [1-eps, eps] )           EXO (Ji et al. 2024, eq. 16)
   nca_pair      -log s(beta a) - log s(-beta a)/2 - log s(-beta b)/2 NCA (Chen et al. 2024)
-  bco_pair      -log s(beta a - delta) - log s(delta - beta b)       BCO (Jung et al. 2024)
+  bco_pair      -log s(beta a - delta) - log s(delta - beta b)       BCO (Jung et al. 2024), delta = 0 as TRL
   sppo_hard     (a - 1/(2 beta))^2 + (b + 1/(2 beta))^2              SPPO (Wu et al. 2024), hard labels
   apo_zero      1 - s(beta a) + s(beta b)                            APO (D'Oosterlinck et al. 2024, eq. 7)
   apo_down      s(beta a) + 1 - s(beta z)                            APO (eq. 8)
@@ -42,8 +42,9 @@ Run one with dpo.py:
 
 How this departs from TRL:
 1. cdpo is a name of its own here; TRL spells it sigmoid with label_smoothing > 0 (both work).
-2. bco_pair's baseline delta is this batch's mean reward, not a running mean over steps: a pure
-   function keeps no state (a running mean can be passed in).
+2. bco_pair: TRL computes it with no reward shift (delta = 0), and so does the default here. The
+   BCO paper shifts the rewards by delta, the mean reward seen so far; --bco-reward-shift batch-mean
+   takes this batch's mean instead of a running one (a pure function keeps no state).
 3. ipo averages each log-ratio over its response tokens, as TRL does; the IPO paper writes sums.
 4. discopop's tau is fixed at TRL's default, 0.05, and its exponential term is computed as
    exp(log m - beta z), finite where m * exp(-beta z) overflows.
@@ -56,10 +57,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from plumbing import require
+
 PAIRED_LOSS_TYPES = ["sigmoid", "cdpo", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair",
                      "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"]
 DISCOPOP_TAU = 0.05  # TRL's default discopop_tau
 REFERENCE_FREE = ["simpo", "orpo"]  # no reference model: one model in memory, no reference pass
+BCO_REWARD_SHIFTS = ("none", "batch-mean")
 LABEL_SMOOTHED = ["sigmoid", "cdpo", "robust", "exo_pair", "simpo"]  # the losses label_smoothing enters
 
 
@@ -79,7 +83,7 @@ def paired_losses(loss_type, chosen_logratios, rejected_logratios, beta, label_s
     Shape: rejected_logratios (B,)  b = log pi(y_l|x) - log pi_ref(y_l|x)
     Shape: chosen_lengths (B,)      response tokens of y_w (only ipo and sigmoid_norm use them)
     Shape: rejected_lengths (B,)    response tokens of y_l
-    Shape: delta ()                 bco_pair's reward baseline (default: this batch's mean reward)
+    Shape: delta ()                 bco_pair's reward shift (default 0, as TRL; see bco_reward_shift)
     Returns losses (B,)."""
     a, b, eps = chosen_logratios, rejected_logratios, label_smoothing
     # z = a - b: the reference's beta log Z(x) has cancelled, as in DPO. The losses that use a or b
@@ -106,11 +110,8 @@ def paired_losses(loss_type, chosen_logratios, rejected_logratios, beta, label_s
                 + torch.sigmoid(-beta * z) * (F.logsigmoid(-beta * z) - math.log(eps)))
     if loss_type == "nca_pair":  # NCA: absolute rewards, so y_w's likelihood is pushed up, not only the gap
         return -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
-    if loss_type == "bco_pair":  # BCO: y_w classified above the baseline delta, y_l below it
-        # TRL's delta is a running mean of the rewards over steps; a pure function keeps no state, so it
-        # takes this batch's mean (detached: a baseline, not a target), or a running mean passed in
-        if delta is None:
-            delta = torch.cat([beta * a, beta * b]).mean().detach()
+    if loss_type == "bco_pair":  # BCO: y_w classified above the shift delta, y_l below it
+        delta = 0.0 if delta is None else delta
         return -F.logsigmoid(beta * a - delta) - F.logsigmoid(-(beta * b - delta))
     if loss_type == "sppo_hard":  # SPPO with P(y_w > y_l) = 1: a -> +1/(2 beta), b -> -1/(2 beta)
         return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
@@ -123,6 +124,12 @@ def paired_losses(loss_type, chosen_logratios, rejected_logratios, beta, label_s
         # m exp(-beta z) as exp(log m - beta z): equal, but finite where exp(-beta z) alone overflows
         return (1 - m) * -F.logsigmoid(beta * z) + torch.exp(F.logsigmoid(beta * z / DISCOPOP_TAU) - beta * z)
     raise ValueError(f"unknown loss_type {loss_type!r}; known: {', '.join(PAIRED_LOSS_TYPES)}")
+
+
+def bco_reward_shift(chosen_logratios, rejected_logratios, beta):
+    """The BCO paper's reward shift delta, the mean reward, here over this batch's 2B rewards beta a and
+    beta b (detached: a baseline, not a target). -> a scalar tensor for paired_losses(delta=)."""
+    return torch.cat([beta * chosen_logratios, beta * rejected_logratios]).mean().detach()
 
 
 def simpo_loss(chosen_avg_logps, rejected_avg_logps, beta=2.0, gamma=0.5, label_smoothing=0.0):
@@ -202,3 +209,67 @@ def kto_examples(rows, rng, desirable_share=1.0):
     rows = list(rows)
     rng.shuffle(rows)
     return [(p, c, rows[i - 1][1], label) for i, (p, c, label) in enumerate(rows)]
+
+
+def kto_rows(pairs, unpaired, rng, desirable_share=1.0):
+    """KTO's training rows from a file's rows (see kto_examples), saying how many of each; a pair
+    with one reply twice is neither desirable nor undesirable, and is dropped."""
+    kept = pairs if unpaired else [(p, c, r) for p, c, r in pairs if c != r]
+    rows = kto_examples(kept, rng, desirable_share)
+    n_good = sum(row[3] for row in rows)
+    print(f"dpo: kto: {n_good} desirable and {len(rows) - n_good} undesirable rows ({len(pairs) - len(kept)} "
+          f"pairs with one reply twice dropped)")
+    return rows
+
+
+def chosen_nll(policy_chosen_logps, chosen_lengths):
+    """The SFT loss on the chosen replies, one mean over all their tokens (as TRL; the RPO paper
+    averages per reply first): NLL = -sum log pi(y_w|x) / sum |y_w|  (negate: NLL = -logp).
+    Shape: policy_chosen_logps (B,)  log pi(y_w|x), summed over response tokens
+    Shape: chosen_lengths (B,)       response tokens of y_w
+    Returns a scalar; an empty mask gives 0, not NaN."""
+    return -policy_chosen_logps.sum() / chosen_lengths.sum().clamp(min=1)
+
+
+def family_loss(config, logps, lengths, ref_logps, labels):
+    """SimPO, ORPO and KTO on one batch of 2B rows, as dpo.batch_loss lays it out (its docstring
+    gives the shapes). -> (loss, first rewards, second rewards), rewards detached."""
+    B = len(logps) // 2
+    if config.loss_type == "simpo":
+        avg = logps / lengths.clamp(min=1)  # SimPO's reward is the per-token average, scaled by beta
+        losses, chosen_rewards, rejected_rewards = simpo_loss(avg[:B], avg[B:], config.simpo_beta,
+                                                              config.simpo_gamma, config.label_smoothing)
+        return losses.mean(), chosen_rewards, rejected_rewards
+    if config.loss_type == "orpo":  # one stage: SFT on the chosen reply + lambda * odds-ratio term
+        avg = logps / lengths.clamp(min=1)
+        odds_losses, _ = odds_ratio_loss(avg[:B], avg[B:], config.orpo_lambda)
+        loss = chosen_nll(logps[:B], lengths[:B]) + odds_losses.mean()
+        return loss, (config.orpo_lambda * avg[:B]).detach(), (config.orpo_lambda * avg[B:]).detach()
+    good = labels  # kto
+    losses, desirable_rewards, undesirable_rewards, _ = kto_loss(
+        logps[:B][good], logps[:B][~good], ref_logps[:B][good], ref_logps[:B][~good],
+        logps[B:], ref_logps[B:], config.beta, config.kto_desirable_weight, config.kto_undesirable_weight)
+    return losses.mean(), desirable_rewards, undesirable_rewards
+
+
+def check_family_flags(config):
+    """The family's flags, checked before anything is built (ConfigError): a known --loss-type, and
+    no flag that changes nothing with it (that would let a run pass for what it is not)."""
+    known = PAIRED_LOSS_TYPES + REFERENCE_FREE + ["kto"]
+    require(config.loss_type in known, f"--loss-type {config.loss_type!r} is unknown; known: {', '.join(known)}")
+    require(not config.rpo_alpha or config.loss_type in PAIRED_LOSS_TYPES, f"--rpo-alpha adds an NLL term to the "
+            f"paired losses; {config.loss_type} has its own loss (orpo already includes the NLL): use --rpo-alpha 0")
+    require(0 <= config.label_smoothing < 0.5, f"--label-smoothing is the assumed share of wrong labels, in "
+            f"[0, 0.5), got {config.label_smoothing}")
+    require(config.label_smoothing > 0 or config.loss_type not in ("cdpo", "robust"), f"--loss-type "
+            f"{config.loss_type} needs --label-smoothing > 0: with 0 it is plain DPO (sigmoid)")
+    require(config.label_smoothing == 0 or config.loss_type in LABEL_SMOOTHED, f"--label-smoothing does nothing "
+            f"with --loss-type {config.loss_type}; it enters {', '.join(LABEL_SMOOTHED)}")
+    require(0 <= config.kto_desirable_share <= 1, f"--kto-desirable-share is a share of the desirable rows, "
+            f"in [0, 1], got {config.kto_desirable_share}")
+    require(config.kto_desirable_share == 1 or config.loss_type == "kto", f"--kto-desirable-share does "
+            f"nothing with --loss-type {config.loss_type}; it enters kto")
+    require(config.bco_reward_shift in BCO_REWARD_SHIFTS, f"--bco-reward-shift {config.bco_reward_shift!r} is "
+            f"unknown; known: {', '.join(BCO_REWARD_SHIFTS)}")
+    require(config.bco_reward_shift == "none" or config.loss_type == "bco_pair", f"--bco-reward-shift does "
+            f"nothing with --loss-type {config.loss_type}; it enters bco_pair")

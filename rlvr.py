@@ -299,6 +299,50 @@ def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, dev
     return stats, step_loss, ratio_sum, clipped, grad_norm, ids
 
 
+def step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config):
+    """One RL step's figures: the loss, reward, accuracy, the share of groups with no spread, the ratio
+    and clipping, reply lengths, the gradient norm, and the KL when the reference ran."""
+    n_tok = max(1, stats["tokens"])
+    rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
+           "accuracy": sum(ro["correct"]) / len(ro["correct"]),
+           "zero_spread_groups": 1 - has_spread.float().mean().item(),
+           # rho at the last inner step: exactly 1 with --inner-steps 1; with more, the drift
+           "ratio": ratio_sum / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
+           "clip_fraction": clipped / (n_tok * config.inner_steps),
+           "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
+           "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
+           "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+    if config.kl_coef:  # measured only when the reference runs (--kl-coef 0 skips it)
+        rec["kl"] = stats["kl"] / n_tok
+    return rec
+
+
+def load_models(config, init, device, tokenizer_path, enc, problems, eval_problems, data_path, eval_source):
+    """The policy (trainable copy of the start, dropout off: its log-probs must be those the sampler
+    saw), the frozen reference, and the model the evaluation's KL is measured against (the start, or
+    --eval-reference); every prompt's replies checked to fit each model's context first.
+    -> (policy, reference, kl_reference)"""
+    policy, _ = M.load_checkpoint(init, device, tokenizer_path)
+    reference, _ = M.load_checkpoint(init, device, tokenizer_path)
+    reference.requires_grad_(False).eval()
+    policy.eval()
+    print(f"rlvr: start from {init} | {P.describe(policy, device)} | {len(problems)} RL problems, "
+          f"{len(eval_problems)} held-out")
+    if config.steps:  # rollouts sample after the training problems (--steps 0 only evaluates)
+        E.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
+                            data_path)
+    eval_prompts = [p["prompt"] for p in eval_problems]
+    E.check_replies_fit(policy.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source)
+    # the evaluation's KL is against the start, or against --eval-reference (a third model, eval only)
+    kl_reference = reference
+    if config.eval_reference:
+        kl_reference, _ = M.load_checkpoint(config.eval_reference, device, tokenizer_path)
+        kl_reference.requires_grad_(False).eval()
+        E.check_replies_fit(kl_reference.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source,
+                            model=config.eval_reference)  # the KL scores prompt and reply on it too
+    return policy, reference, kl_reference
+
+
 def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
@@ -324,24 +368,8 @@ def train(config):
     problems = user_problems or formats.read_problems(data_path)
     eval_problems = (user_eval or formats.read_problems(eval_source))[: config.eval_problems]
 
-    policy, _ = M.load_checkpoint(init, device, tokenizer_path)
-    reference, _ = M.load_checkpoint(init, device, tokenizer_path)
-    reference.requires_grad_(False).eval()
-    policy.eval()  # dropout off: the log-probs must be those the sampler saw
-    print(f"rlvr: start from {init} | {P.describe(policy, device)} | {len(problems)} RL problems, "
-          f"{len(eval_problems)} held-out")
-    if config.steps:  # rollouts sample after the training problems (--steps 0 only evaluates)
-        E.check_replies_fit(policy.config.block_size, enc, [p["prompt"] for p in problems], config.max_new_tokens,
-                            data_path)
-    eval_prompts = [p["prompt"] for p in eval_problems]
-    E.check_replies_fit(policy.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source)
-    # the evaluation's KL is against the start, or against --eval-reference (a third model, eval only)
-    kl_reference = reference
-    if config.eval_reference:
-        kl_reference, _ = M.load_checkpoint(config.eval_reference, device, tokenizer_path)
-        kl_reference.requires_grad_(False).eval()
-        E.check_replies_fit(kl_reference.config.block_size, enc, eval_prompts, config.max_new_tokens, eval_source,
-                            model=config.eval_reference)  # the KL scores prompt and reply on it too
+    policy, reference, kl_reference = load_models(config, init, device, tokenizer_path, enc, problems, eval_problems,
+                                                  data_path, eval_source)
     before = None
     if eval_problems:
         t_eval = time.time()
@@ -393,21 +421,10 @@ def train(config):
                            + (f", KL {stats['kl'] / stats['tokens']:.4f} (0 at the start)" if config.kl_coef else ""))
         train_seconds += time.time() - t_train
 
-        n_tok = max(1, stats["tokens"])
-        rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
-               "accuracy": sum(ro["correct"]) / len(ro["correct"]),
-               "zero_spread_groups": 1 - has_spread.float().mean().item(),
-               # rho at the last inner step: exactly 1 with --inner-steps 1; with more, the drift
-               "ratio": ratio_sum / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
-               "clip_fraction": clipped / (n_tok * config.inner_steps),
-               "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
-               "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
-               "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
-               "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
-               "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
-               "mfu": train_flops / max(1e-9, train_seconds) / peak}
-        if config.kl_coef:  # measured only when the reference runs (--kl-coef 0 skips it)
-            rec["kl"] = stats["kl"] / n_tok
+        rec = step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config)
+        rec.update(sample_tokens_per_second=sample_tokens / max(1e-9, sample_seconds),
+                   train_tokens_per_second=train_tokens / max(1e-9, train_seconds),
+                   mfu=train_flops / max(1e-9, train_seconds) / peak)
         curve.append(rec)
         if (step + 1) % config.log_every == 0 or step == config.steps - 1:
             P.append_jsonl(log_path, rec)

@@ -197,6 +197,34 @@ def check_config(config):
     return stages
 
 
+def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
+    """Every file the SFT stage reads, read and checked before pretraining spends minutes: a bad row
+    stops the run here, in one line with its file and line, and nothing is built.
+    -> (the pretrained model when pretraining does not run, else None; train rows; val rows; problems)"""
+    gpt = None
+    path = os.path.join(pretrain_dir, "model.pt")
+    if "pretrain" in stages:
+        context = config.block_size
+    else:
+        if not os.path.exists(path):
+            raise P.DataError(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
+        gpt, _ = M.load_checkpoint(path, device, tok_path)
+        context = gpt.config.block_size
+        shape = ("n_layer", "n_head", "n_embd", "block_size")
+        if any(getattr(gpt.config, k) != getattr(config, k) for k in shape):  # the flags shape a new model only
+            print(f"sft: the model's shape comes from {path} (" + ", ".join(
+                f"{k} {getattr(gpt.config, k)}" for k in shape) + "); --n-layer, --n-head, --n-embd and "
+                "--block-size shape the model pretraining builds")
+    train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), context)
+    val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
+    problems = []
+    if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
+        test_path = os.path.join(config.data_dir, "test.jsonl")
+        problems = formats.read_problems(test_path)[: config.eval_problems]
+        E.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+    return gpt, train_rows, val_rows, problems
+
+
 def train(config):
     """Run the stages in config.stages; returns the metrics of the last one."""
     t0 = time.time()
@@ -210,29 +238,9 @@ def train(config):
     pretrain_dir = os.path.join(config.out, "pretrain")
     metrics = {}
 
-    # Every file the SFT stage reads is read and checked now, before pretraining spends minutes: a
-    # bad row stops the run here, in one line with its file and line, and nothing is built
+    # every file the SFT stage reads is read and checked now, before pretraining spends minutes
     if "sft" in stages:
-        path = os.path.join(pretrain_dir, "model.pt")
-        if "pretrain" in stages:
-            context = config.block_size
-        else:
-            if not os.path.exists(path):
-                raise P.DataError(f"sft: no pretrained checkpoint at {path}; run `python sft.py` (both stages)")
-            gpt, _ = M.load_checkpoint(path, device, tok_path)
-            context = gpt.config.block_size
-            shape = ("n_layer", "n_head", "n_embd", "block_size")
-            if any(getattr(gpt.config, k) != getattr(config, k) for k in shape):  # the flags shape a new model only
-                print(f"sft: the model's shape comes from {path} (" + ", ".join(
-                    f"{k} {getattr(gpt.config, k)}" for k in shape) + "); --n-layer, --n-head, --n-embd and "
-                    "--block-size shape the model pretraining builds")
-        train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), context)
-        val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
-        problems = []
-        if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
-            test_path = os.path.join(config.data_dir, "test.jsonl")
-            problems = formats.read_problems(test_path)[: config.eval_problems]
-            E.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+        gpt, train_rows, val_rows, problems = sft_inputs(config, stages, enc, device, tok_path, pretrain_dir)
 
     if "pretrain" in stages:
         gpt = M.GPT(M.GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size,
