@@ -67,11 +67,12 @@ import evaluation as E
 import lora
 import model as M
 import plumbing as P
+import report
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
-from dpo_family import (BCO_REWARD_SHIFTS, LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE,  # noqa: F401
-                        bco_reward_shift, check_family_flags, chosen_nll, family_loss, kto_examples, kto_loss,
-                        kto_rows, odds_ratio_loss, paired_losses, simpo_loss)
+from dpo_family import (LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE, bco_reward_shift, check_family_flags,
+                        chosen_nll, family_loss, kto_rows, paired_losses)
+from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
 from plumbing import option
 
 
@@ -214,10 +215,6 @@ def kto_logprobs(policy, input_ids, loss_mask):
     return torch.cat([first, second])  # (2B,)
 
 
-def mean_or_0(values):
-    return values.mean().item() if values.numel() else 0.0
-
-
 def batch_loss(config, logps, lengths, ref_logps, labels=None):
     """The configured member of the family on one batch of 2B rows: the B first (chosen; for KTO
     each row's completion), then the B second (rejected; for KTO another row's completion, which
@@ -330,7 +327,7 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
     """Held-out preference accuracy (share of pairs with r_w > r_l, strictly), mean margin, and the
     margins r_w - r_l themselves, (N,) on the CPU. With no reference (ref_chosen None: SimPO, ORPO)
     the reward is beta * per-token average log-prob."""
-    with M.eval_mode(policy):
+    with P.eval_mode(policy):
         policy_chosen, policy_rejected = pair_logprobs(policy, examples, pad_id, device, average=ref_chosen is None)
     if ref_chosen is None:
         margins = beta * (policy_chosen - policy_rejected)
@@ -368,29 +365,6 @@ def check_config(config):
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     P.check_out(config.out)
-
-
-def read_inputs(config):
-    """The files the user named, validated before anything is built or trained (DataError naming
-    the file and line). -> {"pairs", "unpaired", "test_pairs", "problems"}, None where not given."""
-    inputs = {"pairs": None, "unpaired": False, "test_pairs": None, "problems": None}
-    if config.data:  # KTO also reads TRL's unpaired {"prompt", "completion", "label"} rows
-        unpaired = config.loss_type == "kto" and "completion" in formats.read_jsonl(config.data)[0][1]
-        hint = "" if config.loss_type == "kto" else "; unpaired rows need --loss-type kto"
-        inputs["pairs"] = formats.read_unpaired(config.data) if unpaired else formats.read_pairs(config.data, hint)
-        inputs["unpaired"] = unpaired
-        if unpaired and config.label_noise:
-            raise P.DataError(f"{config.data}: --label-noise swaps chosen and rejected: it needs pairs")
-        if unpaired and config.kto_desirable_share != 1:
-            raise P.DataError(f"{config.data}: --kto-desirable-share thins the desirable rows split from pairs; "
-                              f"an unpaired file's rows are kept as they are")
-    held_out_hint = "; held-out rows are pairs, with --loss-type kto too"
-    if config.test_data:
-        inputs["test_pairs"] = formats.read_pairs(config.test_data, held_out_hint)
-    if config.eval_problems_file:
-        inputs["problems"] = formats.read_problems(config.eval_problems_file)
-    P.require_file(config.eval_reference)
-    return inputs
 
 
 def training_pairs(config, enc, rng, inputs, data_path, test_path):
@@ -465,34 +439,6 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
     return ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, reference_pass_seconds, live_seconds_per_step
 
 
-def step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels, lengths, grad_norm):
-    """One step's figures, in TRL's names: the loss, the rewards and their margin, the share of
-    pairs ordered right, the log-probs, the gradient norm (and kl, nll_loss where they exist)."""
-    B = len(logps) // 2
-    if config.loss_type == "kto":  # unpaired: compare the two groups' means; right = reward's sign
-        chosen_logps, rejected_logps = logps[:B][labels], logps[:B][~labels]  # desirable, undesirable
-        margin = mean_or_0(chosen_rewards) - mean_or_0(rejected_rewards)
-        accuracy = torch.cat([chosen_rewards > 0, rejected_rewards < 0]).float().mean().item()
-    else:
-        chosen_logps, rejected_logps = logps[:B], logps[B:]
-        margins = chosen_rewards - rejected_rewards
-        margin, accuracy = margins.mean().item(), (margins > 0).float().mean().item()  # strict: a tie is no win
-    record = {
-        "loss": loss.item(),
-        "rewards/chosen": mean_or_0(chosen_rewards),
-        "rewards/rejected": mean_or_0(rejected_rewards),
-        "rewards/margins": margin,
-        "rewards/accuracies": accuracy,
-        "logps/chosen": mean_or_0(chosen_logps.detach()),
-        "logps/rejected": mean_or_0(rejected_logps.detach()),
-        "grad_norm": grad_norm.item()}
-    if ref_logps is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
-        record["kl"] = (logps.detach() - ref_logps).mean().item()
-    if config.rpo_alpha:  # loss includes alpha * this: loss - alpha * nll_loss compares with plain DPO's
-        record["nll_loss"] = chosen_nll(chosen_logps.detach(), lengths[:B]).item()
-    return record
-
-
 @torch.no_grad()
 def chosen_logp(policy, ids, mask):
     """The mean log-prob of a batch's chosen replies (its first half of rows: see collate). The early
@@ -501,25 +447,6 @@ def chosen_logp(policy, ids, mask):
     log pi(y_w) - log pi_ref(y_w) = rewards/chosen / beta; without one (simpo, orpo), a fixed probe
     batch, re-scored at each log line against its own start."""
     return sequence_logprobs(policy, ids, mask)[: len(ids) // 2].mean().item()
-
-
-def over_optimisation_warning(step, fall, margin, has_reference):
-    below = "the reference's" if has_reference else "their start (a fixed batch)"
-    return (f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on the same replies "
-            f"while the margin grew to {margin:.2f}: both replies are being pushed down (over-optimisation; "
-            f"lower --lr or --epochs{', or raise --beta' if has_reference else ''})")
-
-
-def check_sampling_fits(config, context, eval_reference_context, enc, problems, source):
-    """The evaluations sample replies after these prompts: they must fit the policy's context (and
-    --eval-reference's), checked before training."""
-    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
-    prompts = [p["prompt"] for p in problems[:sampled]]
-    if sampled:
-        E.check_replies_fit(context, enc, prompts, config.max_new_tokens, source)
-    if config.eval_problems and eval_reference_context:  # the final one samples that model too
-        E.check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
-                            source, model=config.eval_reference)
 
 
 def load_models(config, init, device, tokenizer_path, examples, test_examples, batch_size, pad):
@@ -555,35 +482,14 @@ def load_models(config, init, device, tokenizer_path, examples, test_examples, b
     return policy, reference, tuple(refs), seconds, model_copies
 
 
-def held_out_evaluation(config, policy, reference, init, enc, problems, test_pairs, test_examples, test_refs,
-                        test_path, pad, device):
-    """Held-out data the training never saw, against the start (or --eval-reference): preference
-    accuracy on the held-out pairs, then both models sampled on the same problems. -> metrics"""
-    if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
-        reference, _ = M.load_checkpoint(config.eval_reference or init, device, os.path.join(config.data_dir, "tokenizer.json"))
-        reference.requires_grad_(False).eval()
-    reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
-    pref_acc, margin, margins = preference_accuracy(policy, test_examples, *test_refs,
-                                                    reward_scale, pad, device)
-    answers = [row.get("answer") for _, row in formats.read_jsonl(test_path)]  # this world's pairs carry one
-    ref_margins = None if test_refs[0] is None else test_refs[0] - test_refs[1]
-    metrics = E.preference_metrics(pref_acc, margin, margins, ref_margins, test_pairs, test_examples, answers)
-    if config.eval_problems > 0:
-        gen_metrics, ref_replies, pol_replies = E.compare_by_sampling(policy, reference, enc, problems, config, device)
-        metrics.update(gen_metrics)
-        method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
-        reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
-        E.show_replies(f"reference ({reference_name}) | policy ({method})", problems,
-                       {"reference": ref_replies, "policy": pol_replies})
-    return metrics
-
-
 def train(config):
     """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json)."""
     t_all = time.time()
     check_config(config)
     device = P.pick_device(config.device)
-    inputs = read_inputs(config)
+    inputs = formats.read_dpo_inputs(config.data, config.test_data, config.eval_problems_file, config.loss_type == "kto",
+                                     config.label_noise, config.kto_desirable_share)  # before anything is built
+    P.require_file(config.eval_reference)
     init = ensure_init(config)  # builds the data and the SFT model if missing
     ensure_data(config.data_dir)
     tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
@@ -609,7 +515,7 @@ def train(config):
     ref_chosen, ref_rejected, *test_refs = refs
     trainable, total_params = lora.trainable_parameters(policy), sum(p.numel() for p in policy.parameters())
     problems = inputs["problems"] or formats.read_problems(problems_path)  # for the sampling evaluations
-    check_sampling_fits(config, policy.config.block_size, eval_reference_context, enc, problems, problems_path)
+    E.check_sampling_fits(config, policy.config.block_size, eval_reference_context, enc, problems, problems_path)
 
     # --- training: one step per batch of pairs, the loss on the policy's and reference's log-probs
     steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
@@ -652,7 +558,7 @@ def train(config):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
         tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs)
-        window.append(step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
+        window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                   lengths, grad_norm))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
         if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
@@ -676,11 +582,14 @@ def train(config):
             # the early warning: the margin grows by pushing the chosen reply down too
             if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
                 warning_step = step
-                tqdm.write(over_optimisation_warning(step, fall, rec["rewards/margins"], probe is None))
+                tqdm.write(E.over_optimisation_warning(step, fall, rec["rewards/margins"], probe is None))
     train_seconds = time.time() - t_train - eval_seconds
 
-    metrics = held_out_evaluation(config, policy, reference, init, enc, problems[: config.eval_problems], test_pairs,
-                                  test_examples, test_refs, test_path, pad, device)
+    # --- held-out data the training never saw: the implicit reward on unseen pairs, then both models sampled
+    reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
+    accuracy = preference_accuracy(policy, test_examples, *test_refs, reward_scale, pad, device)
+    metrics = E.dpo_evaluation(config, policy, reference, init, enc, problems[: config.eval_problems], accuracy,
+                               test_refs, test_pairs, test_examples, test_path, device)
     flops = M.flops_per_token(policy, ids.shape[1]) * passes / 3
     metrics.update({
         "pairs_per_second": steps * batch_size / train_seconds, "tokens_per_second": tokens / train_seconds,
@@ -688,7 +597,7 @@ def train(config):
         "reference_pass_seconds": reference_seconds[0],
         "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,
-        "peak_flops": peak, "trainable_parameters": trainable, "trainable_share": trainable / total_params,
+        "peak_flops": peak, "device": str(device), "trainable_parameters": trainable, "trainable_share": trainable / total_params,
         "memory_mb": P.training_memory(total_params, trainable, model_copies),
         "wall_seconds": time.time() - t0, "total_wall_seconds": time.time() - t_all})
     # --- the checkpoint (written atomically), metrics.json, the summary
@@ -700,6 +609,7 @@ def train(config):
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_dpo_summary(metrics, "rows" if config.loss_type == "kto" else "pairs", ref_chosen is not None,
                         model_copies, out_dir)
+    report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics
 
 

@@ -7,11 +7,13 @@ trains anything.
 """
 
 import math
+import os
 
 import torch
 
 import model as M
-from data import world
+from data import formats, world
+from dpo_family import chosen_nll
 from lora import reference_model
 from plumbing import require
 
@@ -307,3 +309,106 @@ def print_rlvr_summary(metrics, reference_name, out_dir):
     print(f"rlvr: sampling {metrics['sample_tokens_per_second'] / 1e3:.1f}k tok/s, training "
           f"{metrics['train_tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} (peak "
           f"{metrics['peak_flops'] / 1e9:.0f} GFLOP/s); RL stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+
+
+def check_sampling_fits(config, context, eval_reference_context, enc, problems, source):
+    """DPO's evaluations sample replies after these prompts: they must fit the policy's context (and
+    --eval-reference's), checked before training."""
+    sampled = max(config.eval_problems, config.eval_every_problems if config.eval_every else 0)
+    prompts = [p["prompt"] for p in problems[:sampled]]
+    if sampled:
+        check_replies_fit(context, enc, prompts, config.max_new_tokens, source)
+    if config.eval_problems and eval_reference_context:  # the final one samples that model too
+        check_replies_fit(eval_reference_context, enc, prompts[: config.eval_problems], config.max_new_tokens,
+                            source, model=config.eval_reference)
+
+
+def dpo_evaluation(config, policy, reference, init, enc, problems, accuracy, test_refs, test_pairs, test_examples,
+                   test_path, device):
+    """The DPO stage's held-out figures, against the start (or --eval-reference): the preference accuracy
+    (dpo.preference_accuracy's (accuracy, mean margin, margins)) split by pair kind, then both models
+    sampled on the same problems. test_refs: the reference's log-probs of the held-out pairs. -> metrics"""
+    if config.eval_problems > 0 and (config.eval_reference or (reference is None and not config.lora_rank)):
+        reference, _ = M.load_checkpoint(config.eval_reference or init, device, os.path.join(config.data_dir, "tokenizer.json"))
+        reference.requires_grad_(False).eval()
+    answers = [row.get("answer") for _, row in formats.read_jsonl(test_path)]  # this world's pairs carry one
+    ref_margins = None if test_refs[0] is None else test_refs[0] - test_refs[1]
+    metrics = preference_metrics(*accuracy, ref_margins, test_pairs, test_examples, answers)
+    if config.eval_problems > 0:
+        gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
+        metrics.update(gen_metrics)
+        method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
+        reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
+        show_replies(f"reference ({reference_name}) | policy ({method})", problems,
+                       {"reference": ref_replies, "policy": pol_replies})
+    return metrics
+
+
+def over_optimisation_warning(step, fall, margin, has_reference):
+    """DPO's early warning: the chosen replies' log-prob fell while the margin grew."""
+    below = "the reference's" if has_reference else "their start (a fixed batch)"
+    return (f"warning: step {step}: the chosen log-prob fell {fall:.1f} nats below {below} on the same replies "
+            f"while the margin grew to {margin:.2f}: both replies are being pushed down (over-optimisation; "
+            f"lower --lr or --epochs{', or raise --beta' if has_reference else ''})")
+
+
+def mean_or_0(values):
+    return values.mean().item() if values.numel() else 0.0
+
+
+def dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels, lengths, grad_norm):
+    """One DPO step's figures, in TRL's names (the shapes are dpo.batch_loss's): the loss, the rewards and their margin, the share of
+    pairs ordered right, the log-probs, the gradient norm (and kl, nll_loss where they exist)."""
+    B = len(logps) // 2
+    if config.loss_type == "kto":  # unpaired: compare the two groups' means; right = reward's sign
+        chosen_logps, rejected_logps = logps[:B][labels], logps[:B][~labels]  # desirable, undesirable
+        margin = mean_or_0(chosen_rewards) - mean_or_0(rejected_rewards)
+        accuracy = torch.cat([chosen_rewards > 0, rejected_rewards < 0]).float().mean().item()
+    else:
+        chosen_logps, rejected_logps = logps[:B], logps[B:]
+        margins = chosen_rewards - rejected_rewards
+        margin, accuracy = margins.mean().item(), (margins > 0).float().mean().item()  # strict: a tie is no win
+    record = {
+        "loss": loss.item(),
+        "rewards/chosen": mean_or_0(chosen_rewards),
+        "rewards/rejected": mean_or_0(rejected_rewards),
+        "rewards/margins": margin,
+        "rewards/accuracies": accuracy,
+        "logps/chosen": mean_or_0(chosen_logps.detach()),
+        "logps/rejected": mean_or_0(rejected_logps.detach()),
+        "grad_norm": grad_norm.item()}
+    if ref_logps is not None:  # the mean log-ratio on the batch's own replies (cheap, off-policy)
+        record["kl"] = (logps.detach() - ref_logps).mean().item()
+    if config.rpo_alpha:  # loss includes alpha * this: loss - alpha * nll_loss compares with plain DPO's
+        record["nll_loss"] = chosen_nll(chosen_logps.detach(), lengths[:B]).item()
+    return record
+
+
+def rlvr_step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config):
+    """One RL step's figures: the loss, reward, accuracy, the share of groups with no spread, the ratio
+    and clipping, reply lengths, the gradient norm, and the KL when the reference ran."""
+    n_tok = max(1, stats["tokens"])
+    rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
+           "accuracy": sum(ro["correct"]) / len(ro["correct"]),
+           "zero_spread_groups": 1 - has_spread.float().mean().item(),
+           # rho at the last inner step: exactly 1 with --inner-steps 1; with more, the drift
+           "ratio": ratio_sum / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
+           "clip_fraction": clipped / (n_tok * config.inner_steps),
+           "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
+           "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
+           "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
+    if config.kl_coef:  # measured only when the reference runs (--kl-coef 0 skips it)
+        rec["kl"] = stats["kl"] / n_tok
+    return rec
+
+
+def print_lm_summary(stage, metrics):
+    """Pretraining's or SFT's closing lines, read from its metrics."""
+    print(f"{stage}: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
+          f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
+          f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s), {metrics['wall_seconds']:.0f}s")
+    if "accuracy" in metrics:
+        by_ops = ", ".join(f"{k}: {v:.0%}" for k, v in metrics["accuracy_by_ops"].items())
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics["style_shares"].items())
+        print(f"{stage}: held-out accuracy greedy {metrics['accuracy']:.1%} (by operations: {by_ops}), "
+              f"sampled {metrics['accuracy_sampled']:.1%}; sampled styles: {shares}")

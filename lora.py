@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.formats import DataError, write_atomically
-import model as M
+import plumbing as P
 from plumbing import require
 
 LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"),  # q, k, v (fused) and the output projection
@@ -178,7 +178,7 @@ def load_lora(path, model):
     records (same modules, rank, alpha); a model that has adapters must have those same ones.
     weights_only=True, as for checkpoints. -> the file's dict. A file that does not fit the model
     raises DataError naming the file."""
-    ckpt = M.load_weights_only(path, "LoRA adapter file")
+    ckpt = P.load_weights_only(path, "LoRA adapter file")
     if not isinstance(ckpt, dict) or "lora" not in ckpt:
         raise DataError(f"{path}: not a LoRA adapter file (a full checkpoint? use load_checkpoint)")
     modules, rank, alpha, theirs = ckpt.get("modules"), ckpt.get("rank"), ckpt.get("alpha"), ckpt["lora"]

@@ -14,7 +14,6 @@ position (docs/log.md).
 """
 
 import base64
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -29,7 +28,7 @@ import torch.nn.functional as F
 
 from data.formats import ROLES, DataError, write_atomically
 from data.prepare import DATA_DIR
-from plumbing import require
+from plumbing import autocast, eval_mode, load_weights_only, require
 
 # ----------------------------------------------------------------------------------------------
 # The model
@@ -281,7 +280,7 @@ class KVCache:
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=None,
-             generator=None, use_cache=True):
+             generator=None, use_cache=True, on_token=None):
     """Sample replies for a batch of prompts of different lengths.
 
     prompts: a list of token-id lists. They are left-padded to a common length; each row's
@@ -293,7 +292,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     top_k is given; with temperature 0 (greedy), under softmax(logits), the T = 1 distribution.
     The tests check them (without top_k) against a teacher-forced pass (shifted_logprobs at the same
     temperature); the RL update recomputes its own.
-    use_cache=False recomputes the whole prefix at every step (same result, for comparison)."""
+    use_cache=False recomputes the whole prefix at every step (same result, for comparison).
+    on_token(ids), if given, sees each step's new tokens, a list of one id per row, as they are sampled."""
     P = max(len(p) for p in prompts)
     require(P + max_new_tokens <= model.config.block_size, f"a reply of {max_new_tokens} tokens (--max-new-tokens) "
             f"after a prompt of {P} tokens runs past the model's context of {model.config.block_size} tokens")
@@ -348,6 +348,8 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
             idx[:, t] = nxt
             new_logps[:, step] = logp
             lengths = torch.where(~done & (nxt == stop_token), step + 1, lengths)
+            if on_token is not None:
+                on_token(nxt.tolist())
             done |= nxt == stop_token
             t += 1
             if bool(done.all()):
@@ -356,26 +358,6 @@ def generate(model, prompts, max_new_tokens, stop_token, temperature=1.0, top_k=
     out = [row[:L] for row, L in zip(idx[:, P: P + n].tolist(), lengths.clamp(max=n).tolist())]
     out_logp = [row[:L] for row, L in zip(new_logps[:, :n].tolist(), lengths.clamp(max=n).tolist())]
     return out, out_logp
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    """Inside the block the model is in eval mode (no dropout); on exit it gets its mode back,
-    also when the block raises."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def autocast(device):
-    """bf16 autocast on CUDA only; fp32 on CPU and MPS (where bf16 is slow or unsupported)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,23 +387,6 @@ def save_checkpoint(path, model, tokenizer_path=TOKENIZER_PATH, **extra):
                           "sha256": tokenizer_fingerprint(tokenizer_path)},
             **extra}
     write_atomically(path, lambda tmp: torch.save(ckpt, tmp))
-
-
-def load_weights_only(path, what):
-    """torch.load(path, weights_only=True): the file cannot run code on load. A file torch cannot read
-    that way (not written by torch.save, cut short, or holding objects beyond tensors and plain data)
-    raises DataError naming it, instead of torch's page-long message."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:  # the path, not the file
-        raise DataError(f"{path}: {e.strerror}") from e
-    except MemoryError:
-        raise
-    except Exception as e:  # a bad file raises many kinds: UnpicklingError, RuntimeError, UnicodeDecodeError, ...
-        message = str(e)
-        at = message.find("Unsupported global")  # "...: GLOBAL <the object refused> was not an allowed global ..."
-        reason = type(e).__name__ + (": " + message[at:].split(" was not")[0].split("\n")[0] if at >= 0 else "")
-        raise DataError(f"{path}: not a {what} that torch.load(weights_only=True) can read ({reason})") from e
 
 
 def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):

@@ -1,10 +1,12 @@
 """
 The plumbing every script shares, kept out of the lessons: a config dataclass as a command line,
-one-line errors, strict and atomic JSON writes, the device and its peak FLOP/s, the learning-rate
-schedule, the batch order, memory. Nothing here knows about a model or a stage.
+one-line errors, strict and atomic JSON writes, the learning-rate schedule and the batch order,
+torch files loaded safely, the device (its precision, its peak FLOP/s, eval mode) and memory.
+Nothing here knows about a stage.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -105,13 +107,14 @@ def config_from_args(config_cls, args):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def run_cli(doc, config_cls, train, argv=None):
+def run_cli(doc, config_cls, train, argv=None, show_config=True):
     """The command line every stage shares: flags from the config dataclass, print the resolved
     config, run train(config); a bad input file or flag ends with its one-line error, exit code 1."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_config_args(parser, config_cls())
     config = config_from_args(config_cls, parser.parse_args(argv))
-    print("config:", dataclasses.asdict(config))
+    if show_config:
+        print("config:", dataclasses.asdict(config))
     return one_line_errors(train, config)
 
 
@@ -201,7 +204,28 @@ def next_indices(order, n, batch, rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# The device, its peak FLOP/s, memory
+# Loading torch files safely
+
+
+def load_weights_only(path, what):
+    """torch.load(path, weights_only=True): the file cannot run code on load. A file torch cannot read
+    that way (not written by torch.save, cut short, or holding objects beyond tensors and plain data)
+    raises DataError naming it, instead of torch's page-long message."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:  # the path, not the file
+        raise DataError(f"{path}: {e.strerror}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # a bad file raises many kinds: UnpicklingError, RuntimeError, UnicodeDecodeError, ...
+        message = str(e)
+        at = message.find("Unsupported global")  # "...: GLOBAL <the object refused> was not an allowed global ..."
+        reason = type(e).__name__ + (": " + message[at:].split(" was not")[0].split("\n")[0] if at >= 0 else "")
+        raise DataError(f"{path}: not a {what} that torch.load(weights_only=True) can read ({reason})") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# The device, its precision, its peak FLOP/s, memory
 
 
 def pick_device(name="auto"):
@@ -237,7 +261,7 @@ GPU_PEAKS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), 
 def peak_flops(device):
     """The device's peak matmul FLOP/s in the dtype training runs in: fp32 on CPU and MPS, bf16 on
     CUDA. An H100, H200 or A100 reads its spec sheet; anything else is measured by a short matmul
-    probe (once per process: ~0.5 s on the fast 2-core CPU, ~1.5 s on the slow one)."""
+    probe, once per process."""
     device = torch.device(device)
     if str(device) in _PEAK:
         return _PEAK[str(device)]
@@ -296,3 +320,35 @@ def training_memory(total_params, trainable, model_copies):
     weights, grads, optimizer = model_copies * total_params * mb, trainable * mb, 2 * trainable * mb
     return {"weights": weights, "grads": grads, "optimizer": optimizer,
             "total": weights + grads + optimizer, "peak_process": peak_mb}
+
+
+def autocast(device):
+    """bf16 autocast on CUDA only; fp32 on CPU and MPS (where bf16 is slow or unsupported)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Inside the block the model is in eval mode (no dropout); on exit it gets its mode back,
+    also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def pyplot():
+    """matplotlib.pyplot drawing to files (no screen needed), or None when matplotlib, which stays
+    optional, is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -5,7 +5,7 @@ is pushed toward the replies that scored above their group's average. The lesson
 same KL anchor to a frozen reference and the same per-token log-ratios, but the signal now comes
 from the policy's own samples, online, instead of a fixed set of pairs.
 
-    python rlvr.py                 (builds data, SFT and DPO if missing, then RL: ~5 min on 2 cores)
+    python rlvr.py                 (builds data, SFT and DPO if missing, then RL)
     python rlvr.py --init out/sft/model.pt --steps 40 --kl-coef 0
     python rlvr.py --data my_problems.jsonl        (rows {"prompt": ..., "answer": <integer>})
     python rlvr.py --help
@@ -48,7 +48,6 @@ How this departs from the GRPO paper:
 7. The model is ~1M parameters and the problems a toy world's (data/world.py).
 """
 
-import math
 import os
 import random
 import time
@@ -60,6 +59,7 @@ from tqdm import tqdm
 import evaluation as E
 import model as M
 import plumbing as P
+import report
 from data import formats, world
 from data.prepare import DATA_DIR, ensure_data
 from plumbing import option
@@ -299,24 +299,6 @@ def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, dev
     return stats, step_loss, ratio_sum, clipped, grad_norm, ids
 
 
-def step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config):
-    """One RL step's figures: the loss, reward, accuracy, the share of groups with no spread, the ratio
-    and clipping, reply lengths, the gradient norm, and the KL when the reference ran."""
-    n_tok = max(1, stats["tokens"])
-    rec = {"step": step, "loss": step_loss, "reward": ro["rewards"].mean().item(),
-           "accuracy": sum(ro["correct"]) / len(ro["correct"]),
-           "zero_spread_groups": 1 - has_spread.float().mean().item(),
-           # rho at the last inner step: exactly 1 with --inner-steps 1; with more, the drift
-           "ratio": ratio_sum / n_tok if stats["tokens"] else 1.0,  # no update: nothing moved from 1
-           "clip_fraction": clipped / (n_tok * config.inner_steps),
-           "reply_length": sum(len(r) for r in ro["reply_ids"]) / len(ro["reply_ids"]),
-           "capped": 1 - sum(ro["finished"]) / len(ro["finished"]),
-           "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}
-    if config.kl_coef:  # measured only when the reference runs (--kl-coef 0 skips it)
-        rec["kl"] = stats["kl"] / n_tok
-    return rec
-
-
 def load_models(config, init, device, tokenizer_path, enc, problems, eval_problems, data_path, eval_source):
     """The policy (trainable copy of the start, dropout off: its log-probs must be those the sampler
     saw), the frozen reference, and the model the evaluation's KL is measured against (the start, or
@@ -421,7 +403,7 @@ def train(config):
                            + (f", KL {stats['kl'] / stats['tokens']:.4f} (0 at the start)" if config.kl_coef else ""))
         train_seconds += time.time() - t_train
 
-        rec = step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config)
+        rec = E.rlvr_step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config)
         rec.update(sample_tokens_per_second=sample_tokens / max(1e-9, sample_seconds),
                    train_tokens_per_second=train_tokens / max(1e-9, train_seconds),
                    mfu=train_flops / max(1e-9, train_seconds) / peak)
@@ -448,12 +430,13 @@ def train(config):
             after, greedy, sampled = E.evaluate_pass_at_k(policy, kl_reference, enc, eval_problems, config, device)
         metrics.update(E.before_after(before, after))
         E.show_replies("after RL (greedy | sampled)", eval_problems, {"greedy": greedy, "sampled": sampled})
-    metrics.update({"peak_flops": peak, "wall_seconds": time.time() - t0,
+    metrics.update({"peak_flops": peak, "device": str(device), "wall_seconds": time.time() - t0,
                     "total_wall_seconds": time.time() - t_all})
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="rlvr",
                       train_config=asdict(config), metrics=metrics)
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_rlvr_summary(metrics, config.eval_reference or "the start", out_dir)
+    report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics
 
 

@@ -2,7 +2,7 @@
 Stage 1 and 2: pretrain a tiny GPT on the world's prose, then supervised fine-tuning (SFT) on
 conversations, with the loss on the assistant's tokens only.
 
-    python sft.py                      (data, pretraining, SFT and evaluation: ~8 min on a 2-core CPU)
+    python sft.py                      (data, pretraining, SFT and evaluation)
     python sft.py --stages sft         (SFT only, from out/pretrain/model.pt)
     python sft.py --help
 
@@ -21,8 +21,8 @@ Outputs: out/pretrain/ and out/sft/, each with model.pt, log.jsonl and metrics.j
 
 How this departs from a real pipeline:
 1. The "pretraining corpus" is a few MB of synthetic text from the same world as the tasks.
-2. SFT rows are padded to the batch's longest row (no packing): simpler, but 34% of the tokens
-   through the model are padding (600 default batches of 16 rows from data/sft.jsonl).
+2. SFT rows are padded to the batch's longest row (no packing): simpler, but a share of the tokens
+   through the model are padding (measured: docs/log.md).
 """
 
 import os
@@ -36,6 +36,7 @@ from tqdm import tqdm
 import evaluation as E
 import model as M
 import plumbing as P
+import report
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
 from plumbing import option
@@ -51,8 +52,7 @@ class SFTConfig:
     # pretraining
     pretrain_steps: int = option(800, "pretraining optimizer steps", "pretraining")
     # small batches, many steps: memorising the arithmetic tables takes optimizer steps more than
-    # tokens (a facts-only probe learned ~5% of the facts in 400 steps of 32 x 64 tokens, ~20% in
-    # 1000 steps of 8 x 64, fewer tokens in all)
+    # tokens (the facts-only probe that showed it: docs/log.md)
     pretrain_batch_size: int = option(16, "windows per pretraining step", "pretraining")
     pretrain_seq_len: int = option(128, "tokens per pretraining window", "pretraining")
     pretrain_lr: float = option(3e-3, "peak learning rate (tiny models like a high one)", "pretraining")
@@ -160,7 +160,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
             t_log, tok_log = time.time(), 0
     wall = time.time() - t_start
     tps = tokens_seen / wall
-    return {"loss": loss.item(), "val_loss": val_loss, "tokens": tokens_seen,
+    return {"loss": loss.item(), "val_loss": val_loss, "tokens": tokens_seen, "device": str(device),
             "tokens_per_second": tps, "mfu": tps * M.flops_per_token(model, ids.shape[1]) / peak_flops,
             "peak_flops": peak_flops, "wall_seconds": wall}
 
@@ -169,7 +169,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
 def evaluate_loss(model, batches):
     """The validation loss, dropout off: the mean of the batches' token-level means (a short last
     batch weighs as much as a full one)."""
-    with M.eval_mode(model):
+    with P.eval_mode(model):
         losses = [lm_loss(model, ids, mask).item() for ids, mask in batches]
     return sum(losses) / len(losses) if losses else float("nan")
 
@@ -270,9 +270,7 @@ def train(config):
         M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
                           train_config=asdict(config), metrics=metrics)
         P.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
-        print(f"pretrain: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
-              f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
-              f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s), {metrics['wall_seconds']:.0f}s")
+        E.print_lm_summary("pretrain", metrics)
 
     if "sft" in stages:
         t_sft = time.time()
@@ -300,15 +298,10 @@ def train(config):
         M.save_checkpoint(os.path.join(sft_dir, "model.pt"), gpt, tok_path, stage="sft",
                           train_config=asdict(config), metrics=metrics)
         P.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
-        print(f"sft: loss {metrics['loss']:.3f}, val {metrics['val_loss']:.3f}, "
-              f"{metrics['tokens_per_second'] / 1e3:.1f}k tok/s, MFU {metrics['mfu']:.0%} "
-              f"(peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s)")
-        if "accuracy" in metrics:
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics["style_shares"].items())
-            print(f"sft: held-out accuracy greedy {metrics['accuracy']:.1%} "
-                  f"(by operations: {', '.join(f'{k}: {v:.0%}' for k, v in metrics['accuracy_by_ops'].items())}), "
-                  f"sampled {metrics['accuracy_sampled']:.1%}; sampled styles: {shares}")
+        E.print_lm_summary("sft", metrics)
         print(f"sft: done in {metrics['total_wall_seconds']:.0f}s -> {sft_dir}/")
+    if stages:
+        report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics
 
 

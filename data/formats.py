@@ -175,6 +175,34 @@ def read_unpaired(path):
     return rows
 
 
+def read_preferences(path, kto=False):
+    """A training file of pairs, or with kto also of TRL's unpaired rows (told apart by the first
+    row's "completion"). -> (rows, unpaired): read_pairs' or read_unpaired's rows."""
+    unpaired = kto and "completion" in read_jsonl(path)[0][1]
+    if unpaired:
+        return read_unpaired(path), True
+    return read_pairs(path, "" if kto else "; unpaired rows need --loss-type kto"), False
+
+
+def read_dpo_inputs(data="", test_data="", problems="", kto=False, label_noise=0.0, desirable_share=1.0):
+    """The files a DPO run was given (empty: not given), each read and validated before anything is
+    built; an unpaired file takes no --label-noise and no --kto-desirable-share (they act on pairs).
+    -> {"pairs", "unpaired", "test_pairs", "problems"}, None where not given."""
+    inputs = {"pairs": None, "unpaired": False, "test_pairs": None, "problems": None}
+    if data:
+        inputs["pairs"], inputs["unpaired"] = read_preferences(data, kto)
+        if inputs["unpaired"] and label_noise:
+            raise DataError(f"{data}: --label-noise swaps chosen and rejected: it needs pairs")
+        if inputs["unpaired"] and desirable_share != 1:
+            raise DataError(f"{data}: --kto-desirable-share thins the desirable rows split from pairs; an "
+                            f"unpaired file's rows are kept as they are")
+    if test_data:
+        inputs["test_pairs"] = read_pairs(test_data, "; held-out rows are pairs, with --loss-type kto too")
+    if problems:
+        inputs["problems"] = read_problems(problems)
+    return inputs
+
+
 def read_conversations(path):
     """Validate an SFT file of {"messages": [...]} rows; -> list of (line number, messages)."""
     out = []

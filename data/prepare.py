@@ -1,7 +1,7 @@
 """
 Build every data file the pipeline reads, deterministically from a seed.
 
-    python data/prepare.py                    (2-10 s on 2 cores; does nothing if already up to date)
+    python data/prepare.py                    (seconds; does nothing if already up to date)
     python data/prepare.py --pretrain-mb 8    (more pretraining text)
 
 Writes into data/ (or --out):

@@ -131,7 +131,7 @@ STYLE_RANK = {"step": 3, "terse": 2, "rambling": 1, "rude": 0, "other": 0}
 # Number ranges: every number is one token, so each arithmetic fact (7 + 5 = 12) is something the
 # model memorises. These ranges give ~300 distinct facts: few enough that a 1M-parameter model
 # learns most of them in a few minutes of CPU pretraining, enough that guessing does not work.
-# (A first try with counts up to 40 and steps up to 10, ~800 facts, left the SFT model at ~11%.)
+# (A first try with larger counts and steps, ~800 facts, left the SFT model far weaker: docs/log.md.)
 START_RANGE = (2, 12)
 ADD_RANGE = (1, 6)
 MUL_RANGE = (2, 3)

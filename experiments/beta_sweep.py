@@ -4,7 +4,7 @@ seed and learning rate), each scored on the same held-out evaluation as dpo.py. 
 weight of the KL term in the objective DPO solves (eq. 3 of the paper), so a smaller beta should
 buy more reward (win rate) for more KL: the reward-KL frontier of the paper's Figure 2, in small.
 
-    python experiments/beta_sweep.py            (6.5 min on a fast 2-core CPU, one thread)
+    python experiments/beta_sweep.py            (minutes on a 2-core CPU: docs/exercises.md)
     python experiments/beta_sweep.py --quick    (seconds: a tiny world, for tests)
 """
 

@@ -17,6 +17,7 @@ if ROOT not in sys.path:
 
 import dpo  # noqa: E402
 import plumbing as P  # noqa: E402
+from data import formats  # noqa: E402
 from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare  # noqa: E402
 
 # --quick: a tiny world (built in about a second) and a tiny SFT model (a few seconds), so that an
@@ -103,11 +104,8 @@ def write_results(s, results, columns, title, takeaway=""):
 def plot(s, draw):
     """Call draw(plt) and save plot.png when matplotlib is installed; otherwise say how to get it
     (the results are written either way). -> the PNG's path, or None."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no screen needed
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = P.pyplot()
+    if plt is None:
         print("plot: matplotlib is not installed (pip install matplotlib), so no plot.png; "
               "results.json and results.md are written")
         return None
@@ -115,8 +113,7 @@ def plot(s, draw):
     draw(plt)
     plt.tight_layout()
     path = os.path.join(s["dir"], "plot.png")
-    fig.savefig(path + ".tmp", dpi=100, format="png")  # temp file, then rename, as every output
-    os.replace(path + ".tmp", path)
+    formats.write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # as every output
     plt.close(fig)
     print(f"plot: {path}")
     return path

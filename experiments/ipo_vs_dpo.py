@@ -6,7 +6,7 @@ held-out judge score should suffer less from the over-training. The table and pl
 dpo.py logs, beta times the difference of the summed log-ratios; a per-token target bounds it, but
 at no fixed value, and not at 1/(2 beta) itself.
 
-    python experiments/ipo_vs_dpo.py            (4.3 min on a fast 2-core CPU, one thread)
+    python experiments/ipo_vs_dpo.py            (minutes on a 2-core CPU: docs/exercises.md)
     python experiments/ipo_vs_dpo.py --quick    (seconds: a tiny world, for tests)
 """
 

@@ -12,7 +12,7 @@ A fifth asks the opposite question: the judge prefers the shorter of two replies
 correctness and style, but no default pair sets two such replies against each other; with a
 fifth of the pairs replaced by ones that do ("shorter"), does the policy learn to be brief?
 
-    python experiments/length_bias.py           (7.8 min on a fast 2-core CPU, one thread)
+    python experiments/length_bias.py           (minutes on a 2-core CPU: docs/exercises.md)
     python experiments/length_bias.py --quick   (seconds: a tiny world, for tests)
 """
 

@@ -6,7 +6,7 @@ The budget is what the DPO run took (its reference pass and its steps); RL stops
 spent as much on sampling and updates. Both end models get the same held-out evaluation
 (rlvr.py's: greedy accuracy, pass@8, the judge's score, KL to the SFT model).
 
-    python experiments/offline_vs_online.py           (3.3 min on a fast 2-core CPU, one thread)
+    python experiments/offline_vs_online.py           (minutes on a 2-core CPU: docs/exercises.md)
     python experiments/offline_vs_online.py --quick   (seconds: a tiny world, for tests)
 """
 

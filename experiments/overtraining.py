@@ -5,7 +5,7 @@ margin every 5 steps, and the held-out judge score every 20. The DPO lesson warn
 growing while the chosen reply's own log-prob falls (both replies are pushed down, the rejected
 one faster); dpo.py prints an early warning when that happens. Does it, and when?
 
-    python experiments/overtraining.py          (2.2 min on a fast 2-core CPU, one thread)
+    python experiments/overtraining.py          (minutes on a 2-core CPU: docs/exercises.md)
     python experiments/overtraining.py --quick  (seconds: a tiny world, for tests)
 """
 

@@ -1,6 +1,8 @@
 """dpo.py: the loss against the paper's formula, sequence log-probs against a hand-worked example
 and a position-by-position brute force, the reference pass, a categorical toy that DPO must rank
-exactly, the data path (tokenisation, masks, truncation, validation), and tiny end-to-end runs.
+exactly, the data path (tokenisation, masks, truncation, the command line's checks on flags and
+files), and tiny end-to-end runs. Reading the pair files is test_formats.py's; the evaluation's
+measures are test_evaluation.py's.
 
 Every model here is tiny (1-2 layers, width 32) and built from a fixed seed; the whole file runs
 in well under a minute on a busy 2-core CPU.
@@ -15,12 +17,12 @@ import pytest
 import torch
 
 import dpo
-from data import world
 from helpers import reply_logp, tiny_gpt
 from data.prepare import write_jsonl
 import model as M
 import plumbing as P
 from data import formats
+from test_formats import PAIR as GOOD, write_pairs_with_bad_line as write_with_bad_line
 import evaluation as E
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +31,6 @@ LN2 = math.log(2)
 
 def t(values, dtype=torch.float32, **kw):
     return torch.tensor(values, dtype=dtype, **kw)
-
-
 
 
 def tiny_path(tiny_data_dir, name):
@@ -64,7 +64,8 @@ def test_loss_is_ln2_and_rewards_zero_when_policy_equals_reference():
         rejected = -scale * torch.rand(7, generator=g)
         for beta in (0.1, 0.5, 3.0):
             loss, rc, rr = dpo.dpo_loss(chosen, rejected, chosen.clone(), rejected.clone(), beta=beta)
-            assert loss.item() == pytest.approx(LN2, abs=1e-7)
+            # rel, not abs=1e-7: the fp32 mean of ln 2 rounds by an ulp or two, differently per CPU
+            assert loss.item() == pytest.approx(LN2, rel=1e-5)
             assert torch.equal(rc, torch.zeros(7)) and torch.equal(rr, torch.zeros(7))
 
 
@@ -98,7 +99,8 @@ def test_loss_and_rewards_match_the_formula_in_python_floats(beta):
         return math.log1p(math.exp(-x)) if x >= 0 else -x + math.log1p(math.exp(x))
 
     per = [neg_log_sigmoid(beta * ((a - c) - (b - d))) for a, b, c, d in zip(pc, pr, rc, rr)]
-    assert loss.item() == pytest.approx(sum(per) / len(per), rel=1e-6)
+    # fp32 logsigmoid against Python's floats: ~80 ulps of room, as fp32 kernels differ by CPU
+    assert loss.item() == pytest.approx(sum(per) / len(per), rel=1e-5)
     assert chosen_r.tolist() == pytest.approx([beta * (a - c) for a, c in zip(pc, rc)], abs=1e-5)
     assert rejected_r.tolist() == pytest.approx([beta * (b - d) for b, d in zip(pr, rr)], abs=1e-5)
     # the rewards are diagnostics: detached even though the policy log-probs carry gradient
@@ -108,8 +110,8 @@ def test_loss_and_rewards_match_the_formula_in_python_floats(beta):
     loss.backward()
     expect = [-beta / (1 + math.exp(beta * ((a - c) - (b - d)))) / len(pc)
               for a, b, c, d in zip(pc, pr, rc, rr)]
-    assert policy_c.grad.tolist() == pytest.approx(expect, abs=1e-6)
-    assert policy_r.grad.tolist() == pytest.approx([-e for e in expect], abs=1e-6)
+    assert policy_c.grad.tolist() == pytest.approx(expect, rel=1e-5, abs=1e-6)
+    assert policy_r.grad.tolist() == pytest.approx([-e for e in expect], rel=1e-5, abs=1e-6)
 
 
 def test_implicit_reward_is_linear_in_beta():
@@ -271,9 +273,10 @@ def test_sequence_logprobs_hand_worked():
     row1 = math.log(1 / 5)
     got = dpo.sequence_logprobs(model, ids, mask)
     assert got.dtype == torch.float32
-    assert got.tolist() == pytest.approx([row0, row1], abs=1e-6)
+    # fp32 log_softmax against Python's floats: relative (kernels round differently by CPU)
+    assert got.tolist() == pytest.approx([row0, row1], rel=1e-5, abs=1e-6)
     avg = dpo.sequence_logprobs(model, ids, mask, average=True)
-    assert avg.tolist() == pytest.approx([row0 / 2, row1 / 1], abs=1e-6)
+    assert avg.tolist() == pytest.approx([row0 / 2, row1 / 1], rel=1e-5, abs=1e-6)
 
 
 def brute_force_logps(model, example, key):
@@ -305,7 +308,7 @@ def test_sequence_logprobs_matches_brute_force_on_a_real_gpt(tiny_enc, tiny_exam
     n_tokens = [len(e[k]) for k in ("chosen", "rejected") for e in batch]
     with torch.no_grad():
         avg = dpo.sequence_logprobs(model, ids, mask, average=True)
-    assert avg.tolist() == pytest.approx([s / n for s, n in zip(expect, n_tokens)], abs=1e-5)
+    assert avg.tolist() == pytest.approx([s / n for s, n in zip(expect, n_tokens)], rel=1e-5, abs=1e-5)
 
     # the ids at padded positions change nothing (they are never scored and, the model being
     # causal, never seen by a scored position)
@@ -315,14 +318,15 @@ def test_sequence_logprobs_matches_brute_force_on_a_real_gpt(tiny_enc, tiny_exam
         scrambled[row, n:] = torch.randint(0, tiny_enc.n_vocab, (ids.shape[1] - n,), generator=g)
     assert not torch.equal(scrambled, ids)
     with torch.no_grad():
-        assert torch.allclose(dpo.sequence_logprobs(model, scrambled, mask), got, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(dpo.sequence_logprobs(model, scrambled, mask), got, rtol=1e-5, atol=1e-5)
 
-    # extra right padding changes nothing either
+    # extra right padding changes nothing either (to rounding: a longer row sums in another order;
+    # a leak through the padding would be off by far more than 1e-5 relative)
     extra = 7
     ids_x = torch.cat([ids, torch.full((ids.shape[0], extra), pad_id(tiny_enc))], 1)
     mask_x = torch.cat([mask, torch.zeros(mask.shape[0], extra, dtype=mask.dtype)], 1)
     with torch.no_grad():
-        assert torch.allclose(dpo.sequence_logprobs(model, ids_x, mask_x), got, rtol=1e-6, atol=1e-5)
+        assert torch.allclose(dpo.sequence_logprobs(model, ids_x, mask_x), got, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_pass_equals_live_reference(tiny_enc, tiny_examples):
@@ -342,11 +346,11 @@ def test_reference_pass_equals_live_reference(tiny_enc, tiny_examples):
             live_r.append(logps[len(batch):])
         # within 1e-5 relative (plus 1e-5 absolute): these sums reach ~-375, where one float32
         # ulp is 3e-5, and a batch of another shape may round the last bit differently
-        assert torch.allclose(torch.cat(live_c), pc, rtol=1e-6, atol=1e-5), bs
-        assert torch.allclose(torch.cat(live_r), pr, rtol=1e-6, atol=1e-5), bs
+        assert torch.allclose(torch.cat(live_c), pc, rtol=1e-5, atol=1e-5), bs
+        assert torch.allclose(torch.cat(live_r), pr, rtol=1e-5, atol=1e-5), bs
     # and the function's own batch_size does not matter either
     pc3, pr3 = dpo.pair_logprobs(model, examples, pad_id(tiny_enc), "cpu", batch_size=3)
-    assert torch.allclose(pc3, pc, rtol=1e-6, atol=1e-5) and torch.allclose(pr3, pr, rtol=1e-6, atol=1e-5)
+    assert torch.allclose(pc3, pc, rtol=1e-5, atol=1e-5) and torch.allclose(pr3, pr, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -410,7 +414,7 @@ def test_rewards_are_exactly_zero_at_step_0(tiny_enc, tiny_data_dir, tiny_exampl
         ref = dpo.sequence_logprobs(reference, ids, mask)
     loss, rc, rr = dpo.dpo_loss(pol[:16], pol[16:], ref[:16], ref[16:])
     assert torch.equal(rc, torch.zeros(16)) and torch.equal(rr, torch.zeros(16))
-    assert loss.item() == pytest.approx(LN2, abs=1e-7)
+    assert loss.item() == pytest.approx(LN2, rel=1e-5)  # the fp32 mean of ln 2, to an ulp or two
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,52 +499,6 @@ def test_tokenize_pairs_drops_truncates_and_counts(tiny_enc):
     # ... also when the prompt was first truncated to max_prompt_len
     ex, counts = dpo.tokenize_pairs(enc, [(long_prompt, reply_a, reply_b)], 20, 20)
     assert ex == [] and counts["dropped_no_response"] == 1 and counts["prompt_truncated"] == 1
-
-
-GOOD = {"prompt": "Ben has 2 cards. How many cards?", "chosen": "The answer is 2.",
-        "rejected": "Whatever.\nThe answer is 2."}
-
-BAD_ROWS = [  # (row written at line 3, what the message must say)
-    ('{"prompt": "x", "chosen": "y"', "not valid JSON"),
-    ('{"prompt": "Ben?", "chosen": "y"}', "missing field 'rejected'"),
-    ('{"chosen": "y", "rejected": "z"}', "missing field 'prompt'"),
-    ('{"prompt": "", "chosen": "y", "rejected": "z"}', "'prompt' is empty"),
-    ('{"prompt": "   ", "chosen": "y", "rejected": "z"}', "'prompt' is empty"),
-    ('{"prompt": "Ben?", "chosen": "", "rejected": "z"}', "'chosen' is empty"),
-    ('{"prompt": "Ben?", "chosen": "y", "rejected": " \\n"}', "'rejected' is empty"),
-    ('{"prompt": [], "chosen": "y", "rejected": "z"}', "'prompt' must be"),
-    ('{"prompt": "Ben?", "chosen": 3, "rejected": "z"}', "'chosen' must be"),
-    ('[1, 2, 3]', "expected a JSON object"),
-    ('"just a string"', "expected a JSON object"),
-    ('{"prompt": "Ben?", "chosen": [{"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}], '
-     '"rejected": "z"}', "ending with the assistant's reply"),
-    ('{"chosen": [{"role": "user", "content": "Ben?"}, {"role": "assistant", "content": "y"}], '
-     '"rejected": [{"role": "user", "content": "Ann?"}, {"role": "assistant", "content": "z"}]}',
-     "must answer the same conversation"),
-]
-
-
-def write_with_bad_line(path, bad):
-    path.write_text(json.dumps(GOOD) + "\n\n" + bad + "\n" + json.dumps(GOOD) + "\n")
-
-
-@pytest.mark.parametrize("bad,message", BAD_ROWS)
-def test_read_pairs_names_file_line_and_problem(tmp_path, bad, message):
-    path = tmp_path / "pairs.jsonl"
-    write_with_bad_line(path, bad)  # a good row, a blank line, then the bad row at line 3
-    with pytest.raises(P.DataError) as e:
-        formats.read_pairs(str(path))
-    assert f"{path}:3:" in str(e.value) and message in str(e.value), str(e.value)
-
-
-def test_read_pairs_missing_and_empty_files(tmp_path):
-    with pytest.raises(P.DataError, match="no such file"):
-        formats.read_pairs(str(tmp_path / "nope.jsonl"))
-    (tmp_path / "empty.jsonl").write_text("\n \n")
-    with pytest.raises(P.DataError, match="no rows"):
-        formats.read_pairs(str(tmp_path / "empty.jsonl"))
-    (tmp_path / "ok.jsonl").write_text(json.dumps(GOOD) + "\n")
-    assert formats.read_pairs(str(tmp_path / "ok.jsonl")) == [(GOOD["prompt"], GOOD["chosen"], GOOD["rejected"])]
 
 
 @pytest.mark.parametrize("case", ["missing", "not_json", "missing_field", "empty_chosen", "empty_file",
@@ -721,76 +679,6 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def test_accuracy_by_pair_kind_splits_style_pairs_from_answer_pairs(tiny_enc):
-    step = "Step by step:\nMia starts with 3 pens.\nThe answer is 3."
-    pairs = [("q0", "The answer is 7.", "The answer is 7."),         # identical: dropped before scoring
-             ("q1", step, "The answer is 3."),                       # same answer: style
-             ("q2", "The answer is 3.", "The answer is 4."),         # right against wrong (answer 3)
-             ("q3", "I like pens.", "The answer is 4."),             # no answer stated: left out
-             ("q4", step, "Ugh.\nThe answer is 3."),                 # same answer: style
-             ("q5", "The answer is 5.", "Ugh.\nThe answer is 6.")]   # both wrong (answer 3)
-    answers = [7, 3, 3, 4, 3, 3]
-    examples, counts = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
-    # examples no longer line up with pairs: the row index is what finds each example's text
-    assert counts["dropped_identical"] == 1 and [ex["row"] for ex in examples] == [1, 2, 3, 4, 5]
-    margins = t([0.5, -0.25, 3.0, -1.0, 2.0])  # right, wrong, (unscored), wrong, right
-    got = E.accuracy_by_pair_kind(pairs, examples, margins, answers)
-    assert got == {"style": (0.5, 2), "correct_vs_wrong": (0.0, 1), "both_wrong": (1.0, 1)}
-    # without the answers, the two kinds of answer pairs are one
-    assert E.accuracy_by_pair_kind(pairs, examples, margins) == {"style": (0.5, 2), "answer": (0.5, 2)}
-    # a tie is no win, as in preference_accuracy
-    assert E.accuracy_by_pair_kind(pairs, examples, t([0.0, 2.0, 1.0, 1.0, 0.0]), answers) == {
-        "style": (0.5, 2), "correct_vs_wrong": (1.0, 1), "both_wrong": (0.0, 1)}
-
-
-def test_correct_vs_wrong_pairs_split_by_the_right_replys_style(tiny_enc):
-    step_right = "Step by step:\nMia starts with 3 pens.\nShe gets 1 more: 3 + 1 = 4.\nThe answer is 4."
-    step_wrong = "Step by step:\nMia starts with 3 pens.\nShe gets 1 more: 3 + 1 = 5.\nThe answer is 5."
-    pairs = [("q0", step_right, "The answer is 5."),        # right in step, wrong terse: better
-             ("q1", "The answer is 4.", step_wrong),        # right terse, wrong in step: worse
-             ("q2", "Ugh.\nThe answer is 4.", step_wrong),  # right rude, wrong in step: worse
-             ("q3", "The answer is 4.", "The answer is 6."),  # both terse: same
-             ("q4", step_right, "The answer is 4."),        # the same answer: a style pair, not counted
-             ("q5", "The answer is 5.", "The answer is 6."),  # both wrong: not counted
-             ("q6", "The answer is 5.", step_right)]        # a mislabelled row: right in step, rejected: better
-    answers = [4] * 7
-    examples, _ = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
-    margins = t([1.0, -2.0, 0.5, 0.0, 3.0, 3.0, -1.0])
-    # worked by hand: accuracy is margin > 0 (the file's label first), as in accuracy_by_pair_kind
-    assert E.correct_vs_wrong_by_style(pairs, examples, margins, answers) == {
-        "better": (0.5, 2), "same": (0.0, 1), "worse": (0.5, 2)}
-    # a reward that only sees style: it orders a pair as its styles rank, so every "better" pair and no
-    # "worse" one (the labels here put the right reply first)
-    pairs = pairs[:4]
-    examples, _ = dpo.tokenize_pairs(tiny_enc, pairs, 96, 192)
-    rank = lambda reply: world.STYLE_RANK[world.classify_style(reply)]  # noqa: E731
-    style_margins = t([float(rank(c) - rank(r)) for _, c, r in pairs])
-    assert E.correct_vs_wrong_by_style(pairs, examples, style_margins, answers) == {
-        "better": (1.0, 1), "same": (0.0, 1), "worse": (0.0, 2)}
-
-
-def test_win_rate_by_decider_splits_the_judges_verdicts_by_what_decided_them():
-    p = {"prompt": "Mia has 3 pens. She gets 2 more. How many pens?", "answer": 5}
-    step_right = "Step by step:\nMia starts with 3 pens.\n3 + 2 = 5.\nThe answer is 5."
-    step_right_long = "Step by step:\nMia starts with 3 pens.\nShe gets 2 more: 3 + 2 = 5.\nThe answer is 5."
-    step_wrong = "Step by step:\nMia starts with 3 pens.\n3 + 2 = 6.\nThe answer is 6."
-    comparisons = [  # (policy, reference), worked out by hand from the judge's rules
-        ("The answer is 5.", step_wrong),           # correctness: right beats wrong, terse or not -> 1
-        ("Ugh.\nThe answer is 5.", step_wrong),     # correctness, rude or not -> 1
-        (step_wrong, "The answer is 5."),           # correctness -> 0
-        (step_wrong, "Ugh.\nThe answer is 7."),     # style, both wrong: step beats rude -> 1
-        ("The answer is 5.", step_right),           # style, both right: step beats terse -> 0
-        (step_right_long, step_right),              # length, both step and right: the shorter wins -> 0
-        (step_right, step_right),                   # length, identical: a tie -> 0.5
-    ]
-    win_rate, by = E.win_rate_by_decider([p] * 7, [a for a, _ in comparisons], [b for _, b in comparisons])
-    assert by == {"correctness": {"comparisons": 3, "win_rate": pytest.approx(2 / 3)},
-                  "style": {"comparisons": 2, "win_rate": 0.5}, "length": {"comparisons": 2, "win_rate": 0.25}}
-    assert win_rate == pytest.approx((1 + 1 + 0 + 1 + 0 + 0 + 0.5) / 7)
-    # rude and 'other' share the lowest rank, so between them length decides
-    assert list(E.win_rate_by_decider([p], ["Ugh."], ["hello there, friend"])[1]) == ["length"]
-
-
 def test_chosen_nll_is_the_mean_over_chosen_tokens_and_0_when_empty():
     assert dpo.chosen_nll(t([-6.0, -2.0]), t([3, 1])).item() == pytest.approx(2.0)
     assert dpo.chosen_nll(t([]), t([])).item() == 0.0
@@ -818,27 +706,6 @@ def test_rpo_run_logs_dpo_loss_plus_alpha_times_the_chosen_nll(tiny_sft_ckpt, ti
     (rec,) = read_log(out)
     assert rec["nll_loss"] == pytest.approx(-total / tokens, rel=1e-4)
     assert rec["loss"] == pytest.approx(LN2 + alpha * (-total / tokens), rel=1e-4)
-
-
-def test_greedy_accuracy_scores_the_temperature_0_replies(tiny_sft_ckpt, tiny_data_dir, tiny_enc, monkeypatch):
-    # a stand-in sampler that answers right only when greedy (T=0): the greedy figures must be 1
-    # and the sampled ones 0, for the reference and for the policy
-    problems = [{"prompt": f"Ben has {n} cards. How many cards?", "answer": n} for n in (2, 5, 7)]
-    calls = []
-
-    def fake_sample(model, enc, prompts, max_new_tokens=96, temperature=1.0, seed=0, batch_size=128,
-                    return_ids=False):
-        calls.append(temperature)
-        texts = [f"The answer is {p['answer'] + (temperature > 0)}." for p in problems]
-        return (texts, [M.render_response(enc, x) for x in texts]) if return_ids else texts
-
-    monkeypatch.setattr(M, "sample_replies", fake_sample)
-    model, _ = M.load_checkpoint(tiny_sft_ckpt, "cpu", tiny_path(tiny_data_dir, "tokenizer.json"))
-    config = dpo.DPOConfig(eval_temperature=1.0, max_new_tokens=16)
-    metrics, _, _ = E.compare_by_sampling(model, model, tiny_enc, problems, config, "cpu")
-    assert sorted(calls) == [0.0, 0.0, 1.0, 1.0]
-    assert metrics["greedy_accuracy_policy"] == metrics["greedy_accuracy_ref"] == 1.0
-    assert metrics["accuracy_policy"] == metrics["accuracy_ref"] == 0.0
 
 
 def test_tiny_end_to_end_run_raises_held_out_preference_accuracy(tiny_sft_ckpt, tiny_data_dir, tiny_enc,
@@ -950,11 +817,14 @@ def test_live_reference_gives_the_same_losses(tiny_sft_ckpt, tiny_data_dir, tmp_
                                   eval_problems=0, log_every=1, live_reference=live))
         losses.append([r["loss"] for r in read_log(out)])
     assert len(losses[0]) == 3
-    assert losses[0][0] == pytest.approx(LN2, abs=1e-5)  # step 0: policy == reference
+    # the precomputed reference was scored in batches of another shape than the step's: its sums
+    # (~-300, 1 fp32 ulp = 3e-5) may round differently, so the losses agree to rounding (train()'s own
+    # fp32 tolerance for this gap is 1e-3), while a reference for the wrong rows is off by nats
+    assert losses[0][0] == pytest.approx(LN2, abs=1e-3)  # step 0: policy == reference
     # steps 1 and 2 (the policy has moved) are the discriminating ones: the precomputed
     # reference log-probs must be the ones a live reference gives for the same batch
     assert abs(losses[0][2] - LN2) > 1e-3
-    assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+    assert losses[1] == pytest.approx(losses[0], abs=1e-3)
 
 
 def test_a_checkpoint_with_dropout_trains_with_dropout_off(tiny_sft_ckpt, tiny_data_dir, tmp_path):
@@ -1011,8 +881,10 @@ def test_readme_equation_map_points_at_the_right_lines():
     for code, n in refs:
         snippet = code.split(" ...")[0]  # "chosen_logratios = ..." names the line's start
         assert snippet in lines[int(n) - 1], (code, n, lines[int(n) - 1])
-    (n,) = re.findall(r"the training log computes it at l\. (\d+)", readme)
-    assert "(margins > 0)" in lines[int(n) - 1], (n, lines[int(n) - 1])
+    (n,) = re.findall(r"the training log computes it in evaluation\.py, at l\. (\d+)", readme)
+    with open(os.path.join(ROOT, "evaluation.py")) as f:
+        evaluation_lines = f.read().splitlines()
+    assert "(margins > 0)" in evaluation_lines[int(n) - 1], (n, evaluation_lines[int(n) - 1])
 
 
 def test_eval_every_logs_the_held_out_judge_score_of_the_policy_at_that_step(tiny_sft_ckpt, tiny_data_dir,
@@ -1030,25 +902,6 @@ def test_eval_every_logs_the_held_out_judge_score_of_the_policy_at_that_step(tin
     problems = [r for _, r in formats.read_jsonl(tiny_path(tiny_data_dir, "test.jsonl"))][:6]
     replies = M.sample_replies(policy, M.load_tokenizer(tok), [p["prompt"] for p in problems], 16, 1.0, 1337)
     assert log[-1]["judge_score"] == pytest.approx(sum(world.judge(p, r) for p, r in zip(problems, replies)) / 6)
-
-
-def test_kl_on_samples_scores_exactly_the_sampled_tokens(tiny_enc):
-    # KL(pi || pi_ref) = E_{y ~ pi}[log pi(y) - log pi_ref(y)] over the tokens that were sampled:
-    # a reply cut at the length cap has no <|end|> to score, and one that stopped has its own.
-    # Brute force: one position at a time, float64, for two different models.
-    policy, reference = tiny_gpt(tiny_enc.n_vocab, seed=1, std=0.3), tiny_gpt(tiny_enc.n_vocab, seed=2, std=0.3)
-    prompts = ["Ben has 3 cards. He gets 2 more. How many cards?", "Ana has 7 pens.", "Why?", "Count: 1 2 3"]
-    _, reply_ids = M.sample_replies(policy, tiny_enc, prompts, max_new_tokens=5, temperature=1.0, seed=4,
-                                    return_ids=True)
-    end = M.special(tiny_enc, "end")
-    assert all(end not in r for r in reply_ids)  # cut at the cap (an untrained model rarely stops) ...
-    reply_ids[1] = reply_ids[1][:2] + [end]  # ... and one that stopped, as generate returns it
-    total = 0.0
-    for prompt, reply in zip(prompts, reply_ids):
-        p = M.render_prompt(tiny_enc, prompt)
-        total += reply_logp(policy, p, reply) - reply_logp(reference, p, reply)
-    got = E.kl_on_samples(policy, reference, tiny_enc, prompts, reply_ids, "cpu", batch_size=3)
-    assert got == pytest.approx(total / len(prompts), rel=1e-4, abs=1e-5)
 
 
 def test_a_short_run_scores_only_the_pairs_it_trains_on(tiny_data_dir, tiny_sft_ckpt, tmp_path, capsys):

@@ -74,7 +74,7 @@ def by_hand(name, a, b, beta, eps, nw, nl, delta):
 @pytest.mark.parametrize("name", fam.PAIRED_LOSS_TYPES)
 @pytest.mark.parametrize("beta,eps", [(0.3, 0.0), (0.1, 0.2)])
 def test_each_paired_loss_matches_its_equation(name, beta, eps):
-    delta = sum(beta * x for x in A + B) / (2 * len(A))  # bco_pair's default: this batch's mean reward
+    delta = 0.0  # bco_pair's default, as TRL computes it: no reward shift
     expect = [by_hand(name, a, b, beta, eps, nw, nl, delta) for a, b, nw, nl in zip(A, B, NW, NL)]
     got = fam.paired_losses(name, t(A), t(B), beta, eps, t(NW), t(NL))
     assert got.shape == (len(A),)
@@ -188,11 +188,19 @@ def test_unknown_name_lists_the_known_ones():
     assert dpo.LOSS_TYPES == fam.PAIRED_LOSS_TYPES and dpo.LOSS_TYPES[0] == "sigmoid"
 
 
+def test_bco_without_a_shift_is_trls_formula_by_hand():
+    # TRL: -log s(beta a) - log s(-beta b), no baseline; a = 1, b = -1, beta = 0.5 by hand
+    got = fam.paired_losses("bco_pair", t([1.0]), t([-1.0]), 0.5)
+    assert got.item() == pytest.approx(-2 * math.log(1 / (1 + math.exp(-0.5))), rel=1e-12)
+
+
 def test_bco_baseline_is_the_detached_batch_mean_or_the_given_delta():
     beta = 0.5
     a, b = t([1.0, 3.0], requires_grad=True), t([-1.0, 1.0], requires_grad=True)
     delta = beta * (1.0 + 3.0 - 1.0 + 1.0) / 4  # 0.5
-    fam.paired_losses("bco_pair", a, b, beta).sum().backward()
+    shift = fam.bco_reward_shift(a, b, beta)  # the BCO paper's delta, over this batch
+    assert shift.item() == pytest.approx(delta) and not shift.requires_grad
+    fam.paired_losses("bco_pair", a, b, beta, delta=shift).sum().backward()
     # delta is a constant: d/da_i = -beta * sigmoid(-(beta a_i - delta)), nothing through the mean
     assert a.grad.tolist() == pytest.approx([-beta * sig(-(beta * x - delta)) for x in (1.0, 3.0)], rel=1e-9)
     assert b.grad.tolist() == pytest.approx([beta * sig(beta * x - delta) for x in (-1.0, 1.0)], rel=1e-9)
@@ -285,7 +293,8 @@ def test_odds_ratio_is_finite_near_zero_and_very_negative(dtype):
     # the value at -1e-8 is right: log(1 - exp(-1e-8)) = log(1e-8 - ...), computed here in float64
     _, log_odds = fam.odds_ratio_loss(t([-1e-8], dtype), t([-2.0], dtype))
     expect = (-1e-8 + 2.0) - (math.log(-math.expm1(-1e-8)) - math.log(-math.expm1(-2.0)))
-    assert log_odds.item() == pytest.approx(expect, rel=1e-6)
+    # relative: in fp32 too, where expm1 and log round by ulps at values near 20
+    assert log_odds.item() == pytest.approx(expect, rel=1e-5)
     # (the naive form cannot do this in fp32: exp(-1e-8) rounds to 1, and log1p(-1) = -inf)
     assert torch.log1p(-torch.exp(torch.tensor(-1e-8))).item() == -math.inf
 
@@ -348,7 +357,7 @@ def test_dpo_family_does_not_import_dpo():
         tree = ast.parse(f.read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "dpo" not in imported and imported <= {"math", "torch", "torch.nn.functional"}
+    assert "dpo" not in imported and imported <= {"math", "torch", "torch.nn.functional", "plumbing"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,21 +399,6 @@ def test_kto_examples_split_pairs_and_mismatch_completions():
     assert own <= 5
     few = dpo.kto_examples(pairs, random.Random(0), desirable_share=0.2)
     assert sum(r[3] for r in few) == 10 and len(few) == 60  # all 50 undesirable rows stay
-
-
-def test_read_unpaired_validates_rows(tmp_path):
-    good = tmp_path / "kto.jsonl"
-    good.write_text('{"prompt": "q", "completion": "a", "label": true}\n'
-                    '{"prompt": "q", "completion": [{"role": "assistant", "content": "b"}], "label": false}\n')
-    assert formats.read_unpaired(str(good)) == [("q", "a", True), ("q", "b", False)]
-    for row, message in [('{"prompt": "q", "completion": "a"}', "missing field 'label'"),
-                         ('{"prompt": "q", "completion": "a", "label": 1}', "'label' must be true or false"),
-                         ('{"prompt": "q", "completion": " ", "label": true}', "'completion' must be"),
-                         ('{"prompt": "", "completion": "a", "label": true}', "'prompt' must be")]:
-        bad = tmp_path / "bad.jsonl"
-        bad.write_text('{"prompt": "q", "completion": "a", "label": true}\n' + row + "\n")
-        with pytest.raises(P.DataError, match=rf"bad.jsonl:2: {message}"):
-            formats.read_unpaired(str(bad))
 
 
 def family_config(tiny_data_dir, init, out, **overrides):
@@ -547,3 +541,19 @@ def test_kto_scores_its_mismatched_rows_without_a_graph_and_the_gradient_is_unch
     assert 0 < labels.sum() < B  # both groups present, so both terms of the loss are exercised
     for joint, split in zip(*grads):
         torch.testing.assert_close(split, joint, rtol=1e-4, atol=1e-6)
+
+
+def test_the_bco_reward_shift_flag_reaches_the_loss_and_is_refused_elsewhere():
+    # --bco-reward-shift batch-mean: batch_loss shifts bco_pair's rewards by the batch's mean reward;
+    # none (the default) is TRL's formula; with another loss the flag would change nothing
+    logps, ref = t([-3.0, -5.0, -6.0, -4.0]), t([-4.0, -4.5, -5.0, -5.5])
+    lengths = t([3.0, 4.0, 5.0, 2.0])
+    a, b = logps[:2] - ref[:2], logps[2:] - ref[2:]
+    for shift, delta in (("none", None), ("batch-mean", fam.bco_reward_shift(a, b, 0.5))):
+        config = dpo.DPOConfig(loss_type="bco_pair", beta=0.5, bco_reward_shift=shift)
+        loss, _, _ = dpo.batch_loss(config, logps, lengths, ref)
+        assert loss.item() == pytest.approx(fam.paired_losses("bco_pair", a, b, 0.5, delta=delta).mean().item())
+    with pytest.raises(P.ConfigError, match="--bco-reward-shift does nothing with --loss-type sigmoid"):
+        dpo.check_config(dpo.DPOConfig(bco_reward_shift="batch-mean"))
+    with pytest.raises(P.ConfigError, match="--bco-reward-shift 'mean' is unknown"):
+        dpo.check_config(dpo.DPOConfig(loss_type="bco_pair", bco_reward_shift="mean"))

@@ -1,4 +1,6 @@
-"""model.py's LoRA adapters: W' = W + (alpha / r) B A on the targeted Linear layers.
+"""lora.py: LoRA adapters, W' = W + (alpha / r) B A on the targeted Linear layers: one layer by
+hand, wrapping a GPT, switching the adapters off (the base as the reference), training only them,
+merging, the adapter files, and dpo.py --lora-rank end to end.
 
 Models are tiny (vocab 50, 2 layers, width 32). A fresh adapter has B = 0 and changes nothing,
 so the tests that need an adapter to matter first give B random values (`perturb`).
@@ -66,7 +68,8 @@ def test_lora_linear_computes_w_plus_scaled_ba_by_hand():
     expected = x.double() @ (W.double() + 6 / 2 * B @ A).T + b.double()  # x W'^T + b, in fp64
     got = layer(x)
     assert got.shape == (4, 7, 3)
-    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=0)
+    # fp32 with the adapter beside W against fp64 with it folded in: relative to outputs of ~9
+    assert torch.allclose(got.double(), expected, rtol=1e-5, atol=1e-5)
     # switched off it is exactly the base Linear
     layer.enabled = False
     assert torch.equal(layer(x), x @ W.T + b)
@@ -270,7 +273,10 @@ def test_merge_folds_the_adapters_into_a_plain_gpt(tmp_path, tiny_data_dir):
     assert set(merged.state_dict()) == set(tiny_gpt().state_dict())
     assert all(p.requires_grad for p in merged.parameters())
     assert merged.lm_head.weight is merged.wte.weight  # the tie survives
-    assert torch.allclose(logits(merged, x), adapted, atol=1e-5, rtol=0)
+    # W + s B A folded into one matrix rounds differently from W and B A apart: by ~1e-5 (1.13e-5 on
+    # an AVX-512 CPU failed atol=1e-5, rtol=0), the rounding of logits up to ~7, which small logits
+    # carry too (hence the atol); a wrong merge is off by far more
+    assert torch.allclose(logits(merged, x), adapted, rtol=1e-4, atol=1e-4)
     # saved and loaded like any checkpoint
     tok = os.path.join(tiny_data_dir, "tokenizer.json")
     path = str(tmp_path / "merged.pt")
@@ -394,9 +400,12 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
 
     with open(os.path.join(out, "dpo", "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
-    # step 0: B = 0, so the policy is its base exactly and every reward is exactly 0
-    assert log[0]["rewards/chosen"] == 0.0 and log[0]["rewards/rejected"] == 0.0
-    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # step 0: B = 0, so the policy is its base exactly (train()'s step-0 check holds the rewards to 0
+    # exactly on one batch); the log compares it with the one-time reference pass, scored in batches
+    # of another shape, whose sums (~-300, 1 fp32 ulp = 3e-5) may round differently: 0 to rounding
+    assert log[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-3)
+    assert log[0]["rewards/rejected"] == pytest.approx(0.0, abs=1e-3)
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     # the held-out accuracy starts at 0 (no pair ranked strictly while policy == base) and rises
     assert metrics["pref_accuracy"] >= 0.6 and metrics["margin"] > 0
     # r (in + out) per adapted Linear, counted from the start checkpoint's own layers
@@ -412,7 +421,8 @@ def test_lora_dpo_run_holds_one_model_starts_at_zero_rewards_and_raises_accuracy
     lora.load_lora(os.path.join(out, "dpo", "adapter.pt"), base)
     x = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.allclose(merged.eval()(x), base.eval()(x), atol=1e-5)
+        # merged against adapted weights: they round differently (see the merge test above)
+        assert torch.allclose(merged.eval()(x), base.eval()(x), rtol=1e-4, atol=1e-4)
         with lora.lora_disabled(base):  # and with the adapters off, the untouched SFT weights
             start, _ = real_load(tiny_sft_ckpt, "cpu", tok)
             assert torch.equal(base(x), start.eval()(x))

@@ -1,13 +1,13 @@
 """rlvr.py: the sampler's log-probs against a teacher-forced recomputation, the GRPO loss against
 its formulas written out by hand (ratio, clipping, k3 KL, aggregation, micro-batching, masking,
-garbage at padded positions), group advantages, pass@k against brute-force enumeration, the
-verifier reward on adversarial replies, the data checks, and tiny end-to-end runs.
+garbage at padded positions), group advantages, the verifier reward on adversarial replies, the
+command line's checks on flags and files, and tiny end-to-end runs. Reading problem files is
+test_formats.py's; pass@k is test_evaluation.py's.
 
 Every model here is tiny (1-2 layers, width 32) and built from a fixed seed; the whole file runs
 in seconds on a busy 2-core CPU.
 """
 
-import itertools
 import json
 import math
 import os
@@ -19,11 +19,10 @@ import pytest
 import torch
 
 from helpers import tiny_gpt
-from data.prepare import write_jsonl
 import model as M
 import plumbing as P
 from data import formats
-import evaluation as E
+from test_formats import PROBLEM as GOOD, write_problems_with_bad_line as write_with_bad_line
 import rlvr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +68,9 @@ def test_sampler_logprobs_equal_the_teacher_forced_ones(tiny_enc, temperature):
     flat = []
     for sampled, recomputed in zip(ro["sample_logps"], forced):
         assert len(sampled) == len(recomputed) > 0
-        assert max(abs(a - b) for a, b in zip(sampled, recomputed)) < 1e-5
+        # the cached, left-padded sampler and the right-padded forward pass round differently
+        # (~1e-6 here); a wrong position or temperature is off by far more than 1e-4
+        assert max(abs(a - b) for a, b in zip(sampled, recomputed)) < 1e-4
         flat += sampled
     # the widened init makes the distribution far from uniform: the test could tell them apart
     assert max(flat) - min(flat) > 1.0
@@ -96,7 +97,7 @@ def test_sampler_logprobs_match_with_replies_of_different_lengths(tiny_enc):
         logps, m = M.shifted_logprobs(model, ids, mask, 0.8)
     for s, f in zip(sampled, masked_rows(logps, m)):
         assert len(s) == len(f)
-        assert max(abs(a - b) for a, b in zip(s, f)) < 1e-5
+        assert max(abs(a - b) for a, b in zip(s, f)) < 1e-4  # two routes round differently, as above
 
 
 def test_first_sampled_token_differs_between_the_copies_of_a_prompt(tiny_enc):
@@ -158,7 +159,8 @@ def test_reply_mask_covers_the_reply_and_its_end_token_and_nothing_else(tiny_enc
             with torch.no_grad():
                 last = model(ids[b: b + 1, : t + 1])[0, -1].double()
             expect = float(torch.log_softmax(last, -1)[ids[b, t + 1]])
-            assert float(logps[b, t]) == pytest.approx(expect, abs=1e-5)
+            # a padded batch against each prefix alone: another route, rounding differently
+            assert float(logps[b, t]) == pytest.approx(expect, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,28 +255,6 @@ def test_group_advantages_with_one_reply_per_prompt_are_zero():
 # pass@k
 
 
-def brute_force_pass_at_k(n, c, k):
-    """The share of all k-subsets of n samples (the first c correct) that hold a correct one."""
-    subsets = list(itertools.combinations(range(n), k))
-    return sum(any(i < c for i in s) for s in subsets) / len(subsets)
-
-
-def test_pass_at_k_hand_worked():
-    assert E.pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 3 of the 6 pairs hold the right one
-    assert E.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert E.pass_at_k(5, 0, 3) == 0.0
-    assert E.pass_at_k(3, 3, 1) == 1.0
-    assert E.pass_at_k(8, 2, 4) == pytest.approx(1 - (6 * 5 * 4 * 3) / (8 * 7 * 6 * 5))
-    assert E.pass_at_k(10, 3, 8) == 1.0  # 7 wrong ones cannot fill 8 draws
-
-
-def test_pass_at_k_matches_enumeration_of_all_subsets():
-    for n in range(1, 9):
-        for c in range(n + 1):
-            for k in range(1, n + 1):
-                assert E.pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(n, c, k), abs=1e-12), (n, c, k)
-
-
 # ----------------------------------------------------------------------------------------------
 # The loss: ratio, clipping, KL, aggregation, masking
 
@@ -323,7 +303,8 @@ def test_clipping_stops_the_gradient_only_in_the_direction_the_advantage_pushes(
     loss.backward()
     for (a, r, clipped), g in zip(cases, logps.grad.flatten().tolist()):
         # d/dlogp of -A * exp(logp) / N = -A * ratio / N, unless clipped
-        assert g == (0.0 if clipped else pytest.approx(-a * r / N, abs=1e-7)), (a, r, g)
+        # relative: fp32's exp against Python's floats, at gradients up to ~0.5 (1 ulp = 3e-8)
+        assert g == (0.0 if clipped else pytest.approx(-a * r / N, rel=1e-5, abs=1e-7)), (a, r, g)
     assert stats["clipped"] == sum(c for _, _, c in cases)
 
 
@@ -340,7 +321,8 @@ def test_clip_eps_high_moves_the_upper_bound_only():
         lo, hi = lo_hi
         for (a, r), g in zip(cases, logps.grad.flatten().tolist()):
             clipped = (a > 0 and r > hi) or (a < 0 and r < lo)
-            assert g == (0.0 if clipped else pytest.approx(-a * r / len(cases), abs=1e-7)), (high, a, r, g)
+            assert g == (0.0 if clipped else pytest.approx(-a * r / len(cases), rel=1e-5, abs=1e-7)), \
+                (high, a, r, g)
     # ratio 1.25 with A > 0: clipped at eps 0.2, free at eps_high 0.28; ratio 0.75 with A < 0:
     # clipped either way (the lower bound did not move)
 
@@ -520,69 +502,6 @@ def test_one_update_raises_the_rewarded_reply_over_the_unrewarded_one(tiny_enc):
 
 # ----------------------------------------------------------------------------------------------
 # Problem files
-
-GOOD = {"prompt": "Ben has 2 cards. How many cards?", "answer": 2}
-
-BAD_ROWS = [  # (row written at line 3, what the message must say)
-    ('{"answer": 3}', "missing field 'prompt'"),
-    ('{"prompt": "Ben?"}', "missing field 'answer'"),
-    ('{"prompt": "Ben?", "answer": "abc"}', "'answer' must be an integer"),
-    ('{"prompt": "Ben?", "answer": 3.5}', "'answer' must be an integer"),
-    ('{"prompt": "Ben?", "answer": "3.5"}', "'answer' must be an integer"),
-    ('{"prompt": "Ben?", "answer": true}', "'answer' must be an integer"),
-    ('{"prompt": "Ben?", "answer": null}', "'answer' must be an integer"),
-    ('{"prompt": "", "answer": 3}', "'prompt' must be"),
-    ('{"prompt": "  ", "answer": 3}', "'prompt' must be"),
-    ('{"prompt": [], "answer": 3}', "'prompt' must be"),
-    ('{"prompt": 7, "answer": 3}', "'prompt' must be"),
-    ('{"prompt": "Ben?", "answer": 3', "not valid JSON"),
-    ('[1, 2]', "expected a JSON object"),
-]
-
-
-def write_with_bad_line(path, bad):
-    path.write_text(json.dumps(GOOD) + "\n\n" + bad + "\n" + json.dumps(GOOD) + "\n")
-
-
-def test_read_problems_accepts_good_rows(tmp_path):
-    rows = [GOOD, {"prompt": "Ava?", "answer": "12", "n_ops": 2}, {"prompt": "Mia?", "answer": " -4 "},
-            {"prompt": [{"role": "user", "content": "Finn?"}], "answer": 0}]
-    path = tmp_path / "rl.jsonl"
-    write_jsonl(str(path), rows)
-    got = formats.read_problems(str(path))
-    assert [p["answer"] for p in got] == [2, 12, -4, 0]
-    assert all(type(p["answer"]) is int for p in got)
-    assert [p["prompt"] for p in got] == [r["prompt"] for r in rows] and got[1]["n_ops"] == 2
-
-
-@pytest.mark.parametrize("bad,message", BAD_ROWS)
-def test_read_problems_names_file_line_and_problem(tmp_path, bad, message):
-    path = tmp_path / "rl.jsonl"
-    write_with_bad_line(path, bad)  # a good row, a blank line, then the bad row at line 3
-    with pytest.raises(P.DataError) as e:
-        formats.read_problems(str(path))
-    assert f"{path}:3:" in str(e.value) and message in str(e.value), str(e.value)
-
-
-def test_read_problems_missing_and_empty_files(tmp_path):
-    with pytest.raises(P.DataError, match="no such file") as e:
-        formats.read_problems(str(tmp_path / "nope.jsonl"))
-    assert str(tmp_path / "nope.jsonl") in str(e.value)
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(P.DataError, match="no rows") as e:
-        formats.read_problems(str(tmp_path / "empty.jsonl"))
-    assert str(tmp_path / "empty.jsonl") in str(e.value)
-
-
-@pytest.mark.parametrize("answer", ["--3", "\u00b2"])
-def test_read_problems_odd_digit_strings_are_a_data_error(tmp_path, answer):
-    # strings that look like digits to str.isdigit but that int() refuses ("--3", a superscript)
-    # must end in the one-line DataError naming the file and line, not a traceback
-    path = tmp_path / "rl.jsonl"
-    write_with_bad_line(path, json.dumps({"prompt": "Ben?", "answer": answer}))
-    with pytest.raises(P.DataError) as e:
-        formats.read_problems(str(path))
-    assert f"{path}:3:" in str(e.value)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -808,7 +727,10 @@ def test_micro_batch_training_matches_one_batch(tiny_data_dir, tiny_init_ckpt, t
     assert loss3 == pytest.approx(loss0, abs=1e-6)  # summed chunk losses = the one-batch loss
     init, _ = M.load_checkpoint(tiny_init_ckpt, "cpu", tokenizer_path(tiny_data_dir))
     assert not torch.equal(w0["wte.weight"], init.state_dict()["wte.weight"])  # the policy moved
-    assert all(torch.allclose(w0[k], w3[k], atol=1e-6) for k in w0)
+    # AdamW divides each gradient by its own RMS, so a rounding-level difference in a tiny gradient
+    # (micro-batches round differently) moves its weight by up to lr x its relative size: 1e-6 was
+    # measured at lr 1e-3; a micro-batching bug moves weights by ~lr
+    assert all(torch.allclose(w0[k], w3[k], atol=1e-5) for k in w0)
 
 
 def test_zero_warmup_steps_trains(tiny_data_dir, tiny_init_ckpt, tmp_path, monkeypatch):
