@@ -101,3 +101,15 @@ def test_a_lora_adapter_is_merged_into_the_base_it_names(tiny_sft_ckpt, tiny_dat
     lora.save_lora(str(tmp_path / "orphan.pt"), orphan)  # no base recorded
     with pytest.raises(P.DataError, match="a LoRA adapter needs its base model"):
         chat.load_model(str(tmp_path / "orphan.pt"), "cpu", tok)
+
+
+def test_the_command_line_reads_one_problem_per_line_from_a_pipe(tiny_sft_ckpt, tiny_data_dir):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "chat.py"), "--models", f"sft={tiny_sft_ckpt}",
+                          "--data-dir", tiny_data_dir, "--max-new-tokens", "6", "--device", "cpu"],
+                         input="0\n1\n", capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("USER: ") == 2 and "(held-out problem 1)" in run.stdout
+    assert "you> " not in run.stdout  # no prompt when stdin is not a terminal
