@@ -533,7 +533,9 @@ def train(config):
     # forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of them,
     # a forward only: kto_logprobs), plus a live reference's forward
     passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
-    tokens, t_train, eval_seconds = 0, time.time(), 0.0
+    # the work: positions through the body (padding included), scored ones through the head, FLOPs done
+    # and FLOPs the loss needs (no padding), per forward pass counted in `passes`
+    tokens, work, t_train, eval_seconds = 0, dict(scored=0, done=0.0, needed=0.0), time.time(), 0.0
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
         idx = P.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
@@ -558,6 +560,11 @@ def train(config):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
         tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs)
+        scored, real = int(lengths.sum()), sum(len(examples[i]["prompt"]) + len(examples[i][k]) - 1
+                                               for i in idx for k in ("chosen", "rejected"))
+        work["scored"] += scored
+        work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
+        work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
         window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                   lengths, grad_norm))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
@@ -571,9 +578,9 @@ def train(config):
                         probe_start - chosen_logp(policy, *probe))
             eval_seconds += time.time() - t_eval
             elapsed = time.time() - t_train - eval_seconds
-            mfu = tokens / elapsed * (M.flops_per_token(policy, ids.shape[1]) * passes / 3) / peak
             rec.update(step=step, lr=opt.param_groups[0]["lr"], pairs_per_second=(step + 1) * len(idx) / elapsed,
-                       tokens_per_second=tokens / elapsed, mfu=mfu)
+                       tokens_per_second=tokens / elapsed, mfu=work["done"] / elapsed / peak,
+                       mfu_needed=work["needed"] / elapsed / peak, scored_share=work["scored"] / tokens)
             P.append_jsonl(log_path, rec)
             window = []
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
@@ -590,10 +597,10 @@ def train(config):
     accuracy = preference_accuracy(policy, test_examples, *test_refs, reward_scale, pad, device)
     metrics = E.dpo_evaluation(config, policy, reference, init, enc, problems[: config.eval_problems], accuracy,
                                test_refs, test_pairs, test_examples, test_path, device)
-    flops = M.flops_per_token(policy, ids.shape[1]) * passes / 3
     metrics.update({
         "pairs_per_second": steps * batch_size / train_seconds, "tokens_per_second": tokens / train_seconds,
-        "mfu": tokens / train_seconds * flops / peak, "train_seconds": train_seconds,
+        "mfu": work["done"] / train_seconds / peak, "mfu_needed": work["needed"] / train_seconds / peak,
+        "scored_share": work["scored"] / tokens, "train_seconds": train_seconds,
         "reference_pass_seconds": reference_seconds[0],
         "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,

@@ -270,8 +270,9 @@ def print_dpo_summary(metrics, unit, has_reference, model_copies, out_dir):
                       f"reference pass {metrics['reference_pass_seconds']:.1f}s once vs ~"
                       f"{metrics['live_reference_seconds_estimate']:.1f}s for a live reference")
     print(f"dpo: {metrics['pairs_per_second']:.1f} {unit}/s, {metrics['tokens_per_second'] / 1e3:.1f}k tok/s, "
-          f"MFU {metrics['mfu']:.0%} (peak {metrics['peak_flops'] / 1e9:.0f} GFLOP/s); {reference_note}; "
-          f"DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
+          f"MFU {metrics['mfu']:.0%} of the work done, {metrics['mfu_needed']:.0%} of the work the loss needs "
+          f"({metrics['scored_share']:.0%} of the positions scored; peak {metrics['peak_flops'] / 1e9:.0f} "
+          f"GFLOP/s); {reference_note}; DPO stage {metrics['wall_seconds']:.0f}s -> {out_dir}/")
     mem = metrics["memory_mb"]
     print(f"dpo: memory: {metrics['trainable_parameters']:,} trainable parameters ({metrics['trainable_share']:.1%}); "
           f"weights {mem['weights']:.1f} MB ({model_copies} {'copies' if model_copies > 1 else 'copy'}) + grads "

@@ -139,10 +139,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, positions=None, attn_mask=None, caches=None):
-        """idx (B, T) token ids -> logits (B, T, vocab_size).
-        positions (B, T) overrides 0..T-1 (left-padded rows start counting at their first real
-        token); attn_mask (B, 1, T, Tk) bool, True = may attend; caches: one KVCache per block."""
+    def forward(self, idx, positions=None, attn_mask=None, caches=None, hidden=False):
+        """idx (B, T) token ids -> logits (B, T, vocab_size), or with hidden=True the last layer's
+        states (B, T, n_embd) before the output layer (lm_head), for a caller that needs logits at
+        some positions only. positions (B, T) overrides 0..T-1 (left-padded rows start counting at
+        their first real token); attn_mask (B, 1, T, Tk) bool, True = may attend; caches: one
+        KVCache per block."""
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
@@ -151,7 +153,8 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, attn_mask, None if caches is None else caches[i])
-        return self.lm_head(self.ln_f(x))  # (B, T, V)
+        x = self.ln_f(x)  # (B, T, C)
+        return x if hidden else self.lm_head(x)  # (B, T, V)
 
     def num_params(self):
         """Parameter count, the tied embedding counted once (it is also the output layer, so each
@@ -165,9 +168,9 @@ class GPT(nn.Module):
 
 def token_logprobs(logits, targets):
     """log p(targets) under logits, per position: log_softmax + gather (never log(softmax)).
-    logits (B, T, V), targets (B, T) -> (B, T), always in fp32 whatever the forward dtype."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    logits (..., V), targets (...) -> (...), always in fp32 whatever the forward dtype."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
+    return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (...)
 
 
 def shifted_logprobs(model, input_ids, loss_mask, temperature=1.0):
@@ -176,13 +179,21 @@ def shifted_logprobs(model, input_ids, loss_mask, temperature=1.0):
     input_ids, loss_mask (B, T); loss_mask[b, t] = 1 marks token t as scored, so the shift by one
     happens here: the logits at t-1 predict token t. temperature divides the logits, as the
     sampler does (RL scores its samples under the distribution they were drawn from).
-    -> logps (B, T-1) fp32, mask (B, T-1) fp32 (position t-1 holds token t's values)."""
+    Only the scored positions go through the output layer and its log_softmax over the vocabulary:
+    the prompt's and the padding's logits would be computed to be thrown away.
+    -> logps (B, T-1) fp32, 0 where not scored; mask (B, T-1) fp32 (position t-1 holds token t's)."""
+    scored = loss_mask[:, 1:].bool()  # (B, T-1)
     with autocast(input_ids.device):
-        logits = model(input_ids[:, :-1])  # (B, T-1, V)
+        if isinstance(model, GPT):
+            states = model(input_ids[:, :-1], hidden=True)  # (B, T-1, C)
+            logits = model.lm_head(states[scored])  # (N, V), N scored positions
+        else:  # any other model that returns the logits (B, T-1, V)
+            logits = model(input_ids[:, :-1])[scored]  # (N, V)
     if temperature != 1.0:
         logits = logits.float() / temperature
-    logps = token_logprobs(logits, input_ids[:, 1:])  # (B, T-1), fp32
-    return logps, loss_mask[:, 1:].to(logps.dtype)  # (B, T-1) each
+    logps = torch.zeros(scored.shape, device=input_ids.device)  # (B, T-1) fp32
+    logps = logps.masked_scatter(scored, token_logprobs(logits, input_ids[:, 1:][scored]))  # (N,) into place
+    return logps, scored.float()  # (B, T-1) each
 
 
 def masked_mean(values, mask):
@@ -416,6 +427,16 @@ def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
 
 # ----------------------------------------------------------------------------------------------
 # Measuring: parameter count, FLOPs, MFU
+
+
+def training_flops(model, positions, scored, T):
+    """FLOPs of a forward and backward pass (6 per weight per token) over `positions` token
+    positions of rows T long, of which `scored` go through the output layer: the body's weights
+    at every position, the head's (the tied embedding, vocab_size x n_embd) at the scored ones
+    only, and attention's 6 * n_layer * T * n_embd per position (see flops_per_token)."""
+    cfg = model.config
+    head = cfg.vocab_size * cfg.n_embd
+    return (6 * (model.num_params() - head) + 6 * cfg.n_layer * T * cfg.n_embd) * positions + 6 * head * scored
 
 
 def flops_per_token(model, T):

@@ -367,6 +367,7 @@ def train(config):
     open(log_path, "w").close()
     order, curve = [], []
     sample_tokens, sample_seconds, train_tokens, train_seconds, train_flops = 0, 0.0, 0, 0.0, 0.0
+    scored_tokens = 0  # reply tokens through the output layer (the prompt's positions skip it)
     bar = tqdm(range(config.steps), desc="rlvr", dynamic_ncols=True)
     for step in bar:
         if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
@@ -397,7 +398,9 @@ def train(config):
             # tokens through the policy, prompt and padding included (they cost FLOPs); the reference's
             # forward and the sampling are not counted in the training MFU
             train_tokens += ids[:, 1:].numel() * config.inner_steps
-            train_flops += ids[:, 1:].numel() * config.inner_steps * M.flops_per_token(policy, ids.shape[1] - 1)
+            scored_tokens += stats["tokens"] * config.inner_steps  # through the head: the replies' tokens
+            train_flops += config.inner_steps * M.training_flops(policy, ids[:, 1:].numel(), stats["tokens"],
+                                                                 ids.shape[1] - 1)
             if step == 0:  # the invariant before any update moved the policy: pi_old = pi_theta = pi_ref
                 tqdm.write(f"rlvr: step-0 check: ratio {stats['ratio'] / stats['tokens']:.4f} (1 on-policy)"
                            + (f", KL {stats['kl'] / stats['tokens']:.4f} (0 at the start)" if config.kl_coef else ""))
@@ -423,6 +426,7 @@ def train(config):
                "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
                "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
                "mfu": train_flops / max(1e-9, train_seconds) / peak,
+               "scored_share": scored_tokens / max(1, train_tokens),
                "sample_seconds": sample_seconds, "train_seconds": train_seconds}
     if eval_problems:
         after = before

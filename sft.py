@@ -128,6 +128,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
     peak_flops = P.peak_flops(device)
     model.train()
     tokens_seen, t_start, t_log, tok_log = 0, time.time(), time.time(), 0
+    scored_seen, flops_seen, flops_log = 0, 0.0, 0.0  # the head runs on scored positions only
     val_loss = float("nan")
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:
@@ -139,30 +140,29 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
-        n_tok = ids[:, 1:].numel()  # tokens through the model, padding included (it costs FLOPs)
-        tokens_seen += n_tok
-        tok_log += n_tok
+        n_tok, n_scored = ids[:, 1:].numel(), int(mask[:, 1:].sum())  # padding included: it costs FLOPs
+        flops = M.training_flops(model, n_tok, n_scored, ids.shape[1])
+        tokens_seen, tok_log, scored_seen = tokens_seen + n_tok, tok_log + n_tok, scored_seen + n_scored
+        flops_seen, flops_log = flops_seen + flops, flops_log + flops
         last = step == steps - 1
         if step % config.eval_every == 0 or last:
             val_loss = evaluate_loss(model, val_batches)
         if step % config.log_every == 0 or last:
             dt = time.time() - t_log
             # the clock runs through the validation passes, so tokens/s and MFU read a little low on the
-            # lines that hold one (step 0 among them, with its one-time costs); the MFU's attention
-            # term takes this batch's length (the summary's, the last batch's)
-            tps = tok_log / max(1e-9, dt)
-            mfu = tps * M.flops_per_token(model, ids.shape[1]) / peak_flops
+            # lines that hold one (step 0 among them, with its one-time costs)
+            tps, mfu = tok_log / max(1e-9, dt), flops_log / max(1e-9, dt) / peak_flops
             rec = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
-                   "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu}
+                   "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu,
+                   "scored_share": scored_seen / tokens_seen}
             P.append_jsonl(log_path, rec)
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}", tok_s=f"{tps / 1e3:.1f}k",
                             mfu=f"{mfu:.0%}")
-            t_log, tok_log = time.time(), 0
+            t_log, tok_log, flops_log = time.time(), 0, 0.0
     wall = time.time() - t_start
-    tps = tokens_seen / wall
     return {"loss": loss.item(), "val_loss": val_loss, "tokens": tokens_seen, "device": str(device),
-            "tokens_per_second": tps, "mfu": tps * M.flops_per_token(model, ids.shape[1]) / peak_flops,
-            "peak_flops": peak_flops, "wall_seconds": wall}
+            "tokens_per_second": tokens_seen / wall, "mfu": flops_seen / wall / peak_flops,
+            "scored_share": scored_seen / tokens_seen, "peak_flops": peak_flops, "wall_seconds": wall}
 
 
 @torch.no_grad()

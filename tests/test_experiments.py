@@ -29,6 +29,7 @@ import plumbing as P  # noqa: E402
 from data import formats  # noqa: E402
 import offline_vs_online  # noqa: E402
 import overtraining  # noqa: E402
+import throughput  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,18 @@ def test_offline_vs_online_quick(out):
         for key in ("accuracy", "pass_at_8", "judge_score", "kl", "wall_seconds"):
             assert finite(row[key]), key
     assert r["rows"][2]["samples"] > 0
+
+
+def test_throughput_quick_times_both_output_layers(out):
+    throughput.main(["--quick", "--out", out])
+    rows = results(out, "throughput")["rows"]
+    assert [r["variant"] for r in rows] == ["plain", "scored"]
+    plain, scored = rows
+    assert plain["speedup"] == 1 and scored["speedup"] > 0
+    # the same batches: the same positions per pair; the plain path runs the head at all of them
+    assert plain["tokens_per_second"] / plain["pairs_per_second"] == pytest.approx(
+        scored["tokens_per_second"] / scored["pairs_per_second"])
+    assert scored["mfu_needed"] <= scored["mfu"] * 1.0001 and plain["mfu_needed"] < plain["mfu"]
 
 
 def test_kv_cache_quick_samples_the_same_tokens_faster(out):
@@ -284,7 +297,7 @@ def test_stage_from_python_equals_the_command_line(tiny_sft_ckpt, tiny_data_dir,
         assert cli[key] == pytest.approx(in_process[key], abs=1e-6), key
 
 
-EXPERIMENTS = [beta_sweep, ipo_vs_dpo, kv_cache, length_bias, offline_vs_online, overtraining]
+EXPERIMENTS = [beta_sweep, ipo_vs_dpo, kv_cache, length_bias, offline_vs_online, overtraining, throughput]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda m: m.__name__)

@@ -558,3 +558,47 @@ def test_pad_batch_right_pads():
     assert ids.tolist() == [[1, 2, 3], [4, 9, 9]]
     assert mask.tolist() == [[0, 1, 1], [1, 0, 0]]
     assert ids.dtype == mask.dtype == torch.long
+
+
+def plain_shifted_logprobs(model, ids, mask, temperature=1.0):
+    """The output layer at every position, then the mask: what shifted_logprobs did before it
+    computed logits only where a token is scored."""
+    logits = model(ids[:, :-1]).float() / temperature  # (B, T-1, V)
+    logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return logps * mask[:, 1:], mask[:, 1:].float()
+
+
+def test_logits_only_where_scored_equal_the_plain_computation_values_and_gradients():
+    # padding, a response of one token, a row with nothing scored, a fully scored row (pretraining)
+    model = helpers.tiny_gpt(50, seed=4, std=0.2)
+    ids = torch.randint(0, 50, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    mask[0, 5:9] = 1  # a response, then padding
+    mask[1, 11] = 1  # a response of one token
+    mask[3, :] = 1  # every token (row 2: none)
+    for temperature in (1.0, 0.7):
+        grads = []
+        for fn in (M.shifted_logprobs, plain_shifted_logprobs):
+            model.zero_grad()
+            logps, scored = fn(model, ids, mask, temperature)
+            (logps * scored).sum().backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+            if fn is M.shifted_logprobs:
+                got, got_mask = logps, scored
+        want, want_mask = plain_shifted_logprobs(model, ids, mask, temperature)
+        assert torch.equal(got_mask, want_mask)
+        assert torch.equal(got[~want_mask.bool()], torch.zeros_like(got[~want_mask.bool()]))  # 0 where not scored
+        # two routes: the head on a gathered subset rounds differently from the head on all positions
+        assert torch.allclose(got, want.detach(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    empty = torch.zeros_like(mask)
+    logps, scored = M.shifted_logprobs(model, ids, empty)
+    assert scored.sum() == 0 and torch.equal(logps, torch.zeros_like(logps))
+
+
+def test_training_flops_count_the_head_only_where_scored():
+    model = helpers.tiny_gpt(50)  # 1 layer, width 32, vocabulary 50
+    n, head = model.num_params(), 50 * 32
+    assert M.training_flops(model, 10, 10, 20) == 10 * M.flops_per_token(model, 20)  # all scored: as before
+    assert M.training_flops(model, 10, 3, 20) == (6 * (n - head) + 6 * 20 * 32) * 10 + 6 * head * 3
