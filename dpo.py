@@ -439,6 +439,17 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
     return ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, reference_pass_seconds, live_seconds_per_step
 
 
+def count_work(work, policy, batch, ids, lengths, passes):
+    """Add one step's work to `work`: scored positions, FLOPs done (every position through the body,
+    padding included; the scored ones through the head) and FLOPs the loss needs (no padding), for
+    `passes` forward passes' worth (a forward and backward is 3)."""
+    scored = int(lengths.sum())
+    real = sum(len(ex["prompt"]) + len(ex[k]) - 1 for ex in batch for k in ("chosen", "rejected"))
+    work["scored"] += scored
+    work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
+    work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
+
+
 @torch.no_grad()
 def chosen_logp(policy, ids, mask):
     """The mean log-prob of a batch's chosen replies (its first half of rows: see collate). The early
@@ -560,11 +571,7 @@ def train(config):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
         tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs)
-        scored, real = int(lengths.sum()), sum(len(examples[i]["prompt"]) + len(examples[i][k]) - 1
-                                               for i in idx for k in ("chosen", "rejected"))
-        work["scored"] += scored
-        work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
-        work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
+        count_work(work, policy, [examples[i] for i in idx], ids, lengths, passes)
         window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                   lengths, grad_norm))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0

@@ -1,5 +1,6 @@
 """Helpers shared by the test files."""
 
+import builtins
 import json
 
 import torch
@@ -36,3 +37,15 @@ def reply_logp(model, prompt_ids, reply_ids):
     logits = logits[0] if isinstance(logits, tuple) else logits
     logp = torch.log_softmax(logits[0].double(), -1)
     return sum(logp[len(prompt_ids) + i - 1, tok].item() for i, tok in enumerate(reply_ids))
+
+
+def without_matplotlib(monkeypatch):
+    """Make `import matplotlib` fail from here on in the test, as on a machine without it."""
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)

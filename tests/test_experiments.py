@@ -3,7 +3,6 @@ length-bias experiment builds, that the beta sweep really passes each beta to th
 with and without matplotlib, and that a stage called from Python gives what its command line gives.
 """
 
-import builtins
 import json
 import math
 import os
@@ -226,14 +225,7 @@ def test_filler_keeps_the_judges_labels(tiny_data_dir):
 
 
 def test_plot_without_matplotlib_says_how_and_still_writes_results(tmp_path, monkeypatch, capsys):
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kw):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    helpers.without_matplotlib(monkeypatch)
     s = {"dir": str(tmp_path), "quick": True}
     common.write_results(s, {"rows": [{"a": 1.0}]}, ["a"], "t")
     assert common.plot(s, lambda plt: plt.plot([0, 1], [0, 1])) is None

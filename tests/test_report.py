@@ -1,13 +1,14 @@
 """report.py: the run's report card, built from a tiny run's outputs (every stage, and with stages
 missing), with and without matplotlib; its HTML is well-formed and holds the per-token view."""
 
-import builtins
 import html.parser
 import json
 import os
 import shutil
 
 import pytest
+
+import helpers
 
 import dpo
 import report
@@ -94,14 +95,7 @@ def test_without_matplotlib_the_tables_are_still_written(run_out, tiny_data_dir,
     for name in os.listdir(out):
         if name.startswith("report"):
             os.remove(os.path.join(out, name))
-    real_import = builtins.__import__
-
-    def no_matplotlib(name, *args, **kw):
-        if name.startswith("matplotlib"):
-            raise ImportError("No module named 'matplotlib'")
-        return real_import(name, *args, **kw)
-
-    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    helpers.without_matplotlib(monkeypatch)
     md_path, _ = report.write_report(report.ReportConfig(out=out, data_dir=tiny_data_dir))
     with open(md_path) as f:
         md = f.read()
