@@ -101,6 +101,8 @@ class DPOConfig:
     lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", "lora")
     lora_targets: str = option("attn,mlp", "the layers that get adapters: attn, mlp, or module suffixes "
                                "(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), comma-separated", "lora")
+    prefix_sharing: bool = option(False, "score a pair's two replies in one row, the prompt computed once "
+                                  "(not with kto); off: a row per reply (measured: docs/log.md)", "dpo")
     live_reference: bool = option(False, "keep the reference model and run it every step instead of "
                                   "computing its log-probs once before training", "dpo")
     # optimisation
@@ -202,6 +204,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
 
 
+def batch_logprobs(config, model, examples, pad_id, device):
+    """log pi of a batch's replies, (2B,): the chosen, then the rejected (KTO: completions, then the
+    mismatched ones), a row per reply, or with --prefix-sharing a row per pair. -> (logps (2B,),
+    lengths (2B,) in tokens, ids: the rows through the model, prompt positions (2B,) or (B,))"""
+    if config.prefix_sharing:
+        batch = shared_prefix_batch(examples, pad_id, device)
+        return shared_prefix_logprobs(model, batch), batch["lengths"], batch["ids"]
+    ids, mask = collate(examples, pad_id, device)
+    logps = (kto_logprobs if config.loss_type == "kto" else sequence_logprobs)(model, ids, mask)  # (2B,)
+    return logps, mask[:, 1:].sum(-1), ids
+
+
 def kto_logprobs(policy, input_ids, loss_mask):
     """log pi of KTO's 2B rows (B completions, then B mismatched completions), with a graph for the
     first B only. The mismatched rows only estimate the reference point z0, which is detached, so
@@ -297,14 +311,60 @@ def collate(examples, pad_id, device):
     responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
     return M.prompt_response_batch(prompts, responses, pad_id, device)
 
+def shared_prefix_batch(examples, pad_id, device):
+    """B pairs -> B rows, each prompt + chosen + rejected, the prompt computed once for both replies
+    (prefix sharing, Wang et al. 2024, arXiv 2410.20305). The rejected reply restarts its positions
+    after the prompt, and the attention mask lets each reply see the prompt and itself, never the
+    other reply, so each is scored exactly as in a row of its own. A scored token is predicted by
+    the states at `source`: the previous token's, or, for each reply's first, the prompt's last.
+    -> {"ids" (B, T), "positions" (B, T), "mask" (B, 1, T, T) bool, "source", "target", "row" (N,)
+    for the N scored tokens, chosen ones then rejected ones, "lengths" (2B,)}"""
+    T = max(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # (B, T, T); a pad query sees itself
+    scored = {"chosen": [], "rejected": []}  # (row, source, target) per scored token
+    for b, ex in enumerate(examples):
+        n_p, n_c, n_r = len(ex["prompt"]), len(ex["chosen"]), len(ex["rejected"])
+        n = n_p + n_c + n_r
+        ids[b, :n] = torch.tensor(ex["prompt"] + ex["chosen"] + ex["rejected"])
+        positions[b, : n_p + n_c] = torch.arange(n_p + n_c)
+        positions[b, n_p + n_c: n] = torch.arange(n_p, n_p + n_r)  # the rejected reply restarts after the prompt
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        causal[n_p + n_c:, n_p: n_p + n_c] = False  # the rejected reply never sees the chosen one
+        mask[b, :n, :n] = causal
+        scored["chosen"] += [(b, n_p - 1 + j, ex["chosen"][j]) for j in range(n_c)]
+        scored["rejected"] += [(b, n_p - 1 if j == 0 else n_p + n_c + j - 1, ex["rejected"][j]) for j in range(n_r)]
+    row, source, target = torch.tensor(scored["chosen"] + scored["rejected"]).T  # (N,) each
+    lengths = torch.tensor([len(ex["chosen"]) for ex in examples] + [len(ex["rejected"]) for ex in examples])
+    return {"ids": ids.to(device), "positions": positions.to(device), "mask": mask[:, None].to(device),
+            "row": row.to(device), "source": source.to(device), "target": target.to(device),
+            "lengths": lengths.to(device)}
+
+
+def shared_prefix_logprobs(model, batch, average=False):
+    """sequence_logprobs of a shared_prefix_batch: (2B,), the B chosen replies' then the B rejected
+    replies' sums (average: per-token means), the output layer only at the scored tokens' sources."""
+    with P.autocast(batch["ids"].device):
+        states = model(batch["ids"], batch["positions"], batch["mask"], hidden=True)  # (B, T, C)
+        logits = model.lm_head(states[batch["row"], batch["source"]])  # (N, V)
+    logps = M.token_logprobs(logits, batch["target"])  # (N,) fp32
+    lengths = batch["lengths"]  # (2B,)
+    reply = torch.repeat_interleave(torch.arange(len(lengths), device=logps.device), lengths)  # (N,) reply index
+    total = torch.zeros(len(lengths), device=logps.device).index_add(0, reply, logps)  # (2B,)
+    return total / lengths.clamp(min=1) if average else total
+
+
 # ----------------------------------------------------------------------------------------------
 # The reference: its log-probs once, before training; the policy's on held-out pairs
 
 
 @torch.no_grad()
-def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False):
+def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False, shared=False):
     """The model's log-prob of every example's chosen and rejected response, in one no-grad pass
-    (average: per token): the reference's pass before training, and the policy's at evaluation.
+    (average: per token; shared: a row per pair, see shared_prefix_batch): the reference's pass
+    before training, and the policy's at evaluation.
     Examples go through sorted by length, so each batch pads little; results come back in the
     original order. -> (chosen (N,), rejected (N,)) on the CPU."""
     def length(i):
@@ -315,8 +375,12 @@ def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False)
     chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
-        ids, mask = collate([examples[j] for j in idx], pad_id, device)
-        logps = sequence_logprobs(model, ids, mask, average).cpu()  # (2B,): chosen rows, then rejected
+        if shared:
+            logps = shared_prefix_logprobs(model, shared_prefix_batch([examples[j] for j in idx], pad_id, device),
+                                           average).cpu()  # (2B,): chosen replies, then rejected
+        else:
+            ids, mask = collate([examples[j] for j in idx], pad_id, device)
+            logps = sequence_logprobs(model, ids, mask, average).cpu()  # (2B,): chosen rows, then rejected
         chosen[idx] = logps[: len(idx)]
         rejected[idx] = logps[len(idx):]
     return chosen, rejected
@@ -412,23 +476,22 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
     -> (ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, seconds, live seconds per step)"""
     t_ref = time.time()
     with lora.reference_model(policy, reference) as ref_model:
-        ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device)
+        ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device, shared=config.prefix_sharing)
         reference_pass_seconds = time.time() - t_ref
         test_ref_chosen, test_ref_rejected = pair_logprobs(ref_model, test_examples, pad, device)
     batch = examples[:batch_size]
-    ids, mask = collate(batch, pad, device)
     with torch.no_grad():
         t_live = time.time()
         with lora.reference_model(policy, reference) as ref_model:
-            live = sequence_logprobs(ref_model, ids, mask).cpu()
+            live = batch_logprobs(config, ref_model, batch, pad, device)[0].cpu()
         live_seconds_per_step = time.time() - t_live
-        pol = sequence_logprobs(policy, ids, mask).cpu()
+        pol, lengths, _ = batch_logprobs(config, policy, batch, pad, device)
     labels = torch.tensor([ex.get("label", True) for ex in batch])
     # (without RPO's NLL term, which is not 0 at step 0)
-    loss0, rc0, rr0 = batch_loss(replace(config, rpo_alpha=0.0), pol, mask[:, 1:].sum(-1).cpu(), live, labels)
+    loss0, rc0, rr0 = batch_loss(replace(config, rpo_alpha=0.0), pol.cpu(), lengths.cpu(), live, labels)
     # fp32 (CPU, MPS) agrees to rounding; bf16 autocast (CUDA) rounds differently in differently
     # shaped batches, so allow a few hundredths of a nat per token there (a misaligned row is off by nats)
-    tol = 5e-2 * float(mask.sum(-1).max()) if device.type == "cuda" else 1e-3
+    tol = 5e-2 * float(lengths.max()) if device.type == "cuda" else 1e-3
     gap = (live - torch.cat([ref_chosen[:len(batch)], ref_rejected[:len(batch)]])).abs().max().item()
     if gap > tol:
         raise RuntimeError(f"step-0 check: the precomputed reference log-probs differ from a live pass by {gap:.3g}")
@@ -444,7 +507,7 @@ def count_work(work, policy, batch, ids, lengths, passes):
     padding included; the scored ones through the head) and FLOPs the loss needs (no padding), for
     `passes` forward passes' worth (a forward and backward is 3)."""
     scored = int(lengths.sum())
-    real = sum(len(ex["prompt"]) + len(ex[k]) - 1 for ex in batch for k in ("chosen", "rejected"))
+    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)  # each prompt once
     work["scored"] += scored
     work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
     work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
@@ -550,19 +613,15 @@ def train(config):
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
         idx = P.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
-        ids, mask = collate([examples[i] for i in idx], pad, device)
-        if config.loss_type == "kto":
-            logps = kto_logprobs(policy, ids, mask)  # (2B,): completions, then mismatched ones (no graph)
-        else:
-            logps = sequence_logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected rows
+        batch = [examples[i] for i in idx]
+        logps, lengths, ids = batch_logprobs(config, policy, batch, pad, device)  # (2B,): chosen, then rejected
         ref_logps = None
         if config.live_reference and ref_chosen is not None:
             with torch.no_grad(), lora.reference_model(policy, reference) as ref_model:
-                ref_logps = sequence_logprobs(ref_model, ids, mask)  # (2B,)
+                ref_logps = batch_logprobs(config, ref_model, batch, pad, device)[0]  # (2B,)
         elif ref_chosen is not None:
             ref_logps = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
-        labels = torch.tensor([examples[i].get("label", True) for i in idx], device=device)
-        lengths = mask[:, 1:].sum(-1)  # (2B,) response tokens per row
+        labels = torch.tensor([ex.get("label", True) for ex in batch], device=device)
         loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref_logps, labels)
         for g in opt.param_groups:
             g["lr"] = P.scheduled_lr(config.lr_schedule, step, steps, config.lr, config.warmup_steps)
@@ -571,7 +630,7 @@ def train(config):
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
         tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs)
-        count_work(work, policy, [examples[i] for i in idx], ids, lengths, passes)
+        count_work(work, policy, batch, ids, lengths, passes)
         window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                   lengths, grad_norm))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0

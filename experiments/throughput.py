@@ -2,10 +2,12 @@
 How fast is a DPO step, and how much of its work does the loss need? DPO training steps on this
 project's own preference pairs (batch 32, reference log-probs precomputed, as dpo.py trains), at
 the default size and at ~5M parameters (6 layers, 8 heads, 256 wide), from a random init: the
-output layer and its log_softmax over the vocabulary at every position (plain), against only at
-the response positions the loss scores (scored: model.shifted_logprobs). Each variant runs several
-times in this one process, alternating; the table gives medians, the ratio to plain, and MFU two
-ways: of the work done, and of the work the loss needs (no padding; the head on scored positions).
+output layer and its log_softmax over the vocabulary at every position (plain), only at the
+response positions the loss scores (scored: model.shifted_logprobs, what dpo.py runs), and the
+prompt computed once for both replies of a pair (shared prefix: dpo.shared_prefix_logprobs, with
+--prefix-sharing). Each variant runs several times in this one process, alternating; the table
+gives medians, the ratio to plain, and MFU two ways: of the work done, and of the work the loss
+needs (each prompt once, no padding, the head on scored positions).
 
     python experiments/throughput.py            (a few minutes on a 2-core CPU)
     python experiments/throughput.py --quick    (seconds: a tiny world, for tests)
@@ -36,15 +38,18 @@ def plain_sequence_logprobs(model, ids, mask):
     return (logps * mask[:, 1:]).sum(-1)  # (B,)
 
 
-VARIANTS = {"plain": plain_sequence_logprobs, "scored": dpo.sequence_logprobs}
+# each variant: how a batch of pairs is laid out, and how its (2B,) log-probs are computed
+VARIANTS = {"plain": (dpo.collate, lambda model, batch: plain_sequence_logprobs(model, *batch)),
+            "scored": (dpo.collate, lambda model, batch: dpo.sequence_logprobs(model, *batch)),
+            "shared prefix": (dpo.shared_prefix_batch, dpo.shared_prefix_logprobs)}
 
 
 def timed_steps(policy, opt, batches, ref, logprobs):
     """Seconds for DPO steps on these batches (each: log-probs, the loss, backward, AdamW)."""
     t0 = time.perf_counter()
-    for (ids, mask), (rc, rr) in zip(batches, ref):
-        logps = logprobs(policy, ids, mask)  # (2B,): chosen rows, then rejected
-        B = len(ids) // 2
+    for batch, (rc, rr) in zip(batches, ref):
+        logps = logprobs(policy, batch)  # (2B,): chosen replies, then rejected
+        B = len(logps) // 2
         loss, _, _ = dpo.dpo_loss(logps[:B], logps[B:], rc, rr, beta=1.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -57,28 +62,32 @@ def measure(size, examples, vocab, device, steps, repeats):
     policy = M.GPT(M.GPTConfig(vocab_size=vocab, **SIZES[size])).to(device).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     rng = random.Random(0)
-    batches = [dpo.collate(rng.sample(examples, BATCH), 0, device) for _ in range(steps)]
+    drawn = [rng.sample(examples, BATCH) for _ in range(steps)]
+    batches = {name: [layout(pairs, 0, device) for pairs in drawn] for name, (layout, _) in VARIANTS.items()}
     with torch.no_grad():
-        ref = [(lp[:BATCH].detach(), lp[BATCH:].detach()) for lp in (dpo.sequence_logprobs(policy, *b) for b in batches)]
-    positions = sum(ids[:, 1:].numel() for ids, _ in batches)
-    scored = sum(int(mask[:, 1:].sum()) for _, mask in batches)
-    real = sum(len(ex["prompt"]) + len(ex[k]) - 1 for ex in examples for k in ("chosen", "rejected")) / len(examples)
-    real *= BATCH * steps  # the mean real length: the batches draw from all pairs
-    T = max(ids.shape[1] for ids, _ in batches)
-    needed = M.training_flops(policy, real, scored, T)
-    done = {"plain": M.training_flops(policy, positions, positions, T), "scored": M.training_flops(policy, positions,
-                                                                                                    scored, T)}
-    timed_steps(policy, opt, batches[:2], ref[:2], dpo.sequence_logprobs)  # warm up
+        ref = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in batches["scored"])]
+    two_rows = sum(ids[:, 1:].numel() for ids, _ in batches["scored"])  # positions through the body
+    shared = sum(b["ids"].numel() for b in batches["shared prefix"])
+    scored = sum(int(mask[:, 1:].sum()) for _, mask in batches["scored"])
+    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for pairs in drawn for ex in pairs)
+    T = max(ids.shape[1] for ids, _ in batches["scored"])
+    needed = M.training_flops(policy, real, scored, T)  # each prompt once, no padding, the head where scored
+    done = {"plain": M.training_flops(policy, two_rows, two_rows, T),
+            "scored": M.training_flops(policy, two_rows, scored, T),
+            "shared prefix": M.training_flops(policy, shared, scored, T)}
+    positions = {"plain": two_rows, "scored": two_rows, "shared prefix": shared}
+    for name, (_, fn) in VARIANTS.items():  # warm up
+        timed_steps(policy, opt, batches[name][:1], ref[:1], fn)
     seconds = {v: [] for v in VARIANTS}
-    for _ in range(repeats):  # alternating, so a drift of the machine's speed hits both alike
-        for name, fn in VARIANTS.items():
-            seconds[name].append(timed_steps(policy, opt, batches, ref, fn))
+    for _ in range(repeats):  # alternating, so a drift of the machine's speed hits all alike
+        for name, (_, fn) in VARIANTS.items():
+            seconds[name].append(timed_steps(policy, opt, batches[name], ref, fn))
     peak = P.peak_flops(device)
     rows = []
     for name in VARIANTS:
         s = statistics.median(seconds[name])
         rows.append({"size": size, "parameters": policy.num_params(), "variant": name,
-                     "pairs_per_second": BATCH * steps / s, "tokens_per_second": positions / s,
+                     "pairs_per_second": BATCH * steps / s, "tokens_per_second": positions[name] / s,
                      "scored_tokens_per_second": scored / s, "mfu": done[name] / s / peak,
                      "mfu_needed": needed / s / peak,
                      "speedup": statistics.median(seconds["plain"]) / s, "peak_gflops": peak / 1e9,

@@ -918,3 +918,68 @@ def test_a_short_run_scores_only_the_pairs_it_trains_on(tiny_data_dir, tiny_sft_
     assert short["pairs"] == twelve["pairs"] == 12
     assert all(torch.equal(short_w[k], twelve_w[k]) for k in short_w)
     assert short["pref_accuracy"] == twelve["pref_accuracy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefix sharing: one row per pair, the prompt computed once
+
+
+def shared_examples(enc):
+    pairs = [("Ben has 3 cards. He gets 2 more cards. How many cards does Ben have now?",
+              "Step by step:\n3 + 2 = 5.\nThe answer is 5.", "The answer is 6."),
+             ("Ana has 7 pens.", "7", "Ugh. Obviously the answer is 7, count them yourself."),
+             ("Why?", "Because.", "Because!")]
+    examples, _ = dpo.tokenize_pairs(enc, pairs, 96, 192)
+    cut, counts = dpo.tokenize_pairs(enc, pairs[:1], 96, 24)  # a pair whose replies are cut at --max-length
+    assert counts["response_truncated"] == 1
+    return examples + cut
+
+
+def test_shared_prefix_logprobs_equal_a_row_per_reply_values_and_gradients(tiny_enc):
+    model = tiny_gpt(tiny_enc.n_vocab, seed=5, std=0.3)
+    examples = shared_examples(tiny_enc)
+    assert any(len(ex["chosen"]) == 2 for ex in examples)  # "7" and its <|end|>: a reply of one text token
+    for average in (False, True):
+        grads = []
+        for layout in ("rows", "shared"):
+            model.zero_grad()
+            if layout == "rows":
+                logps = dpo.sequence_logprobs(model, *dpo.collate(examples, 0, "cpu"), average=average)
+            else:
+                logps = dpo.shared_prefix_logprobs(model, dpo.shared_prefix_batch(examples, 0, "cpu"), average)
+            logps.sum().backward()
+            grads.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+        (rows, rows_grads), (shared, shared_grads) = grads
+        # two routes (a masked attention over one row, a causal one over two) round differently
+        assert torch.allclose(shared, rows, rtol=1e-5, atol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared_grads, rows_grads))
+
+
+def test_a_shared_row_hides_each_reply_from_the_other(tiny_enc):
+    # changing the chosen reply leaves the rejected one's log-prob as it was, and the other way round
+    model = tiny_gpt(tiny_enc.n_vocab, seed=6, std=0.3)
+    ex = shared_examples(tiny_enc)[0]
+    other = dict(ex, chosen=list(reversed(ex["chosen"])))
+    a = dpo.shared_prefix_logprobs(model, dpo.shared_prefix_batch([ex], 0, "cpu"))
+    b = dpo.shared_prefix_logprobs(model, dpo.shared_prefix_batch([other], 0, "cpu"))
+    assert a[1].item() == pytest.approx(b[1].item(), rel=1e-6, abs=1e-6) and a[0] != b[0]
+    batch = dpo.shared_prefix_batch([ex], 0, "cpu")
+    n_p, n_c = len(ex["prompt"]), len(ex["chosen"])
+    assert batch["positions"][0, n_p + n_c].item() == n_p  # the rejected reply restarts after the prompt
+    assert not batch["mask"][0, 0, n_p + n_c:, n_p: n_p + n_c].any()
+
+
+def test_prefix_sharing_trains_as_a_row_per_reply_does(tiny_data_dir, tiny_sft_ckpt, tmp_path):
+    logs = []
+    for shared in (False, True):
+        out = str(tmp_path / str(shared))
+        dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, out, steps=4, log_every=1, eval_problems=0,
+                                  prefix_sharing=shared))
+        with open(os.path.join(out, "dpo", "log.jsonl")) as f:
+            logs.append([json.loads(line) for line in f])
+    for rows, shared in zip(*logs):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
+            assert shared[key] == pytest.approx(rows[key], rel=1e-3, abs=1e-4), key
+        assert shared["tokens_per_second"] > 0 and 0 < shared["scored_share"] <= 1
+    with pytest.raises(P.ConfigError, match="--prefix-sharing scores a pair's two replies in one row"):
+        dpo.check_config(dpo.DPOConfig(prefix_sharing=True, loss_type="kto"))
