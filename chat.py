@@ -58,7 +58,9 @@ def model_paths(config):
     pairs = [item.split("=", 1) for item in config.models.split(",") if item.strip()]
     P.require(pairs and all(len(p) == 2 and p[0].strip() and p[1].strip() for p in pairs),
               f"--models {config.models!r}: expected label=checkpoint pairs, comma-separated")
-    return [(label.strip(), P.require_file(path.strip())) for label, path in pairs]
+    labels = [label.strip() for label, _ in pairs]
+    P.require(len(set(labels)) == len(labels), f"--models {config.models!r}: each label names one model")
+    return [(label, P.require_file(path.strip())) for label, (_, path) in zip(labels, pairs)]
 
 
 def load_model(path, device, tokenizer_path):
@@ -115,7 +117,7 @@ def pick(line, held_out, known, rng):
     if not line:
         i = rng.randrange(len(held_out))
         return {**held_out[i], "label": f"held-out problem {i}"}
-    if line.isdigit():
+    if line.isdecimal():
         i = int(line)
         P.require(i < len(held_out), f"there are {len(held_out)} held-out problems: pick 0 to {len(held_out) - 1}")
         return {**held_out[i], "label": f"held-out problem {i}"}
@@ -156,8 +158,14 @@ def chat(config, lines=None):
         return [converse(models, enc, pick(config.prompt, held_out, known, rng), config)]
     if lines is None and not sys.stdin.isatty():
         lines = sys.stdin
-    if lines is not None:
-        return [converse(models, enc, pick(line, held_out, known, rng), config) for line in lines]
+    if lines is not None:  # one problem a line; a line that cannot be answered is said, and the rest go on
+        done = []
+        for line in (line for line in lines if line.strip()):
+            try:
+                done.append(converse(models, enc, pick(line, held_out, known, rng), config))
+            except P.ConfigError as e:
+                print(f"error: {e}")
+        return done
     print(f"chat: {', '.join(f'{label} ({path})' for label, path in paths)} | T={config.temperature:g}")
     print("Type a problem, a number N for held-out problem N, or Enter for a random one; Ctrl-D ends.")
     done = []

@@ -269,8 +269,6 @@ def check_family_flags(config):
             f"in [0, 1], got {config.kto_desirable_share}")
     require(config.kto_desirable_share == 1 or config.loss_type == "kto", f"--kto-desirable-share does "
             f"nothing with --loss-type {config.loss_type}; it enters kto")
-    require(not config.prefix_sharing or config.loss_type != "kto", "--prefix-sharing scores a pair's two "
-            "replies in one row; KTO's second reply is another prompt's, scored without a graph (kto_logprobs)")
     require(config.bco_reward_shift in BCO_REWARD_SHIFTS, f"--bco-reward-shift {config.bco_reward_shift!r} is "
             f"unknown; known: {', '.join(BCO_REWARD_SHIFTS)}")
     require(config.bco_reward_shift == "none" or config.loss_type == "bco_pair", f"--bco-reward-shift does "

@@ -337,7 +337,7 @@ def dpo_evaluation(config, policy, reference, init, enc, problems, accuracy, tes
     metrics = preference_metrics(*accuracy, ref_margins, test_pairs, test_examples, answers)
     if config.eval_problems > 0:
         gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
-        metrics.update(gen_metrics)
+        metrics.update(gen_metrics, eval_problems=len(problems))
         method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
         reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")
         show_replies(f"reference ({reference_name}) | policy ({method})", problems,

@@ -108,7 +108,7 @@ def most_moved(shown, n=5):
         for r in it["replies"]:
             for tok, v in zip(r["tokens"], r["logratios"]):
                 seen.setdefault(tok, []).append(v)
-    means = [(tok, sum(v) / len(v), len(v)) for tok, v in seen.items() if len(v) >= 2]
+    means = [(tok, sum(v) / len(v), len(v)) for tok, v in seen.items() if len(v) >= 2 and abs(sum(v) / len(v)) >= 5e-3]
     means.sort(key=lambda x: x[1])
     return list(reversed(means[-n:])), means[:n]
 
@@ -138,7 +138,7 @@ def terminal(shown, color):
     top = scale(shown)
     lines = []
     for it in shown:
-        lines.append(f"USER: {it['prompt']}" + (f"  ({it['title']})" if it.get("title") else ""))
+        lines.append(f"USER: {prompt_text(it['prompt'])}" + (f"  ({it['title']})" if it.get("title") else ""))
         for r in it["replies"]:
             lines.append(header(it, r))
             if color:
@@ -175,7 +175,7 @@ def page(shown, title):
              f"log pi_ref(y_t): <span class=\"up\">pushed up</span>, <span class=\"down\">pushed down</span>, "
              f"full colour at |{top:.3f}| nats. Hover a token for its value.</p>\n"]
     for it in shown:
-        parts.append("<section class=\"pair\">\n<p class=\"prompt\"><b>USER</b> " + html.escape(it["prompt"])
+        parts.append("<section class=\"pair\">\n<p class=\"prompt\"><b>USER</b> " + html.escape(prompt_text(it["prompt"]))
                      + (f" <i>({html.escape(it['title'])})</i>" if it.get("title") else "") + "</p>\n")
         for r in it["replies"]:
             parts.append(f"<p class=\"head\">{html.escape(header(it, r))}</p>\n<p class=\"reply\">")
@@ -205,6 +205,26 @@ CSS = """body { font-family: system-ui, sans-serif; max-width: 60em; margin: 2em
 # The command line
 
 
+def check_replies(config):
+    """The flags that say what to show, checked before any model is loaded (ConfigError)."""
+    P.check_flags(config, positive=("first",), non_negative=("pair", "sample", "beta"))
+    P.require(not (config.chosen or config.rejected) or (config.prompt and not config.sample),
+              "--chosen and --rejected go with --prompt, and not with --sample")
+    P.require(not config.prompt or config.sample or (config.chosen and config.rejected),
+              "--prompt needs --chosen and --rejected (or --sample N)")
+
+
+def prompt_text(prompt):
+    """A prompt as text: a string as it is, a conversation one "role: content" line per message."""
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def fits(enc, item, context):
+    """Whether every reply of an item, after its prompt, fits a model's context."""
+    prompt = len(M.render_prompt(enc, item["prompt"]))
+    return all(prompt + len(ids) <= context for _, ids in item["replies"])
+
+
 def items_from(config, enc, policy):
     """What to show: held-out pairs, a pair of your own, or replies sampled from the policy."""
     if config.sample:
@@ -212,13 +232,14 @@ def items_from(config, enc, policy):
             prompts, titles = [config.prompt] * config.sample, [f"sample {i}" for i in range(config.sample)]
         else:
             problems = formats.read_problems(os.path.join(config.data_dir, "test.jsonl"))
+            P.require(config.pair < len(problems), f"--pair {config.pair}: there are {len(problems)} held-out "
+                      f"problems")
             problems = problems[config.pair: config.pair + config.sample]
             prompts, titles = [p["prompt"] for p in problems], [f"held-out problem {config.pair + i}"
                                                                   for i in range(len(problems))]
         _, ids = M.sample_replies(policy, enc, prompts, seed=config.seed, return_ids=True)
         return [{"prompt": p, "title": t, "replies": [("sample", r)]} for p, t, r in zip(prompts, titles, ids)]
     if config.prompt:
-        P.require(config.chosen and config.rejected, "--prompt needs --chosen and --rejected (or --sample N)")
         pairs, titles = [(config.prompt, config.chosen, config.rejected)], ["your pair"]
     else:
         every = formats.read_pairs(os.path.join(config.data_dir, "prefs_test.jsonl"))
@@ -236,7 +257,7 @@ def policy_beta(ckpt, beta):
 
 
 def run(config):
-    P.check_flags(config, positive=("first",), non_negative=("pair", "sample", "beta"))
+    check_replies(config)
     device = P.pick_device(config.device)
     policy_path = P.require_file(config.policy or os.path.join(config.out, "dpo", "model.pt"))
     reference_path = P.require_file(config.reference or os.path.join(config.out, "sft", "model.pt"))
@@ -246,7 +267,11 @@ def run(config):
     policy, ckpt = M.load_checkpoint(policy_path, device, tokenizer_path)
     reference, _ = M.load_checkpoint(reference_path, device, tokenizer_path)
     beta = policy_beta(ckpt, config.beta)
-    shown = view(enc, policy, reference, items_from(config, enc, policy), beta, device)
+    items = items_from(config, enc, policy)
+    context = min(policy.config.block_size, reference.config.block_size)
+    P.require(all(fits(enc, it, context) for it in items), f"a reply after its prompt runs past the models' "
+              f"context of {context} tokens: pick shorter ones")
+    shown = view(enc, policy, reference, items, beta, device)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     print(terminal(shown, color))
     up, down = most_moved(shown)

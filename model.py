@@ -431,22 +431,14 @@ def load_checkpoint(path, device="cpu", tokenizer_path=TOKENIZER_PATH):
 
 def training_flops(model, positions, scored, T):
     """FLOPs of a forward and backward pass (6 per weight per token) over `positions` token
-    positions of rows T long, of which `scored` go through the output layer: the body's weights
-    at every position, the head's (the tied embedding, vocab_size x n_embd) at the scored ones
-    only, and attention's 6 * n_layer * T * n_embd per position (see flops_per_token)."""
+    positions of rows T long, of which `scored` go through the output layer: the body's weights at
+    every position, the head's (the tied embedding, vocab_size x n_embd) at the scored ones only,
+    plus attention's 6 * n_layer * T * n_embd per position for the QK^T and AV matmuls. PaLM
+    (appendix B) and nanoGPT count 12 * n_layer * T * n_embd, every score of the T x T matrix; we
+    count the half a causal mask leaves, so MFU credits only useful work."""
     cfg = model.config
     head = cfg.vocab_size * cfg.n_embd
     return (6 * (model.num_params() - head) + 6 * cfg.n_layer * T * cfg.n_embd) * positions + 6 * head * scored
-
-
-def flops_per_token(model, T):
-    """Training FLOPs per token (forward + backward): 6 per parameter, plus attention's
-    6 * n_layer * T * n_embd for the QK^T and AV matmuls, forward and backward. PaLM (appendix B)
-    and nanoGPT count 12 * n_layer * T * n_embd, every score of the T x T matrix; we count the half
-    a causal mask leaves, so MFU credits only useful work (the attention term is ~6% of the total
-    at the pretraining length, so the two counts differ by about that much in MFU)."""
-    cfg = model.config
-    return 6 * model.num_params() + 6 * cfg.n_layer * T * cfg.n_embd
 
 
 # ----------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def pipeline_rows(run):
     dpo, rl = run["dpo"][0], run["rlvr"][0]
     sft = run["sft"][0]
     if dpo is not None and "win_rate" in dpo:
-        n = dpo_problems(run)
+        n = dpo.get("eval_problems")
         for name, side in (("SFT", "ref"), ("DPO", "policy")):
             rows.append({"model": name, "problems": n, "greedy": dpo[f"greedy_accuracy_{side}"],
                          "sampled": dpo[f"accuracy_{side}"], "pass@8": None, "judge": dpo[f"judge_score_{side}"],
@@ -84,12 +84,12 @@ def pipeline_rows(run):
                          "step share": dpo[f"style_shares_{side}"]["step"],
                          "KL to start": dpo["kl"] if side == "policy" else None, "evaluated by": "dpo.py"})
     elif sft is not None and "accuracy" in sft:
-        rows.append({"model": "SFT", "problems": run["sft"][2].get("eval_problems") if run["sft"][2] else None,
+        rows.append({"model": "SFT", "problems": sft.get("eval_problems"),
                      "greedy": sft["accuracy"], "sampled": sft["accuracy_sampled"], "pass@8": None,
                      "judge": sft["judge_score_sampled"], "win rate vs SFT": None,
                      "step share": sft["style_shares"]["step"], "KL to start": None, "evaluated by": "sft.py"})
     if rl is not None and "pass_at_k" in rl:
-        n = (run["rlvr"][2] or {}).get("eval_problems")
+        n = rl.get("eval_problems")
         for name, when in (("DPO (RL's start)", "before"), ("RLVR", "after")):
             pk = rl["pass_at_k"]
             rows.append({"model": name, "problems": n, "greedy": rl[f"accuracy_{when}"],
@@ -98,11 +98,6 @@ def pipeline_rows(run):
                          "step share": rl[f"style_shares_{when}"]["step"],
                          "KL to start": rl["kl"] if when == "after" else None, "evaluated by": "rlvr.py"})
     return rows
-
-
-def dpo_problems(run):
-    config = run["dpo"][2] or {}
-    return config.get("eval_problems")
 
 
 PIPELINE_COLUMNS = ["model", "problems", "greedy", "sampled", "pass@8", "judge", "win rate vs SFT", "step share",
@@ -214,6 +209,11 @@ def styles_figure(plt, rows):
     return fig
 
 
+def write_bytes(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def figures(run, out):
     """{name: PNG bytes} of every plot with data, each also written as out/report_<name>.png; {} without
     matplotlib."""
@@ -232,7 +232,7 @@ def figures(run, out):
         plt.close(fig)
         pngs[name] = buffer.getvalue()
         path = os.path.join(out, f"report_{name}.png")
-        formats.write_atomically(path, lambda tmp, data=pngs[name]: open(tmp, "wb").write(data))
+        formats.write_atomically(path, lambda tmp, data=pngs[name]: write_bytes(tmp, data))
     return pngs
 
 
@@ -250,11 +250,13 @@ def token_view(config):
     enc = M.load_tokenizer(tokenizer_path)
     policy, ckpt = M.load_checkpoint(policy_path, "cpu", tokenizer_path)
     reference, _ = M.load_checkpoint(reference_path, "cpu", tokenizer_path)
-    pairs = formats.read_pairs(os.path.join(config.data_dir, "prefs_test.jsonl"))[: config.pairs]
+    pairs = formats.read_pairs(os.path.join(config.data_dir, "prefs_test.jsonl"))
     items = [{"prompt": p, "title": f"held-out pair {i}", "replies": [("chosen", M.render_response(enc, c)),
                                                                       ("rejected", M.render_response(enc, r))]}
              for i, (p, c, r) in enumerate(pairs)]
-    return logratios.view(enc, policy, reference, items, logratios.policy_beta(ckpt, 0.0))
+    context = min(policy.config.block_size, reference.config.block_size)
+    items = [it for it in items if logratios.fits(enc, it, context)][: config.pairs]  # the first that fit
+    return logratios.view(enc, policy, reference, items, logratios.policy_beta(ckpt, 0.0)) if items else None
 
 
 def write_report(config):
@@ -307,6 +309,8 @@ def write_report(config):
 
 def write_and_say(config):
     """Write the report and say where it is (in one line) and how long it took."""
+    P.check_flags(config, non_negative=("pairs",))
+    P.require(os.path.isdir(config.out), f"--out {config.out}: no such directory (a run writes one: `python dpo.py`)")
     t0 = time.time()
     md_path, html_path = write_report(config)
     print(f"report: {md_path} and {html_path} ({time.time() - t0:.1f}s)")
@@ -314,8 +318,14 @@ def write_and_say(config):
 
 
 def refresh(out, data_dir):
-    """The stages' call at their end: rewrite the report of the run under `out`."""
-    return write_and_say(ReportConfig(out=out, data_dir=data_dir))
+    """The stages' call at their end: rewrite the report of the run under `out`. The stage's work is
+    saved by then, so a report that cannot be written (a stale checkpoint beside it, say) is said in
+    one line, never an error of the stage."""
+    try:
+        return write_and_say(ReportConfig(out=out, data_dir=data_dir))
+    except Exception as e:  # noqa: BLE001 (whatever it is, the run that called it has finished)
+        print(f"report: skipped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return None
 
 
 def main(argv=None):

@@ -107,6 +107,7 @@ class RLVRConfig:
     device: str = option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(1, "steps between log lines", "run")
+    report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +433,7 @@ def train(config):
         after = before
         if curve:  # with no step, the model is the start: no need to evaluate it twice
             after, greedy, sampled = E.evaluate_pass_at_k(policy, kl_reference, enc, eval_problems, config, device)
-        metrics.update(E.before_after(before, after))
+        metrics.update(E.before_after(before, after), eval_problems=len(eval_problems))
         E.show_replies("after RL (greedy | sampled)", eval_problems, {"greedy": greedy, "sampled": sampled})
     metrics.update({"peak_flops": peak, "device": str(device), "wall_seconds": time.time() - t0,
                     "total_wall_seconds": time.time() - t_all})
@@ -440,7 +441,8 @@ def train(config):
                       train_config=asdict(config), metrics=metrics)
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_rlvr_summary(metrics, config.eval_reference or "the start", out_dir)
-    report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
+    if config.report:
+        report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics
 
 

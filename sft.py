@@ -75,6 +75,7 @@ class SFTConfig:
     device: str = option("auto", "auto | cpu | cuda | mps", "run")
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(25, "steps between log lines", "run")
+    report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
 
 
 def pretrain_stream(enc, path):
@@ -290,7 +291,7 @@ def train(config):
         if problems:
             t_eval = time.time()
             ev, greedy, sampled = E.evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
-            metrics.update(ev)
+            metrics.update(ev, eval_problems=len(problems))
             metrics["eval_seconds"] = time.time() - t_eval
             E.show_replies("the SFT model (greedy | sampled)", problems, {"greedy": greedy, "sampled": sampled})
         metrics["wall_seconds"] = time.time() - t_sft
@@ -300,7 +301,7 @@ def train(config):
         P.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
         E.print_lm_summary("sft", metrics)
         print(f"sft: done in {metrics['total_wall_seconds']:.0f}s -> {sft_dir}/")
-    if stages:
+    if stages and config.report:
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics
 

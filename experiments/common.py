@@ -74,7 +74,8 @@ def setup(name, args, quick_data=QUICK_DATA, quick_sft=QUICK_SFT):
 def dpo_config(s, run, **overrides):
     """A DPOConfig for one run of the experiment, starting from its SFT checkpoint; --quick
     shrinks the run (a few steps, a few evaluation problems)."""
-    kw = dict(init=s["init"], data_dir=s["data_dir"], out=os.path.join(s["dir"], run), device=s["device"])
+    kw = dict(init=s["init"], data_dir=s["data_dir"], out=os.path.join(s["dir"], run), device=s["device"],
+              report=False)  # one report card per run of a sweep would cost seconds each and tell nothing
     if s["quick"]:
         kw.update(steps=4, batch_size=4, eval_problems=8, max_new_tokens=16, log_every=1, warmup_steps=1)
     kw.update(overrides)

@@ -43,16 +43,17 @@ def test_prompt_answers_once_with_every_model_labelled(tiny_sft_ckpt, tiny_data_
 
 
 def test_lines_are_answered_one_problem_each(tiny_sft_ckpt, tiny_data_dir, capsys):
-    # as stdin gives them: a number, an empty line (a random held-out problem), a problem of the
-    # world typed out (its answer is known), and free text (it is not)
+    # as stdin gives them: a number, a blank line (skipped), a number out of range (said, and the
+    # rest go on), a problem of the world typed out (its answer is known), and free text (it is not)
     rl = formats.read_problems(os.path.join(tiny_data_dir, "rl.jsonl"))
-    lines = ["2\n", "\n", rl[0]["prompt"] + "\n", "What is this?\n"]
+    lines = ["2\n", "\n", "100000\n", rl[0]["prompt"] + "\n", "What is this?\n", "\u00b2\n"]
     replies = chat.chat(config(tiny_data_dir, f"sft={tiny_sft_ckpt}"), lines=lines)
     out = capsys.readouterr().out
-    assert len(replies) == 4 and out.count("USER: ") == 4
-    assert "(held-out problem 2)" in out and out.count("(held-out problem ") == 2
-    assert f"(answer {rl[0]['answer']})" in out.split("USER: ")[3]
-    assert "the answer is unknown" in out.split("USER: ")[4]
+    assert len(replies) == 4 and out.count("USER: ") == 4  # "²" is no number: typed text
+    assert "(held-out problem 2)" in out and out.count("(held-out problem ") == 1
+    assert "error: there are " in out and "pick 0 to" in out
+    assert f"(answer {rl[0]['answer']})" in out.split("USER: ")[2]
+    assert "the answer is unknown" in out.split("USER: ")[3]
 
 
 def test_the_stages_under_out_are_found_and_a_missing_one_is_said_in_one_line(tiny_sft_ckpt, tiny_data_dir,
@@ -72,6 +73,8 @@ def test_bad_models_and_files_stop_in_one_line(tiny_sft_ckpt, tiny_data_dir, tmp
     for spec in ("sft", "=x.pt", "a=,b=c"):
         with pytest.raises(P.ConfigError, match="expected label=checkpoint pairs"):
             chat.model_paths(chat.ChatConfig(models=spec))
+    with pytest.raises(P.ConfigError, match="each label names one model"):
+        chat.model_paths(chat.ChatConfig(models=f"a={tiny_sft_ckpt},a={tiny_sft_ckpt}"))
     with pytest.raises(P.DataError, match="no such checkpoint"):
         chat.model_paths(chat.ChatConfig(models=f"x={tmp_path / 'none.pt'}"))
     text = tmp_path / "text.pt"

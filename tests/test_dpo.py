@@ -981,5 +981,5 @@ def test_prefix_sharing_trains_as_a_row_per_reply_does(tiny_data_dir, tiny_sft_c
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert shared[key] == pytest.approx(rows[key], rel=1e-3, abs=1e-4), key
         assert shared["tokens_per_second"] > 0 and 0 < shared["scored_share"] <= 1
-    with pytest.raises(P.ConfigError, match="--prefix-sharing scores a pair's two replies in one row"):
-        dpo.check_config(dpo.DPOConfig(prefix_sharing=True, loss_type="kto"))
+    assert dpo.shares_prefix(dpo.DPOConfig()) and not dpo.shares_prefix(dpo.DPOConfig(prefix_sharing=False))
+    assert not dpo.shares_prefix(dpo.DPOConfig(loss_type="kto"))  # KTO's replies answer two prompts

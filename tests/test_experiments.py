@@ -111,16 +111,21 @@ def test_offline_vs_online_quick(out):
     assert r["rows"][2]["samples"] > 0
 
 
-def test_throughput_quick_times_both_output_layers(out):
+def test_throughput_quick_times_every_layout(out):
     throughput.main(["--quick", "--out", out])
     rows = results(out, "throughput")["rows"]
-    assert [r["variant"] for r in rows] == ["plain", "scored"]
-    plain, scored = rows
-    assert plain["speedup"] == 1 and scored["speedup"] > 0
-    # the same batches: the same positions per pair; the plain path runs the head at all of them
+    assert [r["variant"] for r in rows] == ["plain", "scored", "shared prefix"]
+    plain, scored, shared = rows
+    assert plain["speedup"] == 1 and scored["speedup"] > 0 and shared["speedup"] > 0
+    # the same batches: the same positions per pair for the two row-per-reply layouts, and the same
+    # scored tokens per pair for all three
     assert plain["tokens_per_second"] / plain["pairs_per_second"] == pytest.approx(
         scored["tokens_per_second"] / scored["pairs_per_second"])
-    assert scored["mfu_needed"] <= scored["mfu"] * 1.0001 and plain["mfu_needed"] < plain["mfu"]
+    for row in (scored, shared):
+        assert row["scored_tokens_per_second"] / row["pairs_per_second"] == pytest.approx(
+            plain["scored_tokens_per_second"] / plain["pairs_per_second"])
+        assert row["mfu_needed"] <= row["mfu"] * 1.0001
+    assert plain["mfu_needed"] < plain["mfu"]
 
 
 def test_kv_cache_quick_samples_the_same_tokens_faster(out):
@@ -258,12 +263,12 @@ def test_plot_with_matplotlib_writes_a_png(tmp_path):
 
 def test_experiment_runs_use_dpo_defaults_but_for_what_they_set():
     # the exercise book measures dpo.py as a user runs it: a full-size run differs from DPOConfig()
-    # only in where it starts and writes, and in the experiment's own overrides
+    # only in where it starts and writes (no report card per run), and in the experiment's own overrides
     from dataclasses import asdict
     s = {"init": "sft.pt", "data_dir": "d", "dir": "exp", "device": "cpu", "quick": False}
     got = asdict(common.dpo_config(s, "run", beta=0.3))
     want = {**asdict(dpo.DPOConfig()), "init": "sft.pt", "data_dir": "d", "out": os.path.join("exp", "run"),
-            "device": "cpu", "beta": 0.3}
+            "device": "cpu", "beta": 0.3, "report": False}
     assert got == want
 
 

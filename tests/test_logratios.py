@@ -119,3 +119,29 @@ def test_the_command_line_writes_the_page(tiny_sft_ckpt, tiny_data_dir, tmp_path
                                                data_dir=tiny_data_dir, html=path, device="cpu"))
     with pytest.raises(P.DataError, match="no such checkpoint"):
         logratios.run(logratios.LogratioConfig(policy=str(tmp_path / "none.pt"), data_dir=tiny_data_dir))
+
+
+def test_flags_that_say_what_to_show_are_checked_before_any_model_is_loaded(tmp_path):
+    missing = str(tmp_path / "none.pt")  # the checks come first: no DataError for the missing files
+    for flags, message in ((dict(chosen="a"), "--chosen and --rejected go with --prompt"),
+                           (dict(prompt="p", chosen="a", rejected="b", sample=2), "not with --sample"),
+                           (dict(prompt="p"), "--prompt needs --chosen and --rejected")):
+        with pytest.raises(P.ConfigError, match=message):
+            logratios.run(logratios.LogratioConfig(policy=missing, reference=missing, **flags))
+
+
+def test_a_conversation_is_shown_as_text_and_a_reply_too_long_is_refused(tiny_sft_ckpt, tiny_data_dir, tiny_enc,
+                                                                         models, tmp_path):
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Ana has 7 pens."}]
+    item = {"prompt": conversation, "replies": [("chosen", M.render_response(tiny_enc, "7"))]}
+    shown = logratios.view(tiny_enc, *models, [item], beta=1.0)
+    assert "USER: system: Be brief.\nuser: Ana has 7 pens." in logratios.terminal(shown, color=False)
+    assert "user: Ana has 7 pens." in logratios.page(shown, "t")
+    assert not logratios.fits(tiny_enc, {"prompt": "x " * 300, "replies": [("r", [1])]}, 192)
+    with pytest.raises(P.ConfigError, match="runs past the models' context of 192 tokens"):
+        logratios.run(logratios.LogratioConfig(policy=tiny_sft_ckpt, reference=tiny_sft_ckpt, prompt="x " * 300,
+                                               chosen="a", rejected="b", data_dir=tiny_data_dir,
+                                               html=str(tmp_path / "p.html"), device="cpu"))
+    with pytest.raises(P.ConfigError, match="--pair 100000: there are"):
+        logratios.run(logratios.LogratioConfig(policy=tiny_sft_ckpt, reference=tiny_sft_ckpt, sample=2, pair=100000,
+                                               data_dir=tiny_data_dir, html=str(tmp_path / "p.html"), device="cpu"))

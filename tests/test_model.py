@@ -143,7 +143,7 @@ def test_num_params_and_flops_hand_counted():
     n = 1600 + 2 * 12352 + 32
     assert m.num_params() == n == 26336
     # training FLOPs per token: 6 per parameter plus attention's 6 * n_layer * T * n_embd
-    assert M.flops_per_token(m, 20) == 6 * n + 6 * 2 * 20 * 32
+    assert M.training_flops(m, 1, 1, 20) == 6 * n + 6 * 2 * 20 * 32  # one position, scored
 
 
 def test_model_is_causal():
@@ -600,5 +600,5 @@ def test_logits_only_where_scored_equal_the_plain_computation_values_and_gradien
 def test_training_flops_count_the_head_only_where_scored():
     model = helpers.tiny_gpt(50)  # 1 layer, width 32, vocabulary 50
     n, head = model.num_params(), 50 * 32
-    assert M.training_flops(model, 10, 10, 20) == 10 * M.flops_per_token(model, 20)  # all scored: as before
+    assert M.training_flops(model, 10, 10, 20) == 10 * (6 * n + 6 * 20 * 32)  # all scored: 6 per weight
     assert M.training_flops(model, 10, 3, 20) == (6 * (n - head) + 6 * 20 * 32) * 10 + 6 * head * 3

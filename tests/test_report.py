@@ -11,6 +11,7 @@ import pytest
 import helpers
 
 import dpo
+import plumbing as P
 import report
 import rlvr
 from data import formats
@@ -116,3 +117,16 @@ def test_a_missing_stage_is_noted_not_an_error(run_out, tiny_data_dir, tmp_path)
     md_path, _ = report.write_report(report.ReportConfig(out=empty, data_dir=tiny_data_dir))
     with open(md_path) as f:
         assert "Not run yet: pretrain, sft, dpo, rlvr." in f.read()
+
+
+def test_a_report_that_cannot_be_written_never_fails_the_stage_that_asked(run_out, tiny_data_dir, tmp_path, capsys):
+    out = str(tmp_path / "stale")
+    shutil.copytree(run_out, out)
+    with open(os.path.join(out, "dpo", "model.pt"), "wb") as f:
+        f.write(b"not a checkpoint")  # a stale or broken file beside the stage that just finished
+    assert report.refresh(out, tiny_data_dir) is None
+    assert capsys.readouterr().out.startswith("report: skipped (DataError: ")
+    with pytest.raises(P.ConfigError, match="no such directory"):
+        report.write_and_say(report.ReportConfig(out=str(tmp_path / "typo"), data_dir=tiny_data_dir))
+    with pytest.raises(P.ConfigError, match="--pairs must be >= 0"):
+        report.write_and_say(report.ReportConfig(out=run_out, data_dir=tiny_data_dir, pairs=-1))
