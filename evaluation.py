@@ -6,12 +6,15 @@ preference accuracy split by what separates a pair, and the stages' printed summ
 trains anything.
 """
 
+import hashlib
+import json
 import math
 import os
 
 import torch
 
 import model as M
+import plumbing as P
 from data import formats, world
 from dpo_family import chosen_nll
 from lora import reference_model
@@ -132,16 +135,49 @@ def win_rate_by_decider(problems, policy_replies, ref_replies):
                       for d in ("correctness", "style", "length") if d in verdicts}
 
 
-def compare_by_sampling(policy, reference, enc, problems, config, device):
+def replies_key(model, prompts, max_new_tokens, seed):
+    """What decides a model's replies as sample_replies draws them: its weights, the prompts, the
+    length cap, the seed and the device (another device rounds differently). -> a sha256 hex digest"""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    h.update(json.dumps([prompts, max_new_tokens, seed, str(next(model.parameters()).device)]).encode())
+    return h.hexdigest()
+
+
+def save_replies(path, model, prompts, max_new_tokens, seed, replies):
+    """Keep a model's replies ({temperature: texts}) with the key that decided them (replies_key),
+    so a later stage that would draw the same ones can read them instead."""
+    P.write_json(path, {"key": replies_key(model, prompts, max_new_tokens, seed),
+                        "replies": {str(t): texts for t, texts in replies.items()}})
+
+
+def known_replies(path, model, prompts, max_new_tokens, seed):
+    """The replies save_replies kept at path, {temperature: texts}, if the same model drew them for
+    the same prompts and settings (the key matches); else {}."""
+    if model is None or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        kept = json.load(f)
+    if kept.get("key") != replies_key(model, prompts, max_new_tokens, seed):
+        return {}
+    return {float(t): texts for t, texts in kept["replies"].items()}
+
+
+def compare_by_sampling(policy, reference, enc, problems, config, device, known=None):
     """Sample the reference and the policy on the same held-out prompts, same settings and seed;
     the judge compares them reply by reply (a tie counts half). Greedy replies of both are scored
-    too: sampling shows the style a model favours, greedy its best answer.
+    too: sampling shows the style a model favours, greedy its best answer. known: the reference's
+    replies already drawn with these settings ({temperature: texts}, see known_replies).
     -> (metrics, the reference's sampled replies, the policy's sampled replies)"""
     prompts = [p["prompt"] for p in problems]
+    known = known or {}
     with reference_model(policy, reference) as ref_model:
-        ref_replies = M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, config.eval_temperature,
-                                       config.seed)
-        ref_greedy = M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, 0.0, config.seed)
+        ref_replies = known.get(config.eval_temperature) or M.sample_replies(
+            ref_model, enc, prompts, config.max_new_tokens, config.eval_temperature, config.seed)
+        ref_greedy = known.get(0.0) or M.sample_replies(ref_model, enc, prompts, config.max_new_tokens, 0.0,
+                                                        config.seed)
     pol_replies, pol_ids = M.sample_replies(policy, enc, prompts, config.max_new_tokens, config.eval_temperature,
                                             config.seed, return_ids=True)
     pol_greedy = M.sample_replies(policy, enc, prompts, config.max_new_tokens, 0.0, config.seed)
@@ -336,7 +372,14 @@ def dpo_evaluation(config, policy, reference, init, enc, problems, accuracy, tes
     ref_margins = None if test_refs[0] is None else test_refs[0] - test_refs[1]
     metrics = preference_metrics(*accuracy, ref_margins, test_pairs, test_examples, answers)
     if config.eval_problems > 0:
-        gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device)
+        # the start's replies, if sft.py already drew them from the same weights with these settings
+        known = known_replies(os.path.join(config.out, "sft", "replies.json"), reference,
+                              [p["prompt"] for p in problems], config.max_new_tokens, config.seed)
+        if known:
+            print(f"dpo: the reference's replies read from {config.out}/sft/replies.json: the same weights, "
+                  f"prompts and settings drew them")
+        gen_metrics, ref_replies, pol_replies = compare_by_sampling(policy, reference, enc, problems, config, device,
+                                                                    known)
         metrics.update(gen_metrics, eval_problems=len(problems))
         method = ("RPO" if config.rpo_alpha else "DPO") if config.loss_type == "sigmoid" else config.loss_type
         reference_name = config.eval_reference or init + (" without its adapters" if config.lora_rank else "")

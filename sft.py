@@ -291,6 +291,8 @@ def train(config):
         if problems:
             t_eval = time.time()
             ev, greedy, sampled = E.evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
+            E.save_replies(os.path.join(sft_dir, "replies.json"), gpt, [p["prompt"] for p in problems],
+                           config.max_new_tokens, config.seed, {1.0: sampled, 0.0: greedy})  # for DPO's evaluation
             metrics.update(ev, eval_problems=len(problems))
             metrics["eval_seconds"] = time.time() - t_eval
             E.show_replies("the SFT model (greedy | sampled)", problems, {"greedy": greedy, "sampled": sampled})

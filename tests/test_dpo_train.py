@@ -8,6 +8,7 @@ Each run is a few steps of the tiny SFT checkpoint from conftest.py, on the CPU,
 
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -282,3 +283,23 @@ def test_an_eval_reference_with_a_shorter_context_is_checked_before_training(tin
         dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(out), eval_problems=4,
                                   eval_reference=str(tmp_path / "short.pt")))
     assert not (out / "dpo" / "model.pt").exists()
+
+
+def test_dpo_reads_the_sft_models_replies_when_the_same_weights_drew_them(tiny_data_dir, tmp_path, capsys):
+    # sft.py keeps its held-out replies; DPO's evaluation of the same model on the same problems with the
+    # same settings reads them instead of sampling them again, and every figure is what sampling gives
+    import sft
+    out = str(tmp_path / "run")
+    sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=10, sft_steps=10, pretrain_batch_size=8,
+                            pretrain_seq_len=32, sft_batch_size=8, eval_problems=6, max_new_tokens=16,
+                            eval_every=100, data_dir=tiny_data_dir, out=out, device="cpu", warmup_steps=2))
+    init = f"{out}/sft/model.pt"
+    runs = {}
+    for name, keep in (("read", True), ("sampled", False)):
+        if not keep:
+            os.remove(f"{out}/sft/replies.json")
+        capsys.readouterr()
+        runs[name] = dpo.train(tiny_dpo_config(tiny_data_dir, init, out, steps=2, eval_problems=6))
+        assert ("the reference's replies read from" in capsys.readouterr().out) == keep
+    for key in ("accuracy_ref", "greedy_accuracy_ref", "judge_score_ref", "win_rate", "style_shares_ref", "kl"):
+        assert runs["read"][key] == runs["sampled"][key], key

@@ -214,3 +214,14 @@ def test_win_rate_and_kl_when_policy_equals_reference(tiny_sft_ckpt, tiny_data_d
     assert abs(metrics["kl"]) < 1e-6
     for key in ("accuracy", "greedy_accuracy", "judge_score", "style_shares", "length"):
         assert metrics[f"{key}_policy"] == metrics[f"{key}_ref"], key
+
+
+def test_kept_replies_are_read_back_only_for_the_same_weights_prompts_and_settings(tmp_path):
+    model, other = helpers.tiny_gpt(40, seed=1), helpers.tiny_gpt(40, seed=2)
+    path = str(tmp_path / "replies.json")
+    E.save_replies(path, model, ["a", "b"], 16, 7, {1.0: ["x", "y"], 0.0: ["u", "v"]})
+    assert E.known_replies(path, model, ["a", "b"], 16, 7) == {1.0: ["x", "y"], 0.0: ["u", "v"]}
+    for args in ((other, ["a", "b"], 16, 7), (model, ["a", "c"], 16, 7), (model, ["a", "b"], 8, 7),
+                 (model, ["a", "b"], 16, 8), (None, ["a", "b"], 16, 7)):
+        assert E.known_replies(path, *args) == {}
+    assert E.known_replies(str(tmp_path / "none.json"), model, ["a", "b"], 16, 7) == {}
