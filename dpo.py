@@ -33,24 +33,16 @@ The derivation, in the paper's notation (equation numbers are the paper's):
 
 How this departs from the paper:
 1. The "human" labels come from a programmatic judge (data/world.py), not people.
-2. By default the reference log-probs are computed once, before training, and the reference model
-   is then freed (as TRL's precompute_ref_log_probs); --live-reference keeps it (the same numbers,
-   up to bf16 rounding on CUDA).
-3. The learning rate suits a ~1M-parameter model (a 2.5e-4 peak, decayed linearly to 0 as in TRL),
-   not the 5e-7 of 7B recipes, and the script's default beta is 1.0, not 0.1: at 0.1 this tiny
-   model unlearns when to stop (docs/dpo.md).
-4. Optional (--rpo-alpha, off by default): RPO (Pang et al. 2024, arXiv 2404.19733) adds
-   alpha * the NLL of the chosen replies to eq. 7, so the chosen reply's likelihood is held up while
-   the margin grows (docs/dpo.md). The NLL is
-   one mean over the batch's chosen tokens (as TRL's rpo_alpha); the paper averages per reply.
-5. The "kl" logged during training is the mean log-ratio log pi - log pi_ref on the batch's own
-   chosen and rejected responses (cheap, off-policy); the real KL(pi || pi_ref) is estimated at
-   evaluation on the policy's own samples.
+2. The reference log-probs are computed once, before training, and the reference model is then
+   freed (as TRL's precompute_ref_log_probs); --live-reference keeps it (the same numbers).
+3. The learning rate suits a ~1M-parameter model (2.5e-4, decayed linearly to 0 as in TRL), and
+   beta is 1.0, not 0.1: at 0.1 this tiny model unlearns when to stop (docs/dpo.md).
+4. The "kl" logged during training is the mean log pi - log pi_ref on the batch's own replies
+   (cheap, off-policy); the real KL(pi || pi_ref) is estimated at evaluation on the policy's samples.
 
-The family (--loss-type) lives in dpo_family.py, one equation each, so that this file stays one
-lesson read top to bottom; it computes plain DPO (eq. 7) itself, and batch_loss below picks the
-member the config names. What every stage measures lives in evaluation.py, the files a user brings
-are read by data/formats.py, the plumbing is plumbing.py.
+Around this lesson: the family (--loss-type, --rpo-alpha) is dpo_family.py, one equation each;
+pairs -> token batches is pairs.py; what every stage measures is evaluation.py; the files a user
+brings are read by data/formats.py; LoRA is lora.py; the plumbing is plumbing.py.
 """
 
 import math
@@ -70,37 +62,24 @@ import plumbing as P
 import report
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
-from dpo_family import (LABEL_SMOOTHED, PAIRED_LOSS_TYPES, REFERENCE_FREE, bco_reward_shift, check_family_flags,
-                        chosen_nll, family_loss, kto_rows, paired_losses)
+from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
+                        chosen_nll, family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
+from pairs import collate, shared_prefix_batch, tokenize_pairs, training_pairs  # noqa: F401 (dpo.X)
+from lora import LoRAOptions
 from plumbing import option
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(FamilyOptions, LoRAOptions):
+    """dpo.py's flags: the method's, then the optimisation, data, evaluation and run; the family's
+    own (dpo_family.FamilyOptions) and LoRA's (lora.LoRAOptions) are inherited."""
     # the method
     # beta 1.0, not the paper's 0.1: at 0.1 this tiny model either erases <|end|> after its answer
     # or barely moves, and a larger beta saturates the loss first (the sweep: docs/dpo.md)
     beta: float = option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
     loss_type: str = option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
-    label_smoothing: float = option(0.0, "eps: the assumed share of wrong labels, for " + ", ".join(LABEL_SMOOTHED)
-                                    + " (cdpo and robust need eps > 0; sigmoid with eps > 0 is cdpo)", "dpo")
-    rpo_alpha: float = option(0.0, "RPO: add alpha * the chosen replies' NLL per token to the paired loss", "dpo")
-    simpo_beta: float = option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "dpo")
-    simpo_gamma: float = option(0.5, "SimPO's target reward margin gamma", "dpo")
-    orpo_lambda: float = option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "dpo")
-    kto_desirable_weight: float = option(1.0, "KTO's weight on desirable (good) replies", "dpo")
-    kto_undesirable_weight: float = option(1.0, "KTO's weight on undesirable (bad) replies", "dpo")
-    bco_reward_shift: str = option("none", "bco_pair's reward shift delta: none (TRL) or batch-mean (the BCO "
-                                   "paper's mean reward, over the batch)", "dpo")
-    kto_desirable_share: float = option(1.0, "KTO on pairs: keep only this share of the desirable rows "
-                                        "(imbalanced data: then raise --kto-desirable-weight)", "dpo")
-    lora_rank: int = option(0, "LoRA rank r (0: full fine-tuning): train W + (alpha/r) B A with W frozen; the "
-                            "reference is then the same model with its adapters off", "lora")
-    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", "lora")
-    lora_targets: str = option("attn,mlp", "the layers that get adapters: attn, mlp, or module suffixes "
-                               "(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), comma-separated", "lora")
     # one row per pair ran DPO steps 1.45-1.77x faster than a row per reply (docs/speed.md)
     prefix_sharing: bool = option(True, "score a pair's two replies in one row, the prompt computed once; "
                                   "--no-prefix-sharing: a row per reply (kto always: its replies answer two prompts)",
@@ -207,22 +186,36 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
 
 
-def shares_prefix(config):
-    """A row per pair (see shared_prefix_batch), unless --no-prefix-sharing, or KTO, whose second
-    reply is another row's, scored without a graph (kto_logprobs)."""
-    return config.prefix_sharing and config.loss_type != "kto"
+def row_layout(config):
+    """batch_logprobs' layout for this config: a row per pair (shared) unless --no-prefix-sharing or
+    KTO, whose second reply is another row's, scored without a graph (kto_logprobs)."""
+    return {"shared": config.prefix_sharing and config.loss_type != "kto", "kto": config.loss_type == "kto"}
 
 
-def batch_logprobs(config, model, examples, pad_id, device):
-    """log pi of a batch's replies, (2B,): the chosen, then the rejected (KTO: completions, then the
-    mismatched ones), a row per reply, or with --prefix-sharing a row per pair. -> (logps (2B,),
-    lengths (2B,) in tokens, ids: the rows through the model, prompt positions (2B,) or (B,))"""
-    if shares_prefix(config):
+def batch_logprobs(model, examples, pad_id, device, shared, average=False, kto=False):
+    """log pi of B pairs' replies, (2B,): the chosen, then the rejected (KTO: completions, then the
+    mismatched ones), a row per reply (pairs.collate), or, shared, a row per pair, the prompt
+    computed once (pairs.shared_prefix_batch). average: per-token means.
+    -> (logps (2B,), lengths (2B,) in tokens, ids: the rows through the model)"""
+    if shared:
         batch = shared_prefix_batch(examples, pad_id, device)
-        return shared_prefix_logprobs(model, batch), batch["lengths"], batch["ids"]
+        return shared_prefix_logprobs(model, batch, average), batch["lengths"], batch["ids"]
     ids, mask = collate(examples, pad_id, device)
-    logps = (kto_logprobs if config.loss_type == "kto" else sequence_logprobs)(model, ids, mask)  # (2B,)
+    logps = kto_logprobs(model, ids, mask) if kto else sequence_logprobs(model, ids, mask, average)
     return logps, mask[:, 1:].sum(-1), ids
+
+
+def shared_prefix_logprobs(model, batch, average=False):
+    """sequence_logprobs of a shared_prefix_batch: (2B,), the B chosen replies' then the B rejected
+    replies' sums (average: per-token means), the output layer only at the scored tokens' sources."""
+    with P.autocast(batch["ids"].device):
+        states = model(batch["ids"], batch["positions"], batch["mask"], hidden=True)  # (B, T, C)
+        logits = model.lm_head(states[batch["row"], batch["source"]])  # (N, V)
+    logps = M.token_logprobs(logits, batch["target"])  # (N,) fp32
+    lengths = batch["lengths"]  # (2B,)
+    reply = torch.repeat_interleave(torch.arange(len(lengths), device=logps.device), lengths)  # (N,)
+    total = torch.zeros(len(lengths), device=logps.device).index_add(0, reply, logps)  # (2B,)
+    return total / lengths.clamp(min=1) if average else total
 
 
 def kto_logprobs(policy, input_ids, loss_mask):
@@ -263,109 +256,6 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
     return loss, chosen_rewards, rejected_rewards
 
 # ----------------------------------------------------------------------------------------------
-# Pairs -> batches: token ids with exact prompt/response boundaries
-
-
-def flip_labels(pairs, share, rng):
-    """Label noise: swap chosen and rejected in round(share * N) pairs drawn at random.
-    -> (pairs, the set of flipped indices)."""
-    flipped = set(rng.sample(range(len(pairs)), round(share * len(pairs))))
-    return [(p, r, c) if i in flipped else (p, c, r) for i, (p, c, r) in enumerate(pairs)], flipped
-
-
-def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
-    """Prompt and responses are tokenised separately and concatenated, so the response starts
-    exactly at its first token (tokenising prompt + response as one string can merge tokens across
-    the boundary). Every response ends with <|end|>, which is scored like any response token (a
-    response cut at max_length loses it, counted as truncated).
-    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists, "row" (the
-    pair's index in `pairs`) and, for KTO's rows (prompt, completion, another row's completion,
-    label), "label"."""
-    counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
-              "dropped_no_response": 0}
-    examples = []
-    for row, (prompt, chosen, rejected, *label) in enumerate(pairs):  # KTO's rows carry a 4th item, the label
-        # a pair with one reply twice has no preference to learn; a KTO row's second reply is only a
-        # mismatched sample for its reference point, and may equal its own
-        if chosen == rejected and not label:
-            counts["dropped_identical"] += 1
-            continue
-        p = M.render_prompt(enc, prompt)
-        if len(p) > max_prompt_len:  # keep the end of the prompt: it is what the reply answers
-            p = p[-max_prompt_len:]
-            counts["prompt_truncated"] += 1
-        room = max_length - len(p)
-        if room <= 0:
-            counts["dropped_no_response"] += 1
-            continue
-        c, r = M.render_response(enc, chosen), M.render_response(enc, rejected)
-        if len(c) > room or len(r) > room:
-            counts["response_truncated"] += 1
-            c, r = c[:room], r[:room]
-            if c == r and not label:  # cut down to the same tokens: no preference left
-                counts["dropped_identical"] += 1
-                continue
-        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # evaluation reads the row's text
-                         **({"label": label[0]} if label else {})})
-        counts["kept"] += 1
-    return examples, counts
-
-
-def collate(examples, pad_id, device):
-    """B pairs -> one batch of 2B rows, chosen rows first, then rejected, so both go through the
-    model in one forward pass (KTO's training rows in two: see kto_logprobs). loss_mask is 1 exactly
-    on response positions (set by position, never by token id).
-    -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
-    prompts = [ex["prompt"] for ex in examples] * 2
-    responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
-    return M.prompt_response_batch(prompts, responses, pad_id, device)
-
-def shared_prefix_batch(examples, pad_id, device):
-    """B pairs -> B rows, each prompt + chosen + rejected, the prompt computed once for both replies
-    (prefix sharing, Wang et al. 2024, arXiv 2410.20305). The rejected reply restarts its positions
-    after the prompt, and the attention mask lets each reply see the prompt and itself, never the
-    other reply, so each is scored exactly as in a row of its own. A scored token is predicted by
-    the states at `source`: the previous token's, or, for each reply's first, the prompt's last.
-    -> {"ids" (B, T), "positions" (B, T), "mask" (B, 1, T, T) bool, "source", "target", "row" (N,)
-    for the N scored tokens, chosen ones then rejected ones, "lengths" (2B,)}"""
-    T = max(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # (B, T, T); a pad query sees itself
-    scored = {"chosen": [], "rejected": []}  # (row, source, target) per scored token
-    for b, ex in enumerate(examples):
-        n_p, n_c, n_r = len(ex["prompt"]), len(ex["chosen"]), len(ex["rejected"])
-        n = n_p + n_c + n_r
-        ids[b, :n] = torch.tensor(ex["prompt"] + ex["chosen"] + ex["rejected"])
-        positions[b, : n_p + n_c] = torch.arange(n_p + n_c)
-        positions[b, n_p + n_c: n] = torch.arange(n_p, n_p + n_r)  # the rejected reply restarts after the prompt
-        causal = torch.ones(n, n, dtype=torch.bool).tril()
-        causal[n_p + n_c:, n_p: n_p + n_c] = False  # the rejected reply never sees the chosen one
-        mask[b, :n, :n] = causal
-        scored["chosen"] += [(b, n_p - 1 + j, ex["chosen"][j]) for j in range(n_c)]
-        scored["rejected"] += [(b, n_p - 1 if j == 0 else n_p + n_c + j - 1, ex["rejected"][j]) for j in range(n_r)]
-    row, source, target = torch.tensor(scored["chosen"] + scored["rejected"]).T  # (N,) each
-    lengths = torch.tensor([len(ex["chosen"]) for ex in examples] + [len(ex["rejected"]) for ex in examples])
-    return {"ids": ids.to(device), "positions": positions.to(device), "mask": mask[:, None].to(device),
-            "row": row.to(device), "source": source.to(device), "target": target.to(device),
-            "lengths": lengths.to(device)}
-
-
-def shared_prefix_logprobs(model, batch, average=False):
-    """sequence_logprobs of a shared_prefix_batch: (2B,), the B chosen replies' then the B rejected
-    replies' sums (average: per-token means), the output layer only at the scored tokens' sources."""
-    with P.autocast(batch["ids"].device):
-        states = model(batch["ids"], batch["positions"], batch["mask"], hidden=True)  # (B, T, C)
-        logits = model.lm_head(states[batch["row"], batch["source"]])  # (N, V)
-    logps = M.token_logprobs(logits, batch["target"])  # (N,) fp32
-    lengths = batch["lengths"]  # (2B,)
-    reply = torch.repeat_interleave(torch.arange(len(lengths), device=logps.device), lengths)  # (N,) reply index
-    total = torch.zeros(len(lengths), device=logps.device).index_add(0, reply, logps)  # (2B,)
-    return total / lengths.clamp(min=1) if average else total
-
-
-# ----------------------------------------------------------------------------------------------
 # The reference: its log-probs once, before training; the policy's on held-out pairs
 
 
@@ -384,12 +274,7 @@ def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False,
     chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
-        if shared:
-            logps = shared_prefix_logprobs(model, shared_prefix_batch([examples[j] for j in idx], pad_id, device),
-                                           average).cpu()  # (2B,): chosen replies, then rejected
-        else:
-            ids, mask = collate([examples[j] for j in idx], pad_id, device)
-            logps = sequence_logprobs(model, ids, mask, average).cpu()  # (2B,): chosen rows, then rejected
+        logps = batch_logprobs(model, [examples[j] for j in idx], pad_id, device, shared, average)[0].cpu()
         chosen[idx] = logps[: len(idx)]
         rejected[idx] = logps[len(idx):]
     return chosen, rejected
@@ -440,61 +325,23 @@ def check_config(config):
     P.check_out(config.out)
 
 
-def training_pairs(config, enc, rng, inputs, data_path, test_path):
-    """The training pairs shuffled, cut to --max-pairs (label noise or KTO's rows applied), and both
-    files tokenised. -> (examples, test_pairs, test_examples, batch_size, counts, test_counts)"""
-    pairs = inputs["pairs"] if inputs["pairs"] is not None else formats.read_pairs(data_path)
-    rng.shuffle(pairs)
-    if config.max_pairs:
-        pairs = pairs[: config.max_pairs]
-    if config.label_noise:
-        pairs, flipped = flip_labels(pairs, config.label_noise, rng)
-        print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
-    if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
-        pairs = kto_rows(pairs, inputs["unpaired"], rng, config.kto_desirable_share)
-    examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
-    test_pairs = inputs["test_pairs"] if inputs["test_pairs"] is not None else formats.read_pairs(test_path)
-    test_examples, test_counts = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
-
-    def described(c):
-        return (f"{c['dropped_identical']} dropped as identical, {c['dropped_no_response']} with no room for a "
-                f"response; truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} responses")
-
-    unit = "rows" if config.loss_type == "kto" else "pairs"
-    print(f"dpo: {len(examples)} training {unit} ({described(counts)}), {len(test_examples)} held-out pairs "
-          f"({described(test_counts)})")
-    if not examples:
-        raise P.DataError(f"{data_path}: no usable pairs left")
-    if not test_examples:
-        raise P.DataError(f"{test_path}: no usable held-out pairs left")
-    batch_size = min(config.batch_size, len(examples))
-    if batch_size < config.batch_size:
-        print(f"dpo: only {len(examples)} {unit}: batch size {config.batch_size} -> {batch_size}")
-    if config.steps and config.steps * batch_size < len(examples):
-        # a short run meets only steps x batch_size of them (the pairs are shuffled already): keep those,
-        # so the reference pass scores no more than training will use
-        examples = examples[: config.steps * batch_size]
-        print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
-    return examples, test_pairs, test_examples, batch_size, counts, test_counts
-
-
 def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
     """The reference's log-probs of every training and held-out pair, once, then the invariants at
     step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2), and a live reference
     gives the precomputed numbers (timed, for the comparison with --live-reference).
     -> (ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, seconds, live seconds per step)"""
-    t_ref = time.time()
+    t_ref, rows = time.time(), row_layout(config)
     with lora.reference_model(policy, reference) as ref_model:
-        ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device, shared=shares_prefix(config))
+        ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device, shared=rows["shared"])
         reference_pass_seconds = time.time() - t_ref
         test_ref_chosen, test_ref_rejected = pair_logprobs(ref_model, test_examples, pad, device)
     batch = examples[:batch_size]
     with torch.no_grad():
         t_live = time.time()
         with lora.reference_model(policy, reference) as ref_model:
-            live = batch_logprobs(config, ref_model, batch, pad, device)[0].cpu()
+            live = batch_logprobs(ref_model, batch, pad, device, **rows)[0].cpu()
         live_seconds_per_step = time.time() - t_live
-        pol, lengths, _ = batch_logprobs(config, policy, batch, pad, device)
+        pol, lengths, _ = batch_logprobs(policy, batch, pad, device, **rows)
     labels = torch.tensor([ex.get("label", True) for ex in batch])
     # (without RPO's NLL term, which is not 0 at step 0)
     loss0, rc0, rr0 = batch_loss(replace(config, rpo_alpha=0.0), pol.cpu(), lengths.cpu(), live, labels)
@@ -512,14 +359,23 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
 
 
 def count_work(work, policy, batch, ids, lengths, passes):
-    """Add one step's work to `work`: scored positions, FLOPs done (every position through the body,
-    padding included; the scored ones through the head) and FLOPs the loss needs (no padding), for
-    `passes` forward passes' worth (a forward and backward is 3)."""
+    """Add one step's work to `work`: pairs, positions through the body (padding included: it costs
+    FLOPs), scored positions, FLOPs done (the scored positions through the head) and FLOPs the loss
+    needs (no padding), for `passes` forward passes' worth (a forward and backward is 3)."""
     scored = int(lengths.sum())
     real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)  # each prompt once
+    work["pairs"] += len(batch)
+    work["tokens"] += ids[:, 1:].numel()
     work["scored"] += scored
     work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
     work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
+
+
+def rates(work, seconds, peak):
+    """Throughput and MFU of the work so far (count_work), over `seconds` of training."""
+    return {"pairs_per_second": work["pairs"] / seconds, "tokens_per_second": work["tokens"] / seconds,
+            "mfu": work["done"] / seconds / peak, "mfu_needed": work["needed"] / seconds / peak,
+            "scored_share": work["scored"] / work["tokens"]}
 
 
 @torch.no_grad()
@@ -605,8 +461,7 @@ def train(config):
     P.warmup_note("dpo", config.warmup_steps, steps)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
-    log_path = os.path.join(out_dir, "log.jsonl")
-    open(log_path, "w").close()
+    log_path = P.new_log(out_dir)
     order, window, warning_step = [], [], None
     # the early warning's fixed batch, when there is no reference to measure the fall against
     probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
@@ -618,16 +473,17 @@ def train(config):
     passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
     # the work: positions through the body (padding included), scored ones through the head, FLOPs done
     # and FLOPs the loss needs (no padding), per forward pass counted in `passes`
-    tokens, work, t_train, eval_seconds = 0, dict(scored=0, done=0.0, needed=0.0), time.time(), 0.0
+    work, t_train, eval_seconds = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0), time.time(), 0.0
+    rows = row_layout(config)
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
         idx = P.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
         batch = [examples[i] for i in idx]
-        logps, lengths, ids = batch_logprobs(config, policy, batch, pad, device)  # (2B,): chosen, then rejected
+        logps, lengths, ids = batch_logprobs(policy, batch, pad, device, **rows)  # (2B,): chosen, then rejected
         ref_logps = None
         if config.live_reference and ref_chosen is not None:
             with torch.no_grad(), lora.reference_model(policy, reference) as ref_model:
-                ref_logps = batch_logprobs(config, ref_model, batch, pad, device)[0]  # (2B,)
+                ref_logps = batch_logprobs(ref_model, batch, pad, device, **rows)[0]  # (2B,)
         elif ref_chosen is not None:
             ref_logps = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
         labels = torch.tensor([ex.get("label", True) for ex in batch], device=device)
@@ -638,7 +494,6 @@ def train(config):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
-        tokens += ids[:, 1:].numel()  # positions through the model, padding included (it costs FLOPs)
         count_work(work, policy, batch, ids, lengths, passes)
         window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                   lengths, grad_norm))
@@ -653,9 +508,7 @@ def train(config):
                         probe_start - chosen_logp(policy, *probe))
             eval_seconds += time.time() - t_eval
             elapsed = time.time() - t_train - eval_seconds
-            rec.update(step=step, lr=opt.param_groups[0]["lr"], pairs_per_second=(step + 1) * len(idx) / elapsed,
-                       tokens_per_second=tokens / elapsed, mfu=work["done"] / elapsed / peak,
-                       mfu_needed=work["needed"] / elapsed / peak, scored_share=work["scored"] / tokens)
+            rec.update(step=step, lr=opt.param_groups[0]["lr"], **rates(work, elapsed, peak))
             P.append_jsonl(log_path, rec)
             window = []
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
@@ -673,9 +526,7 @@ def train(config):
     metrics = E.dpo_evaluation(config, policy, reference, init, enc, problems[: config.eval_problems], accuracy,
                                test_refs, test_pairs, test_examples, test_path, device)
     metrics.update({
-        "pairs_per_second": steps * batch_size / train_seconds, "tokens_per_second": tokens / train_seconds,
-        "mfu": work["done"] / train_seconds / peak, "mfu_needed": work["needed"] / train_seconds / peak,
-        "scored_share": work["scored"] / tokens, "train_seconds": train_seconds,
+        **rates(work, train_seconds, peak), "train_seconds": train_seconds,
         "reference_pass_seconds": reference_seconds[0],
         "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,

@@ -53,11 +53,12 @@ How this departs from TRL:
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from plumbing import require
+from plumbing import option, require
 
 PAIRED_LOSS_TYPES = ["sigmoid", "cdpo", "robust", "hinge", "ipo", "sigmoid_norm", "exo_pair", "nca_pair",
                      "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop"]
@@ -65,6 +66,23 @@ DISCOPOP_TAU = 0.05  # TRL's default discopop_tau
 REFERENCE_FREE = ["simpo", "orpo"]  # no reference model: one model in memory, no reference pass
 BCO_REWARD_SHIFTS = ("none", "batch-mean")
 LABEL_SMOOTHED = ["sigmoid", "cdpo", "robust", "exo_pair", "simpo"]  # the losses label_smoothing enters
+
+
+@dataclass
+class FamilyOptions:
+    """The family's flags (dpo.DPOConfig inherits them; check_family_flags checks them)."""
+    label_smoothing: float = option(0.0, "eps: the assumed share of wrong labels, for " + ", ".join(LABEL_SMOOTHED)
+                                    + " (cdpo and robust need eps > 0; sigmoid with eps > 0 is cdpo)", "family")
+    rpo_alpha: float = option(0.0, "RPO: add alpha * the chosen replies' NLL per token to the paired loss", "family")
+    simpo_beta: float = option(2.0, "SimPO's beta (its reward is beta * per-token average log-prob)", "family")
+    simpo_gamma: float = option(0.5, "SimPO's target reward margin gamma", "family")
+    orpo_lambda: float = option(0.1, "ORPO's weight lambda of the odds-ratio term beside the SFT loss", "family")
+    kto_desirable_weight: float = option(1.0, "KTO's weight on desirable (good) replies", "family")
+    kto_undesirable_weight: float = option(1.0, "KTO's weight on undesirable (bad) replies", "family")
+    bco_reward_shift: str = option("none", "bco_pair's reward shift delta: none (TRL) or batch-mean (the BCO "
+                                   "paper's mean reward, over the batch)", "family")
+    kto_desirable_share: float = option(1.0, "KTO on pairs: keep only this share of the desirable rows "
+                                        "(imbalanced data: then raise --kto-desirable-weight)", "family")
 
 
 def per_token(logratios, lengths, loss_type):

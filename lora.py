@@ -18,6 +18,7 @@ Departures from the paper's reference code (microsoft/LoRA, loralib):
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -25,10 +26,20 @@ import torch.nn.functional as F
 
 from data.formats import DataError, write_atomically
 import plumbing as P
-from plumbing import require
+from plumbing import option, require
 
 LORA_TARGETS = {"attn": ("attn.c_attn", "attn.c_proj"),  # q, k, v (fused) and the output projection
                 "mlp": ("mlp.c_fc", "mlp.c_proj")}
+
+
+@dataclass
+class LoRAOptions:
+    """LoRA's flags, for a stage's config to inherit (dpo.DPOConfig does)."""
+    lora_rank: int = option(0, "LoRA rank r (0: full fine-tuning): train W + (alpha/r) B A with W frozen; the "
+                            "reference is then the same model with its adapters off", "lora")
+    lora_alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r", "lora")
+    lora_targets: str = option("attn,mlp", "the layers that get adapters: attn, mlp, or module suffixes "
+                               "(attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj), comma-separated", "lora")
 
 
 class LoRALinear(nn.Module):

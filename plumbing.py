@@ -82,7 +82,9 @@ def add_config_args(parser, config):
     """One --kebab-case flag per dataclass field, grouped by the field's metadata 'group', with
     the metadata 'help' and the default in the help text."""
     groups = {}
-    for f in dataclasses.fields(config):
+    own = vars(config if isinstance(config, type) else type(config)).get("__annotations__", {})
+    # the stage's own flags first, then those it inherits (the family's, LoRA's)
+    for f in sorted(dataclasses.fields(config), key=lambda f: f.name not in own):
         group_name = f.metadata.get("group", "options")
         if group_name not in groups:
             groups[group_name] = parser.add_argument_group(group_name)
@@ -147,6 +149,13 @@ def strict_json(obj):
 def write_json(path, obj):
     """obj as strict JSON (see strict_json), written atomically."""
     write_text(path, json.dumps(strict_json(obj), indent=1, allow_nan=False))
+
+
+def new_log(out_dir):
+    """<out_dir>/log.jsonl, emptied: a stage's log holds this run's lines only. -> the path"""
+    path = os.path.join(out_dir, "log.jsonl")
+    open(path, "w").close()
+    return path
 
 
 def append_jsonl(path, record):

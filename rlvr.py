@@ -364,8 +364,7 @@ def train(config):
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
     P.warmup_note("rlvr", config.warmup_steps, config.steps)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    open(log_path, "w").close()
+    log_path = P.new_log(out_dir)
     order, curve = [], []
     sample_tokens, sample_seconds, train_tokens, train_seconds, train_flops = 0, 0.0, 0, 0.0, 0.0
     scored_tokens = 0  # reply tokens through the output layer (the prompt's positions skip it)

@@ -122,8 +122,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
     """The loop both stages share: AdamW, warmup + cosine, gradient clipping, periodic
     validation loss; logs to out_dir/log.jsonl. next_batch() -> (ids, mask)."""
     os.makedirs(out_dir, exist_ok=True)
-    log_path = os.path.join(out_dir, "log.jsonl")
-    open(log_path, "w").close()
+    log_path = P.new_log(out_dir)
     opt = make_optimizer(model, lr, config.weight_decay)
     P.warmup_note(name, config.warmup_steps, steps)
     peak_flops = P.peak_flops(device)

@@ -23,6 +23,7 @@ import torch
 
 import dpo
 import model as M
+import pairs
 import plumbing as P
 from data import formats
 
@@ -39,9 +40,9 @@ def plain_sequence_logprobs(model, ids, mask):
 
 
 # each variant: how a batch of pairs is laid out, and how its (2B,) log-probs are computed
-VARIANTS = {"plain": (dpo.collate, lambda model, batch: plain_sequence_logprobs(model, *batch)),
-            "scored": (dpo.collate, lambda model, batch: dpo.sequence_logprobs(model, *batch)),
-            "shared prefix": (dpo.shared_prefix_batch, dpo.shared_prefix_logprobs)}
+VARIANTS = {"plain": (pairs.collate, lambda model, batch: plain_sequence_logprobs(model, *batch)),
+            "scored": (pairs.collate, lambda model, batch: dpo.sequence_logprobs(model, *batch)),
+            "shared prefix": (pairs.shared_prefix_batch, dpo.shared_prefix_logprobs)}
 
 
 def timed_steps(policy, opt, batches, ref, logprobs):
@@ -63,13 +64,13 @@ def measure(size, examples, vocab, device, steps, repeats):
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     rng = random.Random(0)
     drawn = [rng.sample(examples, BATCH) for _ in range(steps)]
-    batches = {name: [layout(pairs, 0, device) for pairs in drawn] for name, (layout, _) in VARIANTS.items()}
+    batches = {name: [layout(batch, 0, device) for batch in drawn] for name, (layout, _) in VARIANTS.items()}
     with torch.no_grad():
         ref = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in batches["scored"])]
     two_rows = sum(ids[:, 1:].numel() for ids, _ in batches["scored"])  # positions through the body
     shared = sum(b["ids"].numel() for b in batches["shared prefix"])
     scored = sum(int(mask[:, 1:].sum()) for _, mask in batches["scored"])
-    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for pairs in drawn for ex in pairs)
+    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for batch in drawn for ex in batch)
     T = max(ids.shape[1] for ids, _ in batches["scored"])
     needed = M.training_flops(policy, real, scored, T)  # each prompt once, no padding, the head where scored
     done = {"plain": M.training_flops(policy, two_rows, two_rows, T),
@@ -100,8 +101,8 @@ def main(argv=None):
     s = common.setup("throughput", args)
     device = P.pick_device(args.device)
     enc = M.load_tokenizer(os.path.join(s["data_dir"], "tokenizer.json"))
-    pairs = formats.read_pairs(os.path.join(s["data_dir"], "prefs.jsonl"))
-    examples, _ = dpo.tokenize_pairs(enc, pairs, 96, 192)
+    raw = formats.read_pairs(os.path.join(s["data_dir"], "prefs.jsonl"))
+    examples, _ = pairs.tokenize_pairs(enc, raw, 96, 192)
     steps, repeats, sizes = (2, 2, ["default"]) if s["quick"] else (STEPS, REPEATS, list(SIZES))
     rows = [row for size in sizes for row in measure(size, examples, enc.n_vocab, device, steps, repeats)]
     common.write_results(s, {"rows": rows}, ["size", "parameters", "variant", "pairs_per_second",

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
 
 import model as M  # noqa: E402
+import pairs  # noqa: E402
+from data import formats  # noqa: E402
 
 # One thread: the models here are tiny, so a second thread buys nothing on an idle machine, while
 # on a busy one (a training run beside the tests) two threads contending for two cores made the
@@ -73,3 +75,15 @@ def no_report_card(request, monkeypatch):
     if request.module.__name__ != "test_report":
         import report
         monkeypatch.setattr(report, "refresh", lambda out, data_dir: None)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tiny_data_dir):
+    return formats.read_pairs(os.path.join(tiny_data_dir, "prefs.jsonl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_examples(tiny_enc, tiny_pairs):
+    """The tiny training pairs tokenised with dpo.py's defaults (96 prompt tokens, 192 in all)."""
+    examples, counts = pairs.tokenize_pairs(tiny_enc, tiny_pairs, 96, 192)
+    return examples, counts

@@ -49,3 +49,8 @@ def without_matplotlib(monkeypatch):
         return real_import(name, *args, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+
+
+def pad_id(enc):
+    """The id batches are padded with (<|endoftext|>)."""
+    return M.special(enc, "endoftext")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dpo
-from helpers import reply_logp, tiny_gpt
+from helpers import pad_id, reply_logp, tiny_gpt
 from data.prepare import write_jsonl
 import model as M
 import plumbing as P
@@ -35,22 +35,6 @@ def t(values, dtype=torch.float32, **kw):
 
 def tiny_path(tiny_data_dir, name):
     return os.path.join(tiny_data_dir, name)
-
-
-@pytest.fixture(scope="module")
-def tiny_pairs(tiny_data_dir):
-    return formats.read_pairs(tiny_path(tiny_data_dir, "prefs.jsonl"))
-
-
-@pytest.fixture(scope="module")
-def tiny_examples(tiny_enc, tiny_pairs):
-    """The tiny training pairs tokenised with dpo's defaults (96 prompt tokens, 192 in all)."""
-    examples, counts = dpo.tokenize_pairs(tiny_enc, tiny_pairs, 96, 192)
-    return examples, counts
-
-
-def pad_id(enc):
-    return M.special(enc, "endoftext")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,20 +229,6 @@ class FixedLogits(torch.nn.Module):
         return self.logits
 
 
-def test_collate_pads_each_batch_to_its_own_longest_row_chosen_rows_first(tiny_enc, tiny_examples):
-    examples, _ = tiny_examples
-    batch = sorted(examples[:40], key=lambda ex: len(ex["prompt"]) + len(ex["chosen"]))[:4]  # short rows
-    rows = [(ex["prompt"], ex["chosen"]) for ex in batch] + [(ex["prompt"], ex["rejected"]) for ex in batch]
-    ids, mask = dpo.collate(batch, pad_id(tiny_enc), "cpu")
-    longest = max(len(p) + len(r) for p, r in rows)
-    assert ids.shape == mask.shape == (8, longest) and longest < max(len(ex["prompt"]) + len(ex["rejected"])
-                                                                     for ex in examples)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        assert ids[i, :n].tolist() == p + r and set(ids[i, n:].tolist()) <= {pad_id(tiny_enc)}
-        assert mask[i].tolist() == [0] * len(p) + [1] * len(r) + [0] * (longest - n)
-
-
 def test_sequence_logprobs_hand_worked():
     # V = 3; row 0: ids [0, 2, 1, 1], the last two are the response; row 1: ids [2, 0, 1, pad],
     # only the middle one is scored. logits[b, t] predicts ids[b, t + 1].
@@ -419,86 +389,6 @@ def test_rewards_are_exactly_zero_at_step_0(tiny_enc, tiny_data_dir, tiny_exampl
 
 # ----------------------------------------------------------------------------------------------
 # Data: the scored region, prompt boundaries, truncation, validation, conversational rows
-
-
-def test_end_of_turn_token_is_the_last_scored_position(tiny_enc, tiny_examples):
-    examples, counts = tiny_examples
-    assert counts["response_truncated"] == 0  # otherwise a cut response has no <|end|> to score
-    end = M.special(tiny_enc, "end")
-    ids, mask = dpo.collate(examples, pad_id(tiny_enc), "cpu")
-    for row in range(ids.shape[0]):
-        scored = mask[row].nonzero().flatten().tolist()
-        assert scored, row
-        last = scored[-1]
-        assert int(ids[row, last]) == end, row
-        assert int(mask[row, last + 1:].sum()) == 0
-        # the response's text itself holds no <|end|>: the scored one closes the turn
-        assert end not in ids[row, scored[:-1]].tolist()
-
-
-def test_prompt_is_a_shared_prefix_and_the_mask_starts_right_after_it(tiny_enc, tiny_pairs,
-                                                                     tiny_examples):
-    examples, counts = tiny_examples
-    assert counts["prompt_truncated"] == 0
-    kept = [p for p in tiny_pairs if p[1] != p[2]]
-    assert len(kept) == len(examples) == counts["kept"]
-    B = len(examples)
-    ids, mask = dpo.collate(examples, pad_id(tiny_enc), "cpu")
-    assert ids.shape[0] == 2 * B
-    for i, (ex, (prompt, chosen, rejected)) in enumerate(zip(examples, kept)):
-        P = len(ex["prompt"])
-        assert ex["prompt"] == M.render_prompt(tiny_enc, prompt)
-        assert ex["chosen"] == tiny_enc.encode_ordinary(chosen) + [M.special(tiny_enc, "end")]
-        assert ex["rejected"] == tiny_enc.encode_ordinary(rejected) + [M.special(tiny_enc, "end")]
-        for row, key in ((i, "chosen"), (B + i, "rejected")):
-            n = P + len(ex[key])
-            assert ids[row, :P].tolist() == ex["prompt"]  # chosen and rejected rows share it
-            assert ids[row, P:n].tolist() == ex[key]
-            assert mask[row].tolist() == [0] * P + [1] * len(ex[key]) + [0] * (ids.shape[1] - n)
-
-
-def test_tokenize_pairs_drops_truncates_and_counts(tiny_enc):
-    enc = tiny_enc
-    end = M.special(enc, "end")
-    short = "Ben has 2 cards. How many cards?"
-    long_prompt = "Mia has 3 pens and Ben has 4 pens and Ava has 5 pens. " * 4 + "How many pens?"
-    reply_a = "Step by step:\nMia starts with 3 pens.\nThe answer is 3."
-    reply_b = "The answer is 3."
-    full_short = M.render_prompt(enc, short)
-    full_long = M.render_prompt(enc, long_prompt)
-    a, b = M.render_response(enc, reply_a), M.render_response(enc, reply_b)
-    assert len(full_short) < 20 < len(full_long) and len(a) > len(b) > 3
-
-    # identical responses: dropped and counted
-    ex, counts = dpo.tokenize_pairs(enc, [(short, reply_a, reply_a), (short, reply_a, reply_b)], 96, 192)
-    assert counts["dropped_identical"] == 1 and counts["kept"] == 1 and len(ex) == 1
-    assert ex[0] == {"prompt": full_short, "chosen": a, "rejected": b, "row": 1}  # row: its index in the input
-
-    # a long prompt keeps its end (what the reply answers), counted
-    ex, counts = dpo.tokenize_pairs(enc, [(long_prompt, reply_a, reply_b)], 20, 192)
-    assert counts["prompt_truncated"] == 1 and counts["response_truncated"] == 0
-    assert ex[0]["prompt"] == full_long[-20:] and len(ex[0]["prompt"]) == 20
-    assert ex[0]["prompt"][-1] == M.special(enc, "assistant")
-    assert ex[0]["chosen"] == a and ex[0]["rejected"] == b
-
-    # responses cut from the right to fit max_length, counted once per pair
-    room = len(b) - 1  # both responses longer than the room left
-    ex, counts = dpo.tokenize_pairs(enc, [(short, reply_a, reply_b)], 96, len(full_short) + room)
-    assert counts["response_truncated"] == 1 and counts["kept"] == 1
-    assert ex[0]["chosen"] == a[:room] and ex[0]["rejected"] == b[:room]
-    assert end not in ex[0]["chosen"]  # the cut is real: the closing <|end|> is gone
-    # only the longer one needs a cut
-    ex, counts = dpo.tokenize_pairs(enc, [(short, reply_a, reply_b)], 96, len(full_short) + len(b))
-    assert counts["response_truncated"] == 1
-    assert ex[0]["chosen"] == a[: len(b)] and ex[0]["rejected"] == b
-
-    # no room for any response: dropped and counted
-    for max_length in (len(full_short), len(full_short) - 3):
-        ex, counts = dpo.tokenize_pairs(enc, [(short, reply_a, reply_b)], 96, max_length)
-        assert ex == [] and counts["dropped_no_response"] == 1 and counts["kept"] == 0
-    # ... also when the prompt was first truncated to max_prompt_len
-    ex, counts = dpo.tokenize_pairs(enc, [(long_prompt, reply_a, reply_b)], 20, 20)
-    assert ex == [] and counts["dropped_no_response"] == 1 and counts["prompt_truncated"] == 1
 
 
 @pytest.mark.parametrize("case", ["missing", "not_json", "missing_field", "empty_chosen", "empty_file",
@@ -981,5 +871,7 @@ def test_prefix_sharing_trains_as_a_row_per_reply_does(tiny_data_dir, tiny_sft_c
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert shared[key] == pytest.approx(rows[key], rel=1e-3, abs=1e-4), key
         assert shared["tokens_per_second"] > 0 and 0 < shared["scored_share"] <= 1
-    assert dpo.shares_prefix(dpo.DPOConfig()) and not dpo.shares_prefix(dpo.DPOConfig(prefix_sharing=False))
-    assert not dpo.shares_prefix(dpo.DPOConfig(loss_type="kto"))  # KTO's replies answer two prompts
+    assert dpo.row_layout(dpo.DPOConfig()) == {"shared": True, "kto": False}
+    assert dpo.row_layout(dpo.DPOConfig(prefix_sharing=False)) == {"shared": False, "kto": False}
+    # KTO's replies answer two prompts: a row each, the mismatched ones without a graph
+    assert dpo.row_layout(dpo.DPOConfig(loss_type="kto")) == {"shared": False, "kto": True}

@@ -357,7 +357,7 @@ def test_dpo_family_does_not_import_dpo():
         tree = ast.parse(f.read())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert "dpo" not in imported and imported <= {"math", "torch", "torch.nn.functional", "plumbing"}
+    assert "dpo" not in imported and imported <= {"math", "dataclasses", "torch", "torch.nn.functional", "plumbing"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,18 +372,6 @@ import plumbing as P  # noqa: E402
 from data import formats  # noqa: E402
 
 ALL_LOSSES = dpo.LOSS_TYPES + dpo.REFERENCE_FREE + ["kto"]
-
-
-def test_label_noise_flips_exactly_the_requested_share_with_a_fixed_seed():
-    pairs = [(f"p{i}", f"good{i}", f"bad{i}") for i in range(200)]
-    noisy, flipped = dpo.flip_labels(pairs, 0.2, random.Random(3))
-    assert len(flipped) == 40
-    swapped = {i for i, (p, c, r) in enumerate(noisy) if c.startswith("bad")}
-    assert swapped == flipped
-    for i, (p, c, r) in enumerate(noisy):  # every pair keeps its prompt and both replies
-        assert p == f"p{i}" and {c, r} == {f"good{i}", f"bad{i}"}
-    again, _ = dpo.flip_labels(pairs, 0.2, random.Random(3))
-    assert again == noisy
 
 
 def test_kto_examples_split_pairs_and_mismatch_completions():
@@ -474,19 +462,6 @@ def test_rpo_alpha_is_refused_where_it_would_be_ignored(loss_type, tiny_sft_ckpt
 def test_a_negative_rpo_alpha_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):
     with pytest.raises(ValueError, match="--rpo-alpha must be >= 0"):
         dpo.train(family_config(tiny_data_dir, tiny_sft_ckpt, str(tmp_path), rpo_alpha=-0.5))
-
-
-def test_a_kto_row_whose_mismatched_reply_equals_its_own_is_kept(tiny_enc):
-    # two prompts answered "The answer is 7.": after the shuffle one row borrows the other's reply as
-    # its mismatched sample. That row is still a valid KTO row; only a *pair* of equal replies has
-    # nothing to teach
-    rows = [("Ava has 7 pens.", "The answer is 7.", "The answer is 7.", True),
-            ("Ben has 7 cups.", "The answer is 7.", "The answer is 6.", False)]
-    examples, counts = dpo.tokenize_pairs(tiny_enc, rows, 96, 192)
-    assert [ex["label"] for ex in examples] == [True, False] and counts["dropped_identical"] == 0
-    assert examples[0]["chosen"] == examples[0]["rejected"]
-    pairs, counts = dpo.tokenize_pairs(tiny_enc, [row[:3] for row in rows], 96, 192)
-    assert len(pairs) == 1 and counts["dropped_identical"] == 1  # as a pair, the first one goes
 
 
 def test_kto_drops_a_pair_with_one_reply_twice_and_says_so(tiny_sft_ckpt, tiny_data_dir, tmp_path, capsys):

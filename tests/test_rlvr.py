@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from helpers import tiny_gpt
+from helpers import pad_id, tiny_gpt
 import model as M
 import plumbing as P
 from data import formats
@@ -35,10 +35,6 @@ PROMPTS = ["Ben has 2 cards. How many cards?",  # three lengths: left padding in
 
 def end_id(enc):
     return M.special(enc, "end")
-
-
-def pad_id(enc):
-    return M.special(enc, "endoftext")
 
 
 def tokenizer_path(tiny_data_dir):

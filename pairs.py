@@ -1,0 +1,146 @@
+"""
+Preference pairs -> token batches, for dpo.py: the training and held-out pairs read, shuffled and
+tokenised with exact prompt/response boundaries, then laid out for the model one of two ways:
+
+  a row per reply (collate):       [prompt | chosen]  and  [prompt | rejected], the prompt twice
+  a row per pair (prefix sharing): [prompt | chosen | rejected], the prompt once, the rejected
+                                   reply seeing the prompt and itself only (shared_prefix_batch)
+
+Both score every response token with the same context, so the log-probs agree to rounding
+(tests/test_dpo.py holds them together); the second does the prompt's work once per pair.
+
+    python dpo.py                          (a row per pair, the default)
+    python dpo.py --no-prefix-sharing      (a row per reply)
+"""
+
+import torch
+
+import model as M
+import plumbing as P
+from data import formats
+from dpo_family import kto_rows
+
+
+def flip_labels(pairs, share, rng):
+    """Label noise: swap chosen and rejected in round(share * N) pairs drawn at random.
+    -> (pairs, the set of flipped indices)."""
+    flipped = set(rng.sample(range(len(pairs)), round(share * len(pairs))))
+    return [(p, r, c) if i in flipped else (p, c, r) for i, (p, c, r) in enumerate(pairs)], flipped
+
+
+def tokenize_pairs(enc, pairs, max_prompt_len, max_length):
+    """Prompt and responses are tokenised separately and concatenated, so the response starts
+    exactly at its first token (tokenising prompt + response as one string can merge tokens across
+    the boundary). Every response ends with <|end|>, which is scored like any response token (a
+    response cut at max_length loses it, counted as truncated).
+    -> (examples, counts) with examples [{"prompt", "chosen", "rejected"}] of id lists, "row" (the
+    pair's index in `pairs`) and, for KTO's rows (prompt, completion, another row's completion,
+    label), "label"."""
+    counts = {"kept": 0, "dropped_identical": 0, "prompt_truncated": 0, "response_truncated": 0,
+              "dropped_no_response": 0}
+    examples = []
+    for row, (prompt, chosen, rejected, *label) in enumerate(pairs):  # KTO's rows carry a 4th item, the label
+        # a pair with one reply twice has no preference to learn; a KTO row's second reply is only a
+        # mismatched sample for its reference point, and may equal its own
+        if chosen == rejected and not label:
+            counts["dropped_identical"] += 1
+            continue
+        p = M.render_prompt(enc, prompt)
+        if len(p) > max_prompt_len:  # keep the end of the prompt: it is what the reply answers
+            p = p[-max_prompt_len:]
+            counts["prompt_truncated"] += 1
+        room = max_length - len(p)
+        if room <= 0:
+            counts["dropped_no_response"] += 1
+            continue
+        c, r = M.render_response(enc, chosen), M.render_response(enc, rejected)
+        if len(c) > room or len(r) > room:
+            counts["response_truncated"] += 1
+            c, r = c[:room], r[:room]
+            if c == r and not label:  # cut down to the same tokens: no preference left
+                counts["dropped_identical"] += 1
+                continue
+        examples.append({"prompt": p, "chosen": c, "rejected": r, "row": row,  # evaluation reads the row's text
+                         **({"label": label[0]} if label else {})})
+        counts["kept"] += 1
+    return examples, counts
+
+
+def collate(examples, pad_id, device):
+    """B pairs -> one batch of 2B rows, chosen rows first, then rejected, so both go through the
+    model in one forward pass (KTO's training rows in two: see kto_logprobs). loss_mask is 1 exactly
+    on response positions (set by position, never by token id).
+    -> input_ids (2B, T), loss_mask (2B, T); T is this batch's own longest row."""
+    prompts = [ex["prompt"] for ex in examples] * 2
+    responses = [ex["chosen"] for ex in examples] + [ex["rejected"] for ex in examples]
+    return M.prompt_response_batch(prompts, responses, pad_id, device)
+
+
+def shared_prefix_batch(examples, pad_id, device):
+    """B pairs -> B rows, each prompt + chosen + rejected, the prompt computed once for both replies
+    (prefix sharing, Wang et al. 2024, arXiv 2410.20305). The rejected reply restarts its positions
+    after the prompt, and the attention mask lets each reply see the prompt and itself, never the
+    other reply, so each is scored exactly as in a row of its own. A scored token is predicted by
+    the states at `source`: the previous token's, or, for each reply's first, the prompt's last.
+    -> {"ids" (B, T), "positions" (B, T), "mask" (B, 1, T, T) bool, "source", "target", "row" (N,)
+    for the N scored tokens, chosen ones then rejected ones, "lengths" (2B,)}"""
+    T = max(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples)
+    B = len(examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # (B, T, T); a pad query sees itself
+    scored = {"chosen": [], "rejected": []}  # (row, source, target) per scored token
+    for b, ex in enumerate(examples):
+        n_p, n_c, n_r = len(ex["prompt"]), len(ex["chosen"]), len(ex["rejected"])
+        n = n_p + n_c + n_r
+        ids[b, :n] = torch.tensor(ex["prompt"] + ex["chosen"] + ex["rejected"])
+        positions[b, : n_p + n_c] = torch.arange(n_p + n_c)
+        positions[b, n_p + n_c: n] = torch.arange(n_p, n_p + n_r)  # the rejected reply restarts after the prompt
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        causal[n_p + n_c:, n_p: n_p + n_c] = False  # the rejected reply never sees the chosen one
+        mask[b, :n, :n] = causal
+        scored["chosen"] += [(b, n_p - 1 + j, ex["chosen"][j]) for j in range(n_c)]
+        scored["rejected"] += [(b, n_p - 1 if j == 0 else n_p + n_c + j - 1, ex["rejected"][j]) for j in range(n_r)]
+    row, source, target = torch.tensor(scored["chosen"] + scored["rejected"]).T  # (N,) each
+    lengths = torch.tensor([len(ex["chosen"]) for ex in examples] + [len(ex["rejected"]) for ex in examples])
+    return {"ids": ids.to(device), "positions": positions.to(device), "mask": mask[:, None].to(device),
+            "row": row.to(device), "source": source.to(device), "target": target.to(device),
+            "lengths": lengths.to(device)}
+
+
+def training_pairs(config, enc, rng, inputs, data_path, test_path):
+    """The training pairs shuffled, cut to --max-pairs (label noise or KTO's rows applied), and both
+    files tokenised. -> (examples, test_pairs, test_examples, batch_size, counts, test_counts)"""
+    pairs = inputs["pairs"] if inputs["pairs"] is not None else formats.read_pairs(data_path)
+    rng.shuffle(pairs)
+    if config.max_pairs:
+        pairs = pairs[: config.max_pairs]
+    if config.label_noise:
+        pairs, flipped = flip_labels(pairs, config.label_noise, rng)
+        print(f"dpo: label noise: chosen and rejected swapped in {len(flipped)} of {len(pairs)} pairs")
+    if config.loss_type == "kto":  # unpaired rows, each with a mismatched completion for z0
+        pairs = kto_rows(pairs, inputs["unpaired"], rng, config.kto_desirable_share)
+    examples, counts = tokenize_pairs(enc, pairs, config.max_prompt_len, config.max_length)
+    test_pairs = inputs["test_pairs"] if inputs["test_pairs"] is not None else formats.read_pairs(test_path)
+    test_examples, test_counts = tokenize_pairs(enc, test_pairs, config.max_prompt_len, config.max_length)
+
+    def described(c):
+        return (f"{c['dropped_identical']} dropped as identical, {c['dropped_no_response']} with no room for a "
+                f"response; truncated: {c['prompt_truncated']} prompts, {c['response_truncated']} responses")
+
+    unit = "rows" if config.loss_type == "kto" else "pairs"
+    print(f"dpo: {len(examples)} training {unit} ({described(counts)}), {len(test_examples)} held-out pairs "
+          f"({described(test_counts)})")
+    if not examples:
+        raise P.DataError(f"{data_path}: no usable pairs left")
+    if not test_examples:
+        raise P.DataError(f"{test_path}: no usable held-out pairs left")
+    batch_size = min(config.batch_size, len(examples))
+    if batch_size < config.batch_size:
+        print(f"dpo: only {len(examples)} {unit}: batch size {config.batch_size} -> {batch_size}")
+    if config.steps and config.steps * batch_size < len(examples):
+        # a short run meets only steps x batch_size of them (the pairs are shuffled already): keep those,
+        # so the reference pass scores no more than training will use
+        examples = examples[: config.steps * batch_size]
+        print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
+    return examples, test_pairs, test_examples, batch_size, counts, test_counts
