@@ -4,6 +4,8 @@ conversations, with the loss on the assistant's tokens only.
 
     python sft.py                      (data, pretraining, SFT and evaluation)
     python sft.py --stages sft         (SFT only, from out/pretrain/model.pt)
+    python sft.py --stages cot         (CoT-SFT from out/sft/model.pt; then dpo.py --init out/cot/model.pt)
+    python sft.py --stages preferred-ft  (Preferred-FT, DPO's baseline, from out/sft/model.pt)
     python sft.py --help
 
 Pretraining is next-token prediction on random windows of the text stream, each document opened
@@ -15,9 +17,17 @@ closing the reply; 0 on the prompt, the template and padding),
 averaged over every assistant token of the batch (a token-level mean, so long replies count in
 proportion to their length).
 
+Two later stages start from the SFT model and reuse the same loss and loop on other replies:
+CoT-SFT on step-by-step replies only (data/cot.jsonl), the stage between SFT and DPO in the
+pretrain -> SFT -> CoT -> DPO -> RL pipeline; and Preferred-FT, the DPO paper's baseline: the SFT
+loss on the chosen reply of each of DPO's training pairs, in DPO's batches, for DPO's steps and
+learning-rate schedule, so that what DPO buys with the rejected reply can be measured
+(experiments/preferred_ft.py).
+
 At the end the SFT model answers the held-out problems (data/test.jsonl) greedily and by sampling
 at temperature 1; the verifier scores both and the share of each reply style is counted.
-Outputs: out/pretrain/ and out/sft/, each with model.pt, log.jsonl and metrics.json.
+Outputs: out/pretrain/ and out/sft/ (out/cot/, out/preferred_ft/), each with model.pt, log.jsonl
+and metrics.json.
 
 How this departs from a real pipeline:
 1. The "pretraining corpus" is a few MB of synthetic text from the same world as the tasks.
@@ -35,11 +45,18 @@ from tqdm import tqdm
 
 import evaluation as E
 import model as M
+import pairs
 import plumbing as P
 import report
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
 from plumbing import option
+
+STAGES = ("pretrain", "sft", "cot", "preferred-ft")
+# Preferred-FT trains as dpo.py does (tests/test_sft.py holds these to dpo.DPOConfig's defaults):
+# its schedule and optimizer, and its --max-prompt-len and --max-length
+DPO_SCHEDULE = {"schedule": "linear", "warmup": 10, "min_ratio": 0.0, "weight_decay": 0.0}
+DPO_LENGTHS = (96, 192)
 
 
 @dataclass
@@ -68,8 +85,19 @@ class SFTConfig:
     eval_every: int = option(200, "steps between validation losses", "evaluation")
     eval_problems: int = option(500, "held-out problems answered at the end (0 = skip)", "evaluation")
     max_new_tokens: int = option(96, "longest reply sampled at evaluation", "evaluation")
+    # the later stages, from the SFT model; Preferred-FT's defaults are dpo.py's (steps, batch, lr, pairs)
+    init: str = option("", "checkpoint cot and preferred-ft start from (default: <out>/sft/model.pt)", "later stages")
+    cot_steps: int = option(200, "CoT-SFT steps, on <data-dir>/cot.jsonl", "later stages")
+    cot_lr: float = option(3e-4, "peak CoT-SFT learning rate", "later stages")
+    pft_data: str = option("", "the pairs Preferred-FT imitates the chosen replies of (default: "
+                           "<data-dir>/prefs.jsonl)", "later stages")
+    pft_steps: int = option(0, "Preferred-FT steps (0: one pass over the pairs, as dpo.py)", "later stages")
+    pft_batch_size: int = option(32, "pairs per Preferred-FT step", "later stages")
+    pft_lr: float = option(2.5e-4, "peak Preferred-FT learning rate", "later stages")
+    pft_max_pairs: int = option(3000, "Preferred-FT uses at most this many pairs (0: all)", "later stages")
     # run
-    stages: str = option("pretrain,sft", "which stages to run, comma-separated (empty: only build the data)", "run")
+    stages: str = option("pretrain,sft", "which stages to run, comma-separated: pretrain, sft, cot, preferred-ft "
+                         "(empty: only build the data)", "run")
     data_dir: str = option(DATA_DIR, "where the data files live (built if missing)", "run")
     out: str = option(P.OUT_DIR, "output root: writes <out>/pretrain and <out>/sft (default: out/ in the repository)", "run")
     device: str = option("auto", "auto | cpu | cuda | mps", "run")
@@ -118,13 +146,16 @@ def make_optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir, device):
-    """The loop both stages share: AdamW, warmup + cosine, gradient clipping, periodic
-    validation loss; logs to out_dir/log.jsonl. next_batch() -> (ids, mask)."""
+def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir, device, schedule=None):
+    """The loop every stage here shares: AdamW, warmup + cosine to 10% (or `schedule`, a dict of
+    schedule, warmup, min_ratio, weight_decay), gradient clipping, periodic validation loss; logs to
+    out_dir/log.jsonl. next_batch() -> (ids, mask)."""
+    sched = schedule or {"schedule": "cosine", "warmup": config.warmup_steps, "min_ratio": 0.1,
+                         "weight_decay": config.weight_decay}
     os.makedirs(out_dir, exist_ok=True)
     log_path = P.new_log(out_dir)
-    opt = make_optimizer(model, lr, config.weight_decay)
-    P.warmup_note(name, config.warmup_steps, steps)
+    opt = make_optimizer(model, lr, sched["weight_decay"])
+    P.warmup_note(name, sched["warmup"], steps)
     peak_flops = P.peak_flops(device)
     model.train()
     tokens_seen, t_start, t_log, tok_log = 0, time.time(), time.time(), 0
@@ -133,7 +164,7 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
     bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = P.scheduled_lr("cosine", step, steps, lr, config.warmup_steps, min_ratio=0.1)
+            g["lr"] = P.scheduled_lr(sched["schedule"], step, steps, lr, sched["warmup"], min_ratio=sched["min_ratio"])
         ids, mask = next_batch()
         loss = lm_loss(model, ids, mask)
         opt.zero_grad(set_to_none=True)
@@ -177,17 +208,21 @@ def evaluate_loss(model, batches):
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built (ConfigError)."""
     stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-    P.require(set(stages) <= {"pretrain", "sft"}, f"--stages {config.stages!r}: name pretrain, sft or both, "
+    P.require(set(stages) <= set(STAGES), f"--stages {config.stages!r}: name some of {', '.join(STAGES)}, "
               f"comma-separated")
     P.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
                                     "pretrain_seq_len", "pretrain_lr", "sft_batch_size", "sft_lr", "max_new_tokens",
-                                    "eval_every", "log_every", "grad_clip"),
-                  non_negative=("warmup_steps", "weight_decay", "eval_problems"))
+                                    "eval_every", "log_every", "grad_clip", "cot_steps", "cot_lr", "pft_batch_size",
+                                    "pft_lr"),
+                  non_negative=("warmup_steps", "weight_decay", "eval_problems", "pft_steps", "pft_max_pairs"))
     P.require(config.pretrain_steps > 0 or "pretrain" not in stages, f"--pretrain-steps must be > 0, got "
               f"{config.pretrain_steps} (leave the stage out with --stages sft)")
     P.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
               f"(leave the stage out with --stages pretrain)")
     P.check_out(config.out)
+    P.require(not config.init or {"cot", "preferred-ft"} & set(stages), "--init: only the cot and preferred-ft "
+              "stages start from a checkpoint")
+    P.require_file(config.init)
     P.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
               f"{config.n_head} (each head gets n_embd / n_head dimensions)")
     P.require(config.n_embd // config.n_head % 2 == 0, f"--n-embd {config.n_embd} / --n-head {config.n_head} "
@@ -217,12 +252,101 @@ def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
                 "--block-size shape the model pretraining builds")
     train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), context)
     val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
-    problems = []
-    if config.eval_problems > 0:  # the held-out problems answered at the end: their replies must fit
-        test_path = os.path.join(config.data_dir, "test.jsonl")
-        problems = formats.read_problems(test_path)[: config.eval_problems]
-        E.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
-    return gpt, train_rows, val_rows, problems
+    return gpt, train_rows, val_rows, held_out_problems(config, enc, context)
+
+
+def held_out_problems(config, enc, context):
+    """The held-out problems a stage answers at the end (none with --eval-problems 0): their replies
+    must fit the model's context, checked before any training."""
+    if config.eval_problems <= 0:
+        return []
+    test_path = os.path.join(config.data_dir, "test.jsonl")
+    problems = formats.read_problems(test_path)[: config.eval_problems]
+    E.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+    return problems
+
+
+def row_batches(rows, batch_size, rng, pad, device):
+    """next_batch() for train_stage: batch_size of the (ids, mask) rows, each once per shuffled pass."""
+    order = []
+
+    def next_batch():
+        batch = [rows[i] for i in P.next_indices(order, len(rows), batch_size, rng)]
+        return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
+    return next_batch
+
+
+def fixed_batches(rows, pad, device, size=64):
+    """The validation rows in padded batches of `size`, in order."""
+    return [M.pad_batch([r[0] for r in rows[i: i + size]], [r[1] for r in rows[i: i + size]], pad, device)
+            for i in range(0, len(rows), size)]
+
+
+def preferred_rows(config, enc, rng):
+    """Preferred-FT's rows: dpo.py's training pairs, shuffled, cut and tokenised as dpo.py does with
+    the same seed (so the same rng then draws DPO's batches), each row the prompt + the chosen reply,
+    the loss on the reply; and the held-out pairs' chosen replies, for the validation loss."""
+    rows = formats.read_pairs(config.pft_data or os.path.join(config.data_dir, "prefs.jsonl"))
+    rng.shuffle(rows)
+    examples, _ = pairs.tokenize_pairs(enc, rows[: config.pft_max_pairs or None], *DPO_LENGTHS)
+    if config.pft_steps and config.pft_steps * config.pft_batch_size < len(examples):
+        examples = examples[: config.pft_steps * config.pft_batch_size]  # as dpo.py keeps a short run's
+    test, _ = pairs.tokenize_pairs(enc, formats.read_pairs(os.path.join(config.data_dir, "prefs_test.jsonl")),
+                                   *DPO_LENGTHS)
+
+    def chosen(ex):
+        return ex["prompt"] + ex["chosen"], [0] * len(ex["prompt"]) + [1] * len(ex["chosen"])
+    return [chosen(ex) for ex in examples], [chosen(ex) for ex in test]
+
+
+def later_stage(name, config, enc, tok_path, device):
+    """CoT-SFT or Preferred-FT: the SFT loss and loop on other replies, from the SFT model (or --init).
+    -> (the model, its metrics)"""
+    init = config.init or os.path.join(config.out, "sft", "model.pt")
+    if not os.path.exists(init):
+        raise P.DataError(f"{name}: no checkpoint to start from at {init}; run `python sft.py` first, or pass --init")
+    gpt, _ = M.load_checkpoint(init, device, tok_path)
+    print(f"{name}: from {init} | {P.describe(gpt, device)}")
+    rng, pad = random.Random(config.seed), M.special(enc, "endoftext")
+    context = gpt.config.block_size
+    if name == "cot":
+        rows = sft_examples(enc, os.path.join(config.data_dir, "cot.jsonl"), context)
+        val = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
+        steps, batch_size, lr, schedule = config.cot_steps, config.sft_batch_size, config.cot_lr, None
+    else:
+        rows, val = preferred_rows(config, enc, rng)
+        P.require(rows and DPO_LENGTHS[1] <= context, f"preferred-ft: no pairs left, or pairs longer than the "
+                  f"model's context ({context})")
+        batch_size = min(config.pft_batch_size, len(rows))
+        steps, lr, schedule = config.pft_steps or max(1, len(rows) // batch_size), config.pft_lr, DPO_SCHEDULE
+    print(f"{name}: {len(rows)} rows, {steps} steps x {batch_size}")
+    out_dir = os.path.join(config.out, name.replace("-", "_"))
+    metrics = train_stage(name, gpt, row_batches(rows, batch_size, rng, pad, device), fixed_batches(val, pad, device),
+                          steps, lr, config, out_dir, device, schedule)
+    metrics.update(init=init, rows=len(rows), steps=steps)
+    return gpt, metrics, out_dir
+
+
+def finish_stage(name, gpt, metrics, problems, config, enc, tok_path, out_dir, t_stage, t_all):
+    """A fine-tuned stage's end: its held-out answers (greedy and sampled), the checkpoint (atomic),
+    metrics.json and the summary. SFT keeps its replies for DPO's evaluation (out/sft/replies.json)."""
+    if problems:
+        t_eval = time.time()
+        ev, greedy, sampled = E.evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
+        if name == "sft":
+            E.save_replies(os.path.join(out_dir, "replies.json"), gpt, [p["prompt"] for p in problems],
+                           config.max_new_tokens, config.seed, {1.0: sampled, 0.0: greedy})
+        metrics.update(ev, eval_problems=len(problems))
+        metrics["eval_seconds"] = time.time() - t_eval
+        E.show_replies(f"the {name} model (greedy | sampled)", problems, {"greedy": greedy, "sampled": sampled})
+    metrics["wall_seconds"] = time.time() - t_stage
+    metrics["total_wall_seconds"] = time.time() - t_all
+    M.save_checkpoint(os.path.join(out_dir, "model.pt"), gpt, tok_path, stage=name,
+                      train_config=asdict(config), metrics=metrics)
+    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    E.print_lm_summary(name, metrics)
+    print(f"{name}: done in {metrics['total_wall_seconds']:.0f}s -> {out_dir}/")
+    return metrics
 
 
 def train(config):
@@ -238,9 +362,13 @@ def train(config):
     pretrain_dir = os.path.join(config.out, "pretrain")
     metrics = {}
 
-    # every file the SFT stage reads is read and checked now, before pretraining spends minutes
+    # every file the stages read is read and checked now, before pretraining spends minutes
     if "sft" in stages:
         gpt, train_rows, val_rows, problems = sft_inputs(config, stages, enc, device, tok_path, pretrain_dir)
+    if "cot" in stages:
+        list(formats.read_conversations(os.path.join(config.data_dir, "cot.jsonl")))
+    if "preferred-ft" in stages:
+        formats.read_pairs(config.pft_data or os.path.join(config.data_dir, "prefs.jsonl"))
 
     if "pretrain" in stages:
         gpt = M.GPT(M.GPTConfig(vocab_size=enc.n_vocab, block_size=config.block_size,
@@ -276,32 +404,17 @@ def train(config):
         t_sft = time.time()
         print(f"sft: {P.describe(gpt, device)}")
         pad = M.special(enc, "endoftext")
-        order = []
-
-        def next_batch():
-            batch = [train_rows[i] for i in P.next_indices(order, len(train_rows), config.sft_batch_size, rng)]
-            return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
-
-        val_batches = [M.pad_batch([r[0] for r in val_rows[i: i + 64]], [r[1] for r in val_rows[i: i + 64]], pad, device)
-                       for i in range(0, len(val_rows), 64)]
         sft_dir = os.path.join(config.out, "sft")
-        metrics = train_stage("sft", gpt, next_batch, val_batches, config.sft_steps, config.sft_lr,
-                              config, sft_dir, device)
-        if problems:
-            t_eval = time.time()
-            ev, greedy, sampled = E.evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
-            E.save_replies(os.path.join(sft_dir, "replies.json"), gpt, [p["prompt"] for p in problems],
-                           config.max_new_tokens, config.seed, {1.0: sampled, 0.0: greedy})  # for DPO's evaluation
-            metrics.update(ev, eval_problems=len(problems))
-            metrics["eval_seconds"] = time.time() - t_eval
-            E.show_replies("the SFT model (greedy | sampled)", problems, {"greedy": greedy, "sampled": sampled})
-        metrics["wall_seconds"] = time.time() - t_sft
-        metrics["total_wall_seconds"] = time.time() - t0
-        M.save_checkpoint(os.path.join(sft_dir, "model.pt"), gpt, tok_path, stage="sft",
-                          train_config=asdict(config), metrics=metrics)
-        P.write_json(os.path.join(sft_dir, "metrics.json"), metrics)
-        E.print_lm_summary("sft", metrics)
-        print(f"sft: done in {metrics['total_wall_seconds']:.0f}s -> {sft_dir}/")
+        metrics = train_stage("sft", gpt, row_batches(train_rows, config.sft_batch_size, rng, pad, device),
+                              fixed_batches(val_rows, pad, device), config.sft_steps, config.sft_lr, config, sft_dir,
+                              device)
+        metrics = finish_stage("sft", gpt, metrics, problems, config, enc, tok_path, sft_dir, t_sft, t0)
+
+    for name in [s for s in STAGES[2:] if s in stages]:  # cot, preferred-ft: from the SFT model
+        t_stage = time.time()
+        gpt, metrics, stage_dir = later_stage(name, config, enc, tok_path, device)
+        problems = held_out_problems(config, enc, gpt.config.block_size)
+        metrics = finish_stage(name, gpt, metrics, problems, config, enc, tok_path, stage_dir, t_stage, t0)
     if stages and config.report:
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics

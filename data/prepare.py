@@ -7,6 +7,7 @@ Build every data file the pipeline reads, deterministically from a seed.
 Writes into data/ (or --out):
     pretrain.txt, pretrain_val.txt   stories and arithmetic facts, one document per line
     sft.jsonl, sft_val.jsonl         {"messages": [user, assistant]} in the four reply styles
+    cot.jsonl                        {"messages": [user, assistant]}, step-by-step replies only (CoT-SFT)
     prefs.jsonl, prefs_test.jsonl    {"prompt", "chosen", "rejected", "answer"}: the judge picks chosen
     rl.jsonl                         {"prompt", "answer"}: problems for the RL stage
     test.jsonl                       held-out problems {"prompt", "answer", "n_ops", ...}
@@ -32,7 +33,7 @@ from data.formats import write_text  # noqa: E402
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 FILES = ["pretrain.txt", "pretrain_val.txt", "sft.jsonl", "sft_val.jsonl", "prefs.jsonl",
-         "prefs_test.jsonl", "rl.jsonl", "test.jsonl", "tokenizer.tiktoken", "tokenizer.json"]
+         "prefs_test.jsonl", "rl.jsonl", "test.jsonl", "cot.jsonl", "tokenizer.tiktoken", "tokenizer.json"]
 VERSION = 4  # bump when the generator changes, so old data is rebuilt
 
 
@@ -47,6 +48,7 @@ class PrepareConfig:
     n_prefs_test: int = 500
     n_sft_val: int = 300
     n_rl: int = 4000
+    n_cot: int = 4000
     vocab_size: int = 2048      # upper bound: merges stop once every word is one token
 
 
@@ -60,13 +62,14 @@ FLAG_HELP = {  # the --help line of each PrepareConfig field
     "n_prefs_test": "held-out preference pairs",
     "n_sft_val": "held-out SFT conversations, for the validation loss",
     "n_rl": "problems for the RL stage",
+    "n_cot": "CoT-SFT conversations: one right step-by-step reply each (sft.py --stages cot)",
     "vocab_size": "largest BPE vocabulary; merges stop earlier, once every word is one token"}
 
 
 def config_problem(config):
     """What makes a config unbuildable, as one line naming the flag, or None. Checked before anything
     is written: a zero count or an empty pretraining text would only fail later, in another stage."""
-    counts = ("n_sft", "n_prefs", "n_test", "n_prefs_test", "n_sft_val", "n_rl")
+    counts = ("n_sft", "n_prefs", "n_test", "n_prefs_test", "n_sft_val", "n_rl", "n_cot")
     for name in counts:
         if getattr(config, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}"
@@ -199,7 +202,11 @@ def prepare(config=None, out_dir=DATA_DIR, force=False, verbose=True):
     rl = [{"prompt": pr["prompt"], "answer": pr["answer"]}
           for pr in world.sample_problems(rng, config.n_rl, heldout=False)]
     write_jsonl(os.path.join(out_dir, "rl.jsonl"), rl)
-    say(f"data: {len(sft)} sft, {len(prefs)} prefs, {len(rl)} rl rows; held out: {len(test)} test "
+    # drawn last, so that adding it left every other file as it was
+    cot = [conversation(pr, world.make_reply(rng, pr, "step"))
+           for pr in world.sample_problems(rng, config.n_cot, heldout=False)]
+    write_jsonl(os.path.join(out_dir, "cot.jsonl"), cot)
+    say(f"data: {len(sft)} sft, {len(prefs)} prefs, {len(rl)} rl, {len(cot)} cot rows; held out: {len(test)} test "
         f"problems, {len(prefs_test)} pairs, {len(sft_val)} sft_val")
 
     # the tokenizer sees every kind of text the model will: prose, problems and all reply styles

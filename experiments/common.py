@@ -22,7 +22,8 @@ from data.prepare import DATA_DIR, PrepareConfig, ensure_data, prepare  # noqa: 
 
 # --quick: a tiny world (built in about a second) and a tiny SFT model (a few seconds), so that an
 # experiment runs end to end in seconds; its figures mean nothing, its plumbing is the real one
-QUICK_DATA = dict(pretrain_mb=0.1, n_sft=300, n_prefs=200, n_test=60, n_prefs_test=50, n_sft_val=30, n_rl=50)
+QUICK_DATA = dict(pretrain_mb=0.1, n_sft=300, n_prefs=200, n_test=60, n_prefs_test=50, n_sft_val=30, n_rl=50,
+                  n_cot=100)
 QUICK_SFT = dict(n_layer=1, n_head=2, n_embd=32, pretrain_steps=20, sft_steps=20, pretrain_batch_size=8,
                  pretrain_seq_len=32, sft_batch_size=8, eval_problems=0, eval_every=100, warmup_steps=5)
 

@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 # Small enough to build in about a second, large enough that every file has rows and the BPE
 # trainer learns a few hundred merges. pretrain_mb 0.1 rather than 0.05: pretrain_val.txt is 1/50
 # of it, and at 0.05 it held barely one validation batch of the end-to-end test (8 x 32 tokens).
-TINY = dict(pretrain_mb=0.1, n_sft=300, n_prefs=200, n_test=60, n_prefs_test=50, n_sft_val=30,
+TINY = dict(pretrain_mb=0.1, n_sft=300, n_prefs=200, n_test=60, n_prefs_test=50, n_sft_val=30, n_cot=100,
             n_rl=50)
 
 

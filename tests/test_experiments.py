@@ -28,6 +28,7 @@ import plumbing as P  # noqa: E402
 from data import formats  # noqa: E402
 import offline_vs_online  # noqa: E402
 import overtraining  # noqa: E402
+import preferred_ft  # noqa: E402
 import throughput  # noqa: E402
 
 
@@ -109,6 +110,22 @@ def test_offline_vs_online_quick(out):
         for key in ("accuracy", "pass_at_8", "judge_score", "kl", "wall_seconds"):
             assert finite(row[key]), key
     assert r["rows"][2]["samples"] > 0
+
+
+def test_preferred_ft_quick_measures_every_arm_against_sft(out):
+    preferred_ft.main(["--quick", "--out", out])
+    r = results(out, "preferred_ft")
+    assert [row["arm"] for row in r["medians"]] == list(preferred_ft.ARMS)
+    for row in r["medians"][1:]:  # each trained arm, measured against the SFT model
+        for key in preferred_ft.MEASURES:
+            assert finite(row[key]), (row["arm"], key)
+        assert 0 <= row["win_rate"] <= 1 and 0 <= row["pref_accuracy"] <= 1
+    sft_row = r["medians"][0]
+    assert sft_row["kl"] == 0 and "win_rate" not in sft_row  # the baseline is not compared with itself
+    # each arm's checkpoint trained from the SFT model: Preferred-FT's chosen replies rose; the rest moved too
+    pft = r["medians"][1]
+    assert pft["logp_chosen_change"] > 0
+    assert os.path.exists(os.path.join(out, "experiments", "quick", "preferred_ft", "results.md"))
 
 
 def test_throughput_quick_times_every_layout(out):

@@ -4,6 +4,8 @@ config (seconds)."""
 import json
 import math
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import helpers
 import model as M
 import plumbing
 import sft
+from data import formats
 from data import prepare as P
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -339,7 +342,11 @@ def test_cli_help():
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--stages", "pretrian"], "--stages 'pretrian': name pretrain, sft or both"),
+    (["--stages", "pretrian"], "--stages 'pretrian': name some of pretrain, sft, cot, preferred-ft"),
+    (["--init", "x.pt"], "--init: only the cot and preferred-ft stages start from a checkpoint"),
+    (["--stages", "cot", "--init", "missing.pt"], "missing.pt: no such checkpoint"),
+    (["--stages", "preferred-ft", "--pft-batch-size", "0"], "--pft-batch-size must be > 0, got 0"),
+    (["--stages", "cot", "--cot-steps", "0"], "--cot-steps must be > 0, got 0"),
     (["--n-embd", "30", "--n-head", "4"], "--n-embd 30 must be a multiple of --n-head 4"),
     (["--pretrain-seq-len", "500"], "--pretrain-seq-len 500 is longer than the model's context, --block-size 192"),
     (["--sft-batch-size", "0"], "--sft-batch-size must be > 0, got 0"),
@@ -410,3 +417,102 @@ def test_sft_stage_alone_cuts_rows_to_the_checkpoints_context(tiny_sft_ckpt, tin
                             eval_problems=0, out=str(tmp_path), data_dir=tiny_data_dir, device="cpu",
                             warmup_steps=1, log_every=1))
     assert seen == [192, 192]
+
+
+# ----------------------------------------------------------------------------------------------
+# The later stages: CoT-SFT and Preferred-FT (DPO's baseline)
+
+
+def test_preferred_ft_loss_is_the_sft_loss_on_the_chosen_replies(tiny_enc, tiny_data_dir, tmp_path):
+    # two hand-built pairs: the loss is the NLL of the chosen replies' tokens given their prompts, one
+    # mean over all of them, and the rejected replies play no part
+    rows = [{"prompt": "Ava has 3 pens. How many pens?", "chosen": "The answer is 3.", "rejected": "The answer is 4."},
+            {"prompt": "Ben has 2 cups and gets 1 more. How many cups?",
+             "chosen": "Step by step:\nBen starts with 2 cups.\n2 + 1 = 3.\nThe answer is 3.",
+             "rejected": "Ugh. The answer is 3."}]
+    P.write_jsonl(str(tmp_path / "pairs.jsonl"), rows)
+    config = sft.SFTConfig(pft_data=str(tmp_path / "pairs.jsonl"), data_dir=tiny_data_dir, pft_max_pairs=0)
+    train_rows, _ = sft.preferred_rows(config, tiny_enc, random.Random(0))
+    model = helpers.tiny_gpt(tiny_enc.n_vocab, seed=3)
+    ids, mask = M.pad_batch([r[0] for r in train_rows], [r[1] for r in train_rows], 0, "cpu")
+    got = sft.lm_loss(model, ids, mask).item()
+    total, n = 0.0, 0
+    for row in rows:
+        prompt, reply = M.render_prompt(tiny_enc, row["prompt"]), M.render_response(tiny_enc, row["chosen"])
+        total += helpers.reply_logp(model, prompt, reply)
+        n += len(reply)
+    assert got == pytest.approx(-total / n, rel=1e-5, abs=1e-6)
+    for (row_ids, row_mask), row in zip(sorted(train_rows, key=lambda r: len(r[0])), rows):  # the shorter first
+        reply = M.render_response(tiny_enc, row["chosen"])
+        assert row_ids[-len(reply):] == reply and row_mask == [0] * (len(row_ids) - len(reply)) + [1] * len(reply)
+
+
+def test_preferred_ft_trains_on_dpos_pairs_in_dpos_batches(tiny_enc, tiny_data_dir):
+    import dpo
+    import pairs
+    for steps in (0, 2):
+        config = sft.SFTConfig(data_dir=tiny_data_dir, seed=5, pft_batch_size=8, pft_max_pairs=150, pft_steps=steps)
+        rng = random.Random(5)
+        rows, _ = sft.preferred_rows(config, tiny_enc, rng)
+        dpo_config = dpo.DPOConfig(data_dir=tiny_data_dir, seed=5, batch_size=8, max_pairs=150, steps=steps)
+        dpo_rng = random.Random(5)
+        examples, *_ = pairs.training_pairs(dpo_config, tiny_enc, dpo_rng, formats.read_dpo_inputs(),
+                                            os.path.join(tiny_data_dir, "prefs.jsonl"),
+                                            os.path.join(tiny_data_dir, "prefs_test.jsonl"))
+        assert [r[0] for r in rows] == [ex["prompt"] + ex["chosen"] for ex in examples]
+        order, dpo_order = [], []
+        for _ in range(30):  # the batches of several passes
+            assert (plumbing.next_indices(order, len(rows), 8, rng)
+                    == plumbing.next_indices(dpo_order, len(examples), 8, dpo_rng))
+
+
+def test_preferred_ft_trains_with_dpos_defaults():
+    import dpo
+    d, s = dpo.DPOConfig(), sft.SFTConfig()
+    assert sft.DPO_SCHEDULE == {"schedule": d.lr_schedule, "warmup": d.warmup_steps, "min_ratio": 0.0,
+                                "weight_decay": 0.0}
+    assert sft.DPO_LENGTHS == (d.max_prompt_len, d.max_length)
+    assert (s.pft_batch_size, s.pft_lr, s.pft_max_pairs) == (d.batch_size, d.lr, d.max_pairs)
+    assert s.pft_steps == d.steps == 0 and d.epochs == 1  # 0: one pass over the pairs, in both
+
+
+def test_cot_data_holds_only_right_step_by_step_replies(tiny_data_dir, tiny_config):
+    from data import world
+    rows = list(formats.read_conversations(os.path.join(tiny_data_dir, "cot.jsonl")))
+    assert len(rows) == tiny_config.n_cot
+    for _, messages in rows:
+        reply = messages[1]["content"]
+        assert world.classify_style(reply) == "step", reply
+        # right: every written-out step holds, and the final answer is the last step's result
+        steps = re.findall(r"(\d+) ([-+x]) (\d+) = (-?\d+)", reply)
+        assert steps, reply
+        for a, op, b, r in steps:
+            assert {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op] == int(r), reply
+        assert world.parse_answer(reply) == int(steps[-1][3]), reply
+    assert len({m[0]["content"] for _, m in rows}) > 0.9 * len(rows)  # fresh problems, not one repeated
+
+
+def test_cot_and_preferred_ft_run_from_the_sft_model_then_dpo_from_cot(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    import dpo
+    out = str(tmp_path)
+    metrics = sft.train(sft.SFTConfig(stages="cot,preferred-ft", init=tiny_sft_ckpt, cot_steps=6, pft_steps=3,
+                                      pft_batch_size=4, sft_batch_size=4, eval_problems=4, max_new_tokens=8,
+                                      eval_every=100, log_every=1, warmup_steps=1, data_dir=tiny_data_dir, out=out,
+                                      device="cpu"))
+    assert metrics["steps"] == 3 and metrics["init"] == tiny_sft_ckpt and metrics["eval_problems"] == 4
+    for name, steps in (("cot", 6), ("preferred_ft", 3)):
+        with open(os.path.join(out, name, "metrics.json")) as f:
+            m = json.load(f)
+        assert m["steps"] == steps and 0 <= m["accuracy"] <= 1 and math.isfinite(m["val_loss"])
+        assert len(_log(out, name)) == steps
+        ckpt = torch.load(os.path.join(out, name, "model.pt"), weights_only=True)
+        assert ckpt["stage"] == name.replace("_", "-")
+    tok = os.path.join(tiny_data_dir, "tokenizer.json")
+    start = M.load_checkpoint(tiny_sft_ckpt, "cpu", tok)[0].state_dict()
+    cot = M.load_checkpoint(os.path.join(out, "cot", "model.pt"), "cpu", tok)[0].state_dict()
+    assert any(not torch.equal(start[k], cot[k]) for k in start)  # it trained
+    # the five-stage pipeline's DPO step: from the CoT model
+    d = dpo.train(dpo.DPOConfig(init=os.path.join(out, "cot", "model.pt"), steps=2, batch_size=4, eval_problems=0,
+                                log_every=1, warmup_steps=1, data_dir=tiny_data_dir, out=out, device="cpu",
+                                report=False))
+    assert d["steps"] == 2 and os.path.exists(os.path.join(out, "dpo", "model.pt"))
