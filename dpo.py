@@ -9,6 +9,8 @@ sampling during training.
     python dpo.py --loss-type ipo           (the family: cdpo, robust, hinge, ipo, simpo, orpo, kto, ...)
     python dpo.py --lora-rank 16 --lr 1e-3  (LoRA: the frozen start is the reference, one model in memory)
     python dpo.py --rpo-alpha 3             (RPO: DPO + the chosen reply's NLL)
+    python dpo.py --pairs on-policy         (pairs of the SFT model's own replies, judged: section 4's setting)
+    python dpo.py --pairs on-policy --rounds 3   (online DPO: each round's pairs from the current policy)
     python dpo.py --help
 
 The derivation, in the paper's notation (equation numbers are the paper's):
@@ -40,6 +42,16 @@ How this departs from the paper:
 4. The "kl" logged during training is the mean log pi - log pi_ref on the batch's own replies
    (cheap, off-policy); the real KL(pi || pi_ref) is estimated at evaluation on the policy's samples.
 
+On-policy and online DPO. The paper samples its pairs from pi_SFT (section 4), and so pi_ref = pi_SFT
+fits the data; the world's pairs are written by a generator instead, and DPO then pushes down
+replies the model would rarely write. --pairs on-policy samples K replies per prompt from the start
+model and pairs the judge's best with its worst; --rounds R (online, or iterative, DPO: Xu et al.
+2023, arXiv 2312.16682; Guo et al. 2024, arXiv 2402.04792) samples each round's pairs from the
+current policy, the reference staying the start. That is the bridge to rlvr.py: the policy learns
+from its own samples in both, but here from a judge's pairwise choice, through DPO's loss against a
+fixed reference, on pairs frozen for a round; GRPO scores every sample with a reward, weighs it by
+its advantage over its group, and samples anew at every step.
+
 Around this lesson: the family (--loss-type, --rpo-alpha) is dpo_family.py, one equation each;
 pairs -> token batches is pairs.py; what every stage measures is evaluation.py; the files a user
 brings are read by data/formats.py; LoRA is lora.py; the plumbing is plumbing.py.
@@ -65,7 +77,8 @@ from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
                         chosen_nll, family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
-from pairs import collate, shared_prefix_batch, tokenize_pairs, training_pairs  # noqa: F401 (dpo.X)
+from pairs import (collate, first_round, sample_round, shared_prefix_batch, tokenize_pairs,  # noqa: F401
+                   training_pairs)
 from lora import LoRAOptions
 from plumbing import option
 
@@ -84,6 +97,12 @@ class DPOConfig(FamilyOptions, LoRAOptions):
     prefix_sharing: bool = option(True, "score a pair's two replies in one row, the prompt computed once; "
                                   "--no-prefix-sharing: a row per reply (kto always: its replies answer two prompts)",
                                   "dpo")
+    pairs: str = option("file", "where the training pairs come from: file (--data, default <data-dir>/prefs.jsonl, "
+                        "written by the world's generator) or on-policy (sampled from the start model, judged)", "dpo")
+    samples_per_prompt: int = option(4, "on-policy: K replies per prompt; the judge's best against its worst", "dpo")
+    sample_temperature: float = option(1.0, "on-policy: the temperature the K replies are sampled at", "dpo")
+    rounds: int = option(1, "online DPO: R rounds, each on pairs sampled from the current policy (the "
+                         "reference stays the start); needs --pairs on-policy", "dpo")
     live_reference: bool = option(False, "keep the reference model and run it every step instead of "
                                   "computing its log-probs once before training", "dpo")
     # optimisation
@@ -322,6 +341,22 @@ def check_config(config):
     lora.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
+    P.require(config.pairs in ("file", "on-policy"), f"--pairs {config.pairs!r} is unknown; known: file, on-policy")
+    P.require(config.rounds >= 1, f"--rounds must be >= 1, got {config.rounds}")
+    if config.pairs == "on-policy" or config.rounds > 1:
+        P.require(config.pairs == "on-policy", "--rounds samples each round's pairs from the policy: it needs "
+                  "--pairs on-policy")
+        P.require(not config.data, "--data holds pairs written elsewhere; --pairs on-policy samples them (its "
+                  "prompts from <data-dir>/prefs.jsonl)")
+        P.require(config.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (a pair needs two "
+                  f"replies), got {config.samples_per_prompt}")
+        P.require(config.sample_temperature > 0, f"--sample-temperature must be > 0: at {config.sample_temperature} "
+                  f"all {config.samples_per_prompt} replies to a prompt are the same")
+        P.require(config.loss_type != "kto" and not config.label_noise, "--pairs on-policy: the judge labels the "
+                  "pairs; KTO and --label-noise work on a file's")
+    P.require(config.pairs == "on-policy" or (config.samples_per_prompt, config.sample_temperature) == (
+        DPOConfig.samples_per_prompt, DPOConfig.sample_temperature), "--samples-per-prompt and --sample-temperature "
+        "shape sampled pairs: they need --pairs on-policy")
     P.check_out(config.out)
 
 
@@ -412,13 +447,40 @@ def load_models(config, init, device, tokenizer_path, examples, test_examples, b
         *refs, pass_seconds, live_seconds = reference_pass(config, policy, reference, examples, test_examples,
                                                            batch_size, pad, device)
         seconds = (pass_seconds, live_seconds)
-        if not config.live_reference:
+        if not config.live_reference and config.rounds == 1:
             reference = None  # its log-probs are all we need from it during training: free it
     if config.lora_rank:
         trainable, total_params = lora.trainable_parameters(policy), sum(p.numel() for p in policy.parameters())
         print(f"dpo: LoRA r={config.lora_rank} on {config.lora_targets}: {trainable:,} trainable parameters, "
               f"{trainable / total_params:.1%} of {total_params:,}; the reference is the frozen base")
     return policy, reference, tuple(refs), seconds, model_copies
+
+
+def next_round(config, policy, reference, enc, online, pad, device):
+    """Online DPO's next round: pairs from the current policy, tokenised, and the frozen reference's
+    log-probs of them (the policy trains on its own replies, the reference stays the start).
+    -> (examples, ref_chosen, ref_rejected)"""
+    rows = sample_round(config, policy, enc, online, os.path.join(config.out, "dpo"))
+    examples, _ = tokenize_pairs(enc, rows, config.max_prompt_len, config.max_length)
+    if config.loss_type in REFERENCE_FREE:
+        return examples, None, None
+    with lora.reference_model(policy, reference) as ref_model:
+        return (examples, *pair_logprobs(ref_model, examples, pad, device, shared=row_layout(config)["shared"]))
+
+
+def finish(config, policy, init, metrics, tokenizer_path, out_dir, has_reference, model_copies):
+    """The stage's end: the checkpoint (written atomically; with LoRA the adapters too, then folded
+    in), metrics.json, the summary and the report card."""
+    if config.lora_rank:  # the adapters alone (small), then folded in: a plain checkpoint for the next stage
+        lora.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
+        lora.merge_lora(policy)
+    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo",
+                      train_config=asdict(config), metrics=metrics)
+    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    E.print_dpo_summary(metrics, "rows" if config.loss_type == "kto" else "pairs", has_reference, model_copies,
+                        out_dir)
+    if config.report:
+        report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
 
 
 def train(config):
@@ -446,6 +508,9 @@ def train(config):
     pad = M.special(enc, "endoftext")
     out_dir = os.path.join(config.out, "dpo")
     os.makedirs(out_dir, exist_ok=True)
+    online = None
+    if config.pairs == "on-policy":  # the start model's own replies, judged: written out, then read as --data
+        inputs["pairs"], online = first_round(config, init, device, tokenizer_path, enc, out_dir)
     examples, test_pairs, test_examples, batch_size, counts, test_counts = training_pairs(
         config, enc, rng, inputs, data_path, test_path)
 
@@ -457,7 +522,8 @@ def train(config):
     E.check_sampling_fits(config, policy.config.block_size, eval_reference_context, enc, problems, problems_path)
 
     # --- training: one step per batch of pairs, the loss on the policy's and reference's log-probs
-    steps = config.steps or max(1, config.epochs * len(examples) // batch_size)
+    steps = config.steps or max(1, config.epochs * len(examples) // batch_size) * config.rounds
+    per_round = steps // config.rounds
     P.warmup_note("dpo", config.warmup_steps, steps)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
@@ -473,10 +539,14 @@ def train(config):
     passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
     # the work: positions through the body (padding included), scored ones through the head, FLOPs done
     # and FLOPs the loss needs (no padding), per forward pass counted in `passes`
-    work, t_train, eval_seconds = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0), time.time(), 0.0
+    work, t_train, paused_seconds = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0), time.time(), 0.0
     rows = row_layout(config)
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
+        if step and step % per_round == 0 and step // per_round < config.rounds:  # online DPO: a new round
+            t_round = time.time()  # sampling is not training: timed apart (metrics' "sampling")
+            examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device)
+            order, paused_seconds = [], paused_seconds + time.time() - t_round
         idx = P.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
         batch = [examples[i] for i in idx]
         logps, lengths, ids = batch_logprobs(policy, batch, pad, device, **rows)  # (2B,): chosen, then rejected
@@ -506,8 +576,8 @@ def train(config):
             if warning_step is None:  # how far the chosen replies' log-prob fell (see chosen_logp)
                 fall = (-rec["rewards/chosen"] / config.beta if probe is None else
                         probe_start - chosen_logp(policy, *probe))
-            eval_seconds += time.time() - t_eval
-            elapsed = time.time() - t_train - eval_seconds
+            paused_seconds += time.time() - t_eval
+            elapsed = time.time() - t_train - paused_seconds
             rec.update(step=step, lr=opt.param_groups[0]["lr"], **rates(work, elapsed, peak))
             P.append_jsonl(log_path, rec)
             window = []
@@ -518,7 +588,7 @@ def train(config):
             if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
                 warning_step = step
                 tqdm.write(E.over_optimisation_warning(step, fall, rec["rewards/margins"], probe is None))
-    train_seconds = time.time() - t_train - eval_seconds
+    train_seconds = time.time() - t_train - paused_seconds
 
     # --- held-out data the training never saw: the implicit reward on unseen pairs, then both models sampled
     reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
@@ -530,20 +600,11 @@ def train(config):
         "reference_pass_seconds": reference_seconds[0],
         "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,
+        **({"sampling": {k: v for k, v in online.items() if k != "problems"}} if online else {}),
         "peak_flops": peak, "device": str(device), "trainable_parameters": trainable, "trainable_share": trainable / total_params,
         "memory_mb": P.training_memory(total_params, trainable, model_copies),
         "wall_seconds": time.time() - t0, "total_wall_seconds": time.time() - t_all})
-    # --- the checkpoint (written atomically), metrics.json, the summary
-    if config.lora_rank:  # the adapters alone (small), then folded in: a plain checkpoint for the next stage
-        lora.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
-        lora.merge_lora(policy)
-    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo",
-                      train_config=asdict(config), metrics=metrics)
-    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
-    E.print_dpo_summary(metrics, "rows" if config.loss_type == "kto" else "pairs", ref_chosen is not None,
-                        model_copies, out_dir)
-    if config.report:
-        report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
+    finish(config, policy, init, metrics, tokenizer_path, out_dir, ref_chosen is not None, model_copies)
     return metrics
 
 

@@ -1,6 +1,14 @@
 """
-Preference pairs -> token batches, for dpo.py: the training and held-out pairs read, shuffled and
-tokenised with exact prompt/response boundaries, then laid out for the model one of two ways:
+Preference pairs for dpo.py: where they come from, and how they become token batches.
+
+They come from a file (--data, or the world's <data-dir>/prefs.jsonl, written by a generator, not
+by the model), or, with --pairs on-policy, from the model itself, as the DPO paper assumes (its
+section 4: pi_ref = pi_SFT because the pairs are sampled from pi_SFT): K replies per prompt, ranked
+by the judge, the best paired with the worst (on_policy_pairs). The sampled pairs are written as a
+TRL-format file under the stage's output and read back like any other file.
+
+The training and held-out pairs are read, shuffled and tokenised with exact prompt/response
+boundaries, then laid out for the model one of two ways:
 
   a row per reply (collate):       [prompt | chosen]  and  [prompt | rejected], the prompt twice
   a row per pair (prefix sharing): [prompt | chosen | rejected], the prompt once, the rejected
@@ -11,13 +19,19 @@ Both score every response token with the same context, so the log-probs agree to
 
     python dpo.py                          (a row per pair, the default)
     python dpo.py --no-prefix-sharing      (a row per reply)
+    python dpo.py --pairs on-policy        (pairs sampled from the SFT model, judged)
 """
+
+import json
+import os
+import random
+import time
 
 import torch
 
 import model as M
 import plumbing as P
-from data import formats
+from data import formats, world
 from dpo_family import kto_rows
 
 
@@ -144,3 +158,76 @@ def training_pairs(config, enc, rng, inputs, data_path, test_path):
         examples = examples[: config.steps * batch_size]
         print(f"dpo: --steps {config.steps} x {batch_size}: training on the first {len(examples)} {unit}")
     return examples, test_pairs, test_examples, batch_size, counts, test_counts
+
+
+# ----------------------------------------------------------------------------------------------
+# On-policy pairs: the model's own replies, judged
+
+
+def on_policy_pairs(sample, problems, k):
+    """For each problem, k replies from sample(prompts) -> replies (one per prompt, in order), ranked
+    by the judge; the best is paired with the worst (the first of equals). A problem whose k replies
+    all score the same has no preference to give: no pair. -> (rows {"prompt", "chosen", "rejected",
+    "answer"}, the number of problems whose replies tied)"""
+    replies = sample([p["prompt"] for p in problems for _ in range(k)])
+    rows, ties = [], 0
+    for i, problem in enumerate(problems):
+        group = replies[i * k: (i + 1) * k]
+        scores = [world.judge(problem, reply) for reply in group]
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
+        if scores[best] == scores[worst]:
+            ties += 1
+            continue
+        rows.append({"prompt": problem["prompt"], "chosen": group[best], "rejected": group[worst],
+                     "answer": problem["answer"]})
+    return rows, ties
+
+
+def sample_pairs(model, enc, problems, quota, config, seed, path):
+    """`quota` on-policy pairs from the model, K = --samples-per-prompt replies per prompt at
+    --sample-temperature, from the problems in order (a few more than quota, to cover ties), written
+    to `path` as TRL-format JSONL and read back through the --data reader.
+    -> (pairs, the number of problems used, stats: samples, ties, seconds)"""
+    t0, rows, ties, used, k = time.time(), [], 0, 0, config.samples_per_prompt
+    with torch.no_grad(), P.eval_mode(model):
+        while len(rows) < quota and used < len(problems):
+            chunk = problems[used: used + max(8, int((quota - len(rows)) * 1.1))]
+
+            def sample(prompts):  # each chunk its own seed, the same on every machine
+                return M.sample_replies(model, enc, prompts, config.max_new_tokens, config.sample_temperature,
+                                        seed + used)
+            built, tied = on_policy_pairs(sample, chunk, k)
+            rows, ties, used = rows + built, ties + tied, used + len(chunk)
+    rows = rows[:quota]
+    P.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    seconds = time.time() - t0
+    print(f"dpo: {len(rows)} on-policy pairs from {used} prompts x {k} samples (T = {config.sample_temperature}; "
+          f"{ties} prompts tied: no pair) in {seconds:.0f}s ({used * k / seconds:.0f} samples/s) -> {path}")
+    P.require(rows, f"{path}: every prompt's samples tied: no on-policy pair (raise --sample-temperature?)")
+    return formats.read_pairs(path), used, {"samples": used * k, "ties": ties, "seconds": seconds}
+
+
+def first_round(config, init, device, tokenizer_path, enc, out_dir):
+    """On-policy pairs from the start model (for --rounds R, the first round's share of --max-pairs),
+    its prompts those of <data-dir>/prefs.jsonl, shuffled. -> (pairs, the sampling's running record)"""
+    problems = formats.read_problems(os.path.join(config.data_dir, "prefs.jsonl"))
+    random.Random(config.seed).shuffle(problems)
+    online = {"problems": problems, "used": 0, "rounds": 0, "samples": 0, "ties": 0, "seconds": 0.0,
+              "quota": (config.max_pairs or len(problems)) // config.rounds}
+    start, _ = M.load_checkpoint(init, device, tokenizer_path)  # the policy before any step
+    rows = sample_round(config, start, enc, online, out_dir)
+    return rows, online
+
+
+def sample_round(config, model, enc, online, out_dir):
+    """The next round's pairs, sampled from `model` on the next unused prompts (see pairs.sample_pairs)."""
+    online["rounds"] += 1
+    path = os.path.join(out_dir, f"pairs_round{online['rounds']}.jsonl")
+    seed = config.seed * 1000 + 100 * online["rounds"]  # apart from the evaluation's seed, and per round
+    rows, used, stats = sample_pairs(model, enc, online["problems"][online["used"]:], online["quota"], config,
+                                     seed, path)
+    online["used"] += used
+    for k in ("samples", "ties", "seconds"):
+        online[k] += stats[k]
+    online["samples_per_second"] = online["samples"] / online["seconds"]
+    return rows

@@ -459,6 +459,15 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
                                   "(prompt, chosen, rejected); unpaired rows need --loss-type kto"),
     (["--loss-type", "kto", "--kto-desirable-share", "0.5", "--data", "{d}/kto.jsonl"],
      "{d}/kto.jsonl: --kto-desirable-share thins the desirable rows split from pairs"),
+    (["--pairs", "sampled"], "--pairs 'sampled' is unknown; known: file, on-policy"),
+    (["--pairs", "on-policy", "--samples-per-prompt", "1"], "--samples-per-prompt must be >= 2"),
+    (["--pairs", "on-policy", "--sample-temperature", "0"], "--sample-temperature must be > 0: at 0.0 all 4 replies"),
+    (["--rounds", "2"], "--rounds samples each round's pairs from the policy: it needs --pairs on-policy"),
+    (["--pairs", "on-policy", "--rounds", "2", "--data", "{d}/problems.jsonl"], "--data holds pairs written "
+                                                                                "elsewhere"),
+    (["--pairs", "on-policy", "--rounds", "0"], "--rounds must be >= 1, got 0"),
+    (["--pairs", "on-policy", "--loss-type", "kto"], "--pairs on-policy: the judge labels the pairs"),
+    (["--samples-per-prompt", "8"], "--samples-per-prompt and --sample-temperature shape sampled pairs"),
     (["--loss-type", "kto", "--test-data", "{d}/kto.jsonl"], "{d}/kto.jsonl:1: an unpaired row (prompt, completion, "
                                                               "label) in a file of pairs (prompt, chosen, rejected); "
                                                               "held-out rows are pairs, with --loss-type kto too"),
@@ -875,3 +884,68 @@ def test_prefix_sharing_trains_as_a_row_per_reply_does(tiny_data_dir, tiny_sft_c
     assert dpo.row_layout(dpo.DPOConfig(prefix_sharing=False)) == {"shared": False, "kto": False}
     # KTO's replies answer two prompts: a row each, the mismatched ones without a graph
     assert dpo.row_layout(dpo.DPOConfig(loss_type="kto")) == {"shared": False, "kto": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# On-policy pairs and online DPO
+
+
+def test_on_policy_run_trains_on_the_start_models_own_judged_replies(tiny_sft_ckpt, tiny_data_dir, tiny_enc,
+                                                                    tmp_path):
+    out = str(tmp_path / "a")
+    kw = dict(init=tiny_sft_ckpt, data_dir=tiny_data_dir, pairs="on-policy", max_pairs=12, batch_size=4,
+              samples_per_prompt=3, max_new_tokens=16, eval_problems=0, log_every=1, warmup_steps=1, device="cpu",
+              report=False)
+    metrics = dpo.train(dpo.DPOConfig(out=out, **kw))
+    path = os.path.join(out, "dpo", "pairs_round1.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    assert metrics["pairs"] == len(rows) == 12 and metrics["steps"] == 3
+    s = metrics["sampling"]
+    assert s["rounds"] == 1 and s["samples"] == 3 * s["used"] and s["used"] >= 12 and s["samples_per_second"] > 0
+    # each pair is two of the start model's own samples for its prompt, the judge's best above its worst
+    problems = {p["prompt"]: p for p in formats.read_problems(os.path.join(tiny_data_dir, "prefs.jsonl"))}
+    from data import world
+    for row in rows:
+        assert world.judge(problems[row["prompt"]], row["chosen"]) > world.judge(problems[row["prompt"]],
+                                                                                 row["rejected"])
+    # the file is a TRL-format pair file: --data reads it, and trains on it as on the sampled run
+    again = dpo.train(dpo.DPOConfig(out=str(tmp_path / "b"), data=path, **{**kw, "pairs": "file",
+                                                                           "samples_per_prompt": 4}))
+    assert again["pairs"] == metrics["pairs"] and again["data_counts"] == metrics["data_counts"]
+    logs = [[json.loads(line)["loss"] for line in open(os.path.join(d, "dpo", "log.jsonl"))] for d in (out, tmp_path / "b")]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-6, abs=1e-7) and len(logs[0]) == 3
+    # seeded: the same run samples the same pairs
+    dpo.train(dpo.DPOConfig(out=str(tmp_path / "c"), **kw))
+    assert open(os.path.join(tmp_path, "c", "dpo", "pairs_round1.jsonl")).read() == open(path).read()
+
+
+def test_online_rounds_sample_from_the_current_policy_against_the_frozen_start(tiny_sft_ckpt, tiny_data_dir,
+                                                                              tmp_path, monkeypatch):
+    import pairs
+    seen, scored = [], []
+    real_sample, real_logprobs = pairs.sample_pairs, dpo.pair_logprobs
+
+    def spy_sample(model, *args):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_sample(model, *args)
+
+    def spy_logprobs(model, *args, **kw):
+        scored.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_logprobs(model, *args, **kw)
+
+    monkeypatch.setattr(pairs, "sample_pairs", spy_sample)
+    monkeypatch.setattr(dpo, "pair_logprobs", spy_logprobs)
+    out = str(tmp_path)
+    metrics = dpo.train(dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, pairs="on-policy", rounds=2,
+                                      max_pairs=16, batch_size=4, samples_per_prompt=2, max_new_tokens=16,
+                                      lr=1e-3, eval_problems=0, log_every=1, warmup_steps=1, out=out, device="cpu",
+                                      report=False))
+    start = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))[0].state_dict()
+    assert len(seen) == 2 and metrics["sampling"]["rounds"] == 2 and metrics["steps"] == 4
+    assert all(torch.equal(seen[0][k], start[k]) for k in start)  # round 1: the start model's samples
+    assert any(not torch.equal(seen[1][k], start[k]) for k in start)  # round 2: the trained policy's
+    # every reference pass, round 2's included, is the frozen start's
+    assert scored and all(all(torch.equal(w[k], start[k]) for k in start) for w in scored[:-1])
+    r1, r2 = (open(os.path.join(out, "dpo", f"pairs_round{r}.jsonl")).read() for r in (1, 2))
+    assert r1 != r2 and not set(json.loads(x)["prompt"] for x in r1.splitlines()) & set(
+        json.loads(x)["prompt"] for x in r2.splitlines())  # each round its own prompts

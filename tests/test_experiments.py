@@ -27,6 +27,7 @@ import model as M  # noqa: E402
 import plumbing as P  # noqa: E402
 from data import formats  # noqa: E402
 import offline_vs_online  # noqa: E402
+import on_policy  # noqa: E402
 import overtraining  # noqa: E402
 import preferred_ft  # noqa: E402
 import throughput  # noqa: E402
@@ -126,6 +127,21 @@ def test_preferred_ft_quick_measures_every_arm_against_sft(out):
     pft = r["medians"][1]
     assert pft["logp_chosen_change"] > 0
     assert os.path.exists(os.path.join(out, "experiments", "quick", "preferred_ft", "results.md"))
+
+
+def test_on_policy_quick_runs_every_source_and_loss(out):
+    on_policy.main(["--quick", "--out", out])
+    r = results(out, "on_policy")
+    assert [row["setting"] for row in r["rows"]] == [f"{s}, {l}" for s in on_policy.SOURCES for l in on_policy.LOSSES]
+    for name, runs in r["runs"].items():
+        for run in runs:
+            assert finite(run["win_rate"]) and finite(run["kl"]) and 0 <= run["pref_accuracy"] <= 1
+            assert (run["samples"] > 0) == (not name.startswith("off-policy")), name
+    base = os.path.join(out, "experiments", "quick", "on_policy")
+    # RPO on-policy trained on the DPO run's sampled file, read back as --data: the same pairs
+    assert os.path.exists(os.path.join(base, "on_policy_dpo", "seed1", "dpo", "pairs_round1.jsonl"))
+    assert not os.path.exists(os.path.join(base, "on_policy_rpo", "seed1", "dpo", "pairs_round1.jsonl"))
+    assert os.path.exists(os.path.join(base, "online_rpo", "seed1", "dpo", "pairs_round3.jsonl"))
 
 
 def test_throughput_quick_times_every_layout(out):
