@@ -508,9 +508,9 @@ def train(config):
     pad = M.special(enc, "endoftext")
     out_dir = os.path.join(config.out, "dpo")
     os.makedirs(out_dir, exist_ok=True)
-    online = None
-    if config.pairs == "on-policy":  # the start model's own replies, judged: written out, then read as --data
-        inputs["pairs"], online = first_round(config, init, device, tokenizer_path, enc, out_dir)
+    # --pairs on-policy: the start model's own replies, judged, written out, then read as --data would be
+    inputs["pairs"], online = (first_round(config, init, device, tokenizer_path, enc, out_dir)
+                               if config.pairs == "on-policy" else (inputs["pairs"], None))
     examples, test_pairs, test_examples, batch_size, counts, test_counts = training_pairs(
         config, enc, rng, inputs, data_path, test_path)
 

@@ -301,7 +301,7 @@ def preferred_rows(config, enc, rng):
 
 def later_stage(name, config, enc, tok_path, device):
     """CoT-SFT or Preferred-FT: the SFT loss and loop on other replies, from the SFT model (or --init).
-    -> (the model, its metrics)"""
+    -> (the model, its metrics, its output directory)"""
     init = config.init or os.path.join(config.out, "sft", "model.pt")
     if not os.path.exists(init):
         raise P.DataError(f"{name}: no checkpoint to start from at {init}; run `python sft.py` first, or pass --init")

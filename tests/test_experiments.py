@@ -144,6 +144,24 @@ def test_on_policy_quick_runs_every_source_and_loss(out):
     assert os.path.exists(os.path.join(base, "online_rpo", "seed1", "dpo", "pairs_round3.jsonl"))
 
 
+def test_vs_trl_without_trl_says_so_in_one_line_and_builds_nothing(monkeypatch):
+    import builtins
+    import vs_trl
+    real_import = builtins.__import__
+
+    def no_trl(name, *args, **kwargs):
+        if name == "trl":
+            raise ImportError("No module named 'trl'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_trl)
+    monkeypatch.setattr(vs_trl, "ensure_data", lambda *a: pytest.fail("built data before the check"))
+    with pytest.raises(P.ConfigError, match="TRL is not installed here"):
+        vs_trl.main(["--runs", "1"])
+    with pytest.raises(P.ConfigError, match="--sizes 'huge'"):
+        vs_trl.main(["--sizes", "huge"])
+
+
 def test_throughput_quick_times_every_layout(out):
     throughput.main(["--quick", "--out", out])
     rows = results(out, "throughput")["rows"]
