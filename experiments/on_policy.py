@@ -34,45 +34,59 @@ def measured(m):
             "samples": sampling.get("samples", 0), "ties": sampling.get("ties", 0)}
 
 
+def one_run(s, source, loss, seed, sampled):
+    """One dpo.py run of a setting and seed. The on-policy RPO run trains on the pairs the on-policy
+    DPO run of its seed sampled (the same start model, seed and settings would sample them again),
+    read back as --data, and is charged that run's sampling. -> its measured figures"""
+    run = f"{source.split()[0].replace('-', '_')}_{loss.split()[0].lower()}/seed{seed}"
+    flags = {**SOURCES[source], **LOSSES[loss], **({"max_pairs": 24} if s["quick"] else {})}
+    if s["quick"] and "pairs" in flags:
+        flags["samples_per_prompt"] = 2
+    reuse = source == "on-policy" and loss != "DPO"
+    if reuse:
+        flags = {k: v for k, v in flags.items() if k not in ("pairs", "samples_per_prompt")}
+        flags["data"] = sampled[seed][0]
+    m = dpo.train(common.dpo_config(s, run, seed=seed, **flags))
+    if source == "on-policy" and not reuse:
+        sampled[seed] = (os.path.join(s["dir"], run, "dpo", "pairs_round1.jsonl"), m["sampling"])
+    if reuse:
+        m["sampling"] = sampled[seed][1]
+        m["total_wall_seconds"] += m["sampling"]["seconds"]
+    return {**measured(m), "seed": seed}
+
+
+def table(runs):
+    """A row per setting: the median over the seeds run so far and its range, and in how many seeds
+    the greedy accuracy stayed within 1 point of SFT's."""
+    rows = []
+    for name, rs in runs.items():
+        row = {"setting": name, "seeds": len(rs)}
+        for k in MEASURES:
+            values = [r[k] for r in rs]
+            row[k] = f"{statistics.median(values):.3g}" + (f" ({min(values):.3g} to {max(values):.3g})"
+                                                           if len(values) > 1 else "")
+        kept = sum(r["greedy_accuracy_policy"] >= r["greedy_accuracy_ref"] - 0.01 for r in rs)
+        row["greedy_kept"] = f"{kept} of {len(rs)}"
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     args = common.parse_args(__doc__, argv)
     s = common.setup("on_policy", args)
     seeds = SEEDS[:1] if s["quick"] else SEEDS
-    quick = {"max_pairs": 24} if s["quick"] else {}
-    runs, rows, sampled, first_sampling = {}, [], {}, {}
-    for source, source_flags in SOURCES.items():
-        for loss, loss_flags in LOSSES.items():
-            name = f"{source}, {loss}"
-            runs[name] = []
-            for seed in seeds:
-                run = f"{source.split()[0].replace('-', '_')}_{loss.split()[0].lower()}/seed{seed}"
-                flags = {**source_flags, **loss_flags, **quick}
-                if s["quick"] and "pairs" in flags:
-                    flags["samples_per_prompt"] = 2
-                if source == "on-policy" and loss != "DPO":  # the same sampled pairs as the DPO run's, read back
-                    flags = {**loss_flags, **quick, "data": sampled[seed]}
-                m = dpo.train(common.dpo_config(s, run, seed=seed, **flags))
-                if source == "on-policy" and loss == "DPO":
-                    sampled[seed] = os.path.join(s["dir"], run, "dpo", "pairs_round1.jsonl")
-                    first_sampling[seed] = m["sampling"]
-                elif source == "on-policy":  # its pairs cost the DPO run's sampling: count it here too
-                    m["sampling"] = first_sampling[seed]
-                    m["total_wall_seconds"] += m["sampling"]["seconds"]
-                runs[name].append({**measured(m), "seed": seed})
-            row = {"setting": name, "seeds": len(seeds)}
-            for k in MEASURES:
-                values = [r[k] for r in runs[name]]
-                row[k] = f"{statistics.median(values):.3g}" + (
-                    f" ({min(values):.3g} to {max(values):.3g})" if len(values) > 1 else "")
-            sft = runs[name][0]["greedy_accuracy_ref"]
-            kept = sum(r["greedy_accuracy_policy"] >= sft - 0.01 for r in runs[name])
-            row["greedy_kept"] = f"{kept} of {len(seeds)}"  # within 1 point of SFT's greedy accuracy
-            rows.append(row)
-    sft_greedy = next(iter(runs.values()))[0]["greedy_accuracy_ref"]
-    common.write_results(s, {"rows": rows, "runs": runs, "sft_greedy_accuracy": sft_greedy, "seeds": list(seeds)},
-                         ["setting", "seeds", *MEASURES, "greedy_kept"],
-                         f"Off-policy, on-policy and online DPO from the same SFT model (greedy accuracy "
-                         f"{sft_greedy:.1%}): medians over {len(seeds)} seeds")
+    runs = {f"{source}, {loss}": [] for source in SOURCES for loss in LOSSES}
+    sampled = {}
+    for seed in seeds:  # a seed at a time, the results rewritten after each: a cut run keeps its seeds
+        for source in SOURCES:
+            for loss in LOSSES:
+                runs[f"{source}, {loss}"].append(one_run(s, source, loss, seed, sampled))
+        sft_greedy = runs["off-policy, DPO"][0]["greedy_accuracy_ref"]
+        common.write_results(s, {"rows": table(runs), "runs": runs, "sft_greedy_accuracy": sft_greedy,
+                                 "seeds": seeds[: seeds.index(seed) + 1]},
+                             ["setting", "seeds", *MEASURES, "greedy_kept"],
+                             f"Off-policy, on-policy and online DPO from the same SFT model (greedy accuracy "
+                             f"{sft_greedy:.1%}): medians over {seeds.index(seed) + 1} seeds")
 
     def draw(plt):
         for name, rs in runs.items():
