@@ -77,8 +77,8 @@ from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
                         chosen_nll, family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
-from pairs import (collate, first_round, sample_round, shared_prefix_batch, tokenize_pairs,  # noqa: F401
-                   training_pairs)
+from pairs import (collate, first_round, row_lengths, sample_round, shared_prefix_batch,  # noqa: F401
+                   tokenize_pairs, training_pairs)
 from lora import LoRAOptions
 from plumbing import option
 
@@ -103,6 +103,8 @@ class DPOConfig(FamilyOptions, LoRAOptions):
     sample_temperature: float = option(1.0, "on-policy: the temperature the K replies are sampled at", "dpo")
     rounds: int = option(1, "online DPO: R rounds, each on pairs sampled from the current policy (the "
                          "reference stays the start); needs --pairs on-policy", "dpo")
+    bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
+                                    "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
     live_reference: bool = option(False, "keep the reference model and run it every step instead of "
                                   "computing its log-probs once before training", "dpo")
     # optimisation
@@ -541,13 +543,15 @@ def train(config):
     # and FLOPs the loss needs (no padding), per forward pass counted in `passes`
     work, t_train, paused_seconds = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0), time.time(), 0.0
     rows = row_layout(config)
+    lengths = row_lengths(examples) if config.bucket_by_length else None  # for bucketed batches
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
         if step and step % per_round == 0 and step // per_round < config.rounds:  # online DPO: a new round
             t_round = time.time()  # sampling is not training: timed apart (metrics' "sampling")
             examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device)
             order, paused_seconds = [], paused_seconds + time.time() - t_round
-        idx = P.next_indices(order, len(examples), batch_size, rng)  # reshuffled at each new epoch
+            lengths = lengths and row_lengths(examples)
+        idx = P.next_indices(order, len(examples), batch_size, rng, lengths)  # reshuffled at each new epoch
         batch = [examples[i] for i in idx]
         logps, lengths, ids = batch_logprobs(policy, batch, pad, device, **rows)  # (2B,): chosen, then rejected
         ref_logps = None

@@ -90,6 +90,11 @@ def collate(examples, pad_id, device):
     return M.prompt_response_batch(prompts, responses, pad_id, device)
 
 
+def row_lengths(examples):
+    """Each pair's tokens in a row per pair (prompt, chosen and rejected): what a batch pads to."""
+    return [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples]
+
+
 def shared_prefix_batch(examples, pad_id, device):
     """B pairs -> B rows, each prompt + chosen + rejected, the prompt computed once for both replies
     (prefix sharing, Wang et al. 2024, arXiv 2410.20305). The rejected reply restarts its positions

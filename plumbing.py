@@ -200,14 +200,22 @@ def warmup_note(stage, warmup, steps):
     return note
 
 
-def next_indices(order, n, batch, rng):
+def next_indices(order, n, batch, rng, lengths=None, span=8):
     """The next `batch` indices into n examples, popped from the end of `order`, a list of shuffled
     passes over range(n) to which a new pass is appended (one rng.shuffle each) when fewer than
     `batch` are left. Every index comes once per pass (the few left of a pass wait below the next
-    one), and a file smaller than a batch repeats within the batch."""
+    one), and a file smaller than a batch repeats within the batch.
+    lengths (n,): bucket each pass, so a batch pads little: the shuffled pass is cut into chunks of
+    span batches, each chunk sorted by length and cut into batches, and the batches shuffled."""
     while len(order) < batch:
         more = list(range(n))
         rng.shuffle(more)
+        if lengths is not None:
+            chunks = [sorted(more[i: i + span * batch], key=lambda j: lengths[j])
+                      for i in range(0, n, span * batch)]
+            batches = [c[i: i + batch] for c in chunks for i in range(0, len(c), batch)]
+            rng.shuffle(batches)
+            more = [j for b in batches for j in reversed(b)]  # popped from the end: each batch whole
         order.extend(more)
     return [order.pop() for _ in range(batch)]
 

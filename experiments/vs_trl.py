@@ -47,7 +47,7 @@ def our_pairs(data_dir):
     return examples, enc.n_vocab
 
 
-def run_ours(size, out, data_dir, device):
+def run_ours(size, out, data_dir, device, flags=()):
     """dpo.py from a random-init checkpoint of this size, in its own process. -> pairs/s"""
     enc = M.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
     ckpt = os.path.join(out, f"random_{size}.pt")
@@ -59,7 +59,7 @@ def run_ours(size, out, data_dir, device):
     run_out = os.path.join(out, f"ours_{size}")
     subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), "--init", ckpt, "--steps", str(STEPS),
                     "--batch-size", str(BATCH), "--eval-problems", "0", "--out", run_out, "--data-dir", data_dir,
-                    "--device", device, "--no-report"], check=True, stdout=subprocess.DEVNULL)
+                    "--device", device, "--no-report", *flags], check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(run_out, "dpo", "metrics.json")) as f:
         m = json.load(f)
     return {"pairs_per_second": m["pairs_per_second"], "peak_gflops": m["peak_flops"] / 1e9}
@@ -115,6 +115,7 @@ def main(argv=None):
     parser.add_argument("--runs", type=int, default=3, help="alternating runs per side and size")
     parser.add_argument("--sizes", default="default,5m", help="comma-separated: default, 5m")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dpo-flags", default="", help="more flags for dpo.py's runs, e.g. '--bucket-by-length'")
     parser.add_argument("--side", default="", help=argparse.SUPPRESS)  # internal: one TRL run, in its own process
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
@@ -133,7 +134,7 @@ def main(argv=None):
     for size in sizes:
         ours, theirs = [], []
         for _ in range(args.runs):  # alternating, so a slow minute of a shared machine hits both
-            ours.append(run_ours(size, out, DATA_DIR, args.device))
+            ours.append(run_ours(size, out, DATA_DIR, args.device, args.dpo_flags.split()))
             line = subprocess.run([sys.executable, __file__, "--side", size, "--device", args.device], check=True,
                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
             theirs.append(json.loads(line))
@@ -144,7 +145,8 @@ def main(argv=None):
         rows.append({"size": size, "ours": a, "ours_runs": [r["pairs_per_second"] for r in ours], "trl": b,
                      "trl_runs": [r["pairs_per_second"] for r in theirs], "ratio": a / b,
                      "peak_gflops": [r["peak_gflops"] for r in ours]})
-    P.write_json(os.path.join(out, "results.json"), {"rows": rows, "steps": STEPS, "batch": BATCH})
+    P.write_json(os.path.join(out, "results.json"), {"rows": rows, "steps": STEPS, "batch": BATCH,
+                                                     "dpo_flags": args.dpo_flags})
     lines = ["| size | dpo.py pairs/s | TRL DPOTrainer pairs/s | ratio | peak GFLOP/s |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['ours']:.1f} ({min(r['ours_runs']):.1f}-{max(r['ours_runs']):.1f}) | "

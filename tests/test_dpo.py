@@ -949,3 +949,13 @@ def test_online_rounds_sample_from_the_current_policy_against_the_frozen_start(t
     r1, r2 = (open(os.path.join(out, "dpo", f"pairs_round{r}.jsonl")).read() for r in (1, 2))
     assert r1 != r2 and not set(json.loads(x)["prompt"] for x in r1.splitlines()) & set(
         json.loads(x)["prompt"] for x in r2.splitlines())  # each round its own prompts
+
+
+def test_bucketed_batches_pad_less_and_train_on_the_same_pairs(tiny_sft_ckpt, tiny_data_dir, tmp_path):
+    kw = dict(init=tiny_sft_ckpt, data_dir=tiny_data_dir, steps=6, batch_size=8, max_pairs=48, eval_problems=0,
+              log_every=1, warmup_steps=1, device="cpu", report=False)
+    plain = dpo.train(dpo.DPOConfig(out=str(tmp_path / "plain"), **kw))
+    bucketed = dpo.train(dpo.DPOConfig(out=str(tmp_path / "bucketed"), bucket_by_length=True, **kw))
+    assert bucketed["pairs"] == plain["pairs"] == 48 and bucketed["steps"] == plain["steps"]
+    # the same scored tokens (each pair once in the 6 x 8), fewer positions through the model
+    assert bucketed["scored_share"] > plain["scored_share"]

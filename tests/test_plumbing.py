@@ -251,3 +251,21 @@ def test_next_indices_covers_each_pass_once_and_repeats_a_small_file():
     assert sorted(flat) == sorted(list(range(6)) * 2) and order == []
     small = P.next_indices([], 2, 5, random.Random(1))  # a file of 2 for a batch of 5: three passes drawn
     assert len(small) == 5 and sorted(small).count(0) >= 2 and sorted(small).count(1) >= 2
+
+def test_bucketed_batches_cover_each_pass_once_and_pad_little():
+    import random
+    lengths = [random.Random(i).randrange(10, 200) for i in range(64)]
+    rng, order = random.Random(7), []
+    batches = [P.next_indices(order, 64, 4, rng, lengths, span=4) for _ in range(32)]  # two passes of 16 batches
+    for first in (0, 16):  # each pass holds every index once, as without buckets
+        assert sorted(i for b in batches[first: first + 16] for i in b) == list(range(64))
+    # a batch comes from one sorted chunk: its lengths spread far less than a batch of the plain order's
+    plain_rng, plain_order = random.Random(7), []
+    plain = [P.next_indices(plain_order, 64, 4, plain_rng) for _ in range(32)]
+
+    def spread(bs):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in bs)
+    assert spread(batches) < 0.5 * spread(plain)
+    # seeded: the same rng state draws the same batches
+    again_rng, again_order = random.Random(7), []
+    assert [P.next_indices(again_order, 64, 4, again_rng, lengths, span=4) for _ in range(32)] == batches
