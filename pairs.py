@@ -171,18 +171,19 @@ def training_pairs(config, enc, rng, inputs, data_path, test_path):
 
 def on_policy_pairs(sample, problems, k):
     """For each problem, k replies from sample(prompts) -> replies (one per prompt, in order), ranked
-    by the judge; the best is paired with the worst (the first of equals). A problem whose k replies
-    all score the same has no preference to give: no pair. -> (rows {"prompt", "chosen", "rejected",
-    "answer"}, the number of problems whose replies tied)"""
+    by the judge; the best is paired with the worst (the first of equals). A reply with no text (the
+    model ended its turn at once) is left out: a pair file's replies are text. A problem whose other
+    replies all score the same, or number fewer than two, has no preference to give: no pair.
+    -> (rows {"prompt", "chosen", "rejected", "answer"}, the number of problems that gave none)"""
     replies = sample([p["prompt"] for p in problems for _ in range(k)])
     rows, ties = [], 0
     for i, problem in enumerate(problems):
-        group = replies[i * k: (i + 1) * k]
+        group = [reply for reply in replies[i * k: (i + 1) * k] if reply.strip()]
         scores = [world.judge(problem, reply) for reply in group]
-        best, worst = scores.index(max(scores)), scores.index(min(scores))
-        if scores[best] == scores[worst]:
+        if len(group) < 2 or max(scores) == min(scores):
             ties += 1
             continue
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
         rows.append({"prompt": problem["prompt"], "chosen": group[best], "rejected": group[worst],
                      "answer": problem["answer"]})
     return rows, ties
@@ -207,7 +208,7 @@ def sample_pairs(model, enc, problems, quota, config, seed, path):
     P.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
     seconds = time.time() - t0
     print(f"dpo: {len(rows)} on-policy pairs from {used} prompts x {k} samples (T = {config.sample_temperature}; "
-          f"{ties} prompts tied: no pair) in {seconds:.0f}s ({used * k / seconds:.0f} samples/s) -> {path}")
+          f"{ties} prompts tied or empty: no pair) in {seconds:.0f}s ({used * k / seconds:.0f} samples/s) -> {path}")
     P.require(rows, f"{path}: every prompt's samples tied: no on-policy pair (raise --sample-temperature?)")
     return formats.read_pairs(path), used, {"samples": used * k, "ties": ties, "seconds": seconds}
 

@@ -135,7 +135,7 @@ def test_on_policy_pairs_put_the_judges_best_above_its_worst_and_drop_ties():
                 {"prompt": "Mia has 5 jars. How many jars?", "answer": 5}]
     replies = {problems[0]["prompt"]: ["Ugh. The answer is 3.", "The answer is 4.",
                                        "Step by step:\nAva starts with 3 pens.\n3 + 0 = 3.\nThe answer is 3.", "The answer is 3."],
-               problems[1]["prompt"]: ["The answer is 2."] * 4,  # all tie: no pair
+               problems[1]["prompt"]: ["The answer is 2."] * 3 + [" "],  # an empty reply left out, the rest tie
                problems[2]["prompt"]: ["The answer is 6.", "The answer is 5.", "The answer is 5.", "The answer is 6."]}
     asked = []
 
@@ -149,6 +149,8 @@ def test_on_policy_pairs_put_the_judges_best_above_its_worst_and_drop_ties():
         return out
 
     rows, ties = pairs.on_policy_pairs(stub, problems, 4)
+    only_one = pairs.on_policy_pairs(lambda prompts: ["The answer is 2.", "", "\n", ""], problems[1:2], 4)
+    assert only_one == ([], 1)  # one reply with text: nothing to pair it with
     assert asked == [p["prompt"] for p in problems for _ in range(4)]
     assert ties == 1 and [r["prompt"] for r in rows] == [problems[0]["prompt"], problems[2]["prompt"]]
     # the judge: right beats wrong, then step > terse > rude (a rude reply's answer line is not read); the
