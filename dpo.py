@@ -543,15 +543,15 @@ def train(config):
     # and FLOPs the loss needs (no padding), per forward pass counted in `passes`
     work, t_train, paused_seconds = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0), time.time(), 0.0
     rows = row_layout(config)
-    lengths = row_lengths(examples) if config.bucket_by_length else None  # for bucketed batches
+    bucket = row_lengths(examples) if config.bucket_by_length else None  # each pair's row, to bucket by
     bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
     for step in bar:
         if step and step % per_round == 0 and step // per_round < config.rounds:  # online DPO: a new round
             t_round = time.time()  # sampling is not training: timed apart (metrics' "sampling")
             examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device)
             order, paused_seconds = [], paused_seconds + time.time() - t_round
-            lengths = lengths and row_lengths(examples)
-        idx = P.next_indices(order, len(examples), batch_size, rng, lengths)  # reshuffled at each new epoch
+            bucket = bucket and row_lengths(examples)
+        idx = P.next_indices(order, len(examples), batch_size, rng, bucket)  # reshuffled at each new epoch
         batch = [examples[i] for i in idx]
         logps, lengths, ids = batch_logprobs(policy, batch, pad, device, **rows)  # (2B,): chosen, then rejected
         ref_logps = None

@@ -11,11 +11,14 @@ problems sampled from SFT and the policy, and the held-out pair file for prefere
     python experiments/on_policy.py --quick    (seconds: a tiny world, for tests)
 """
 
+import dataclasses
+import json
 import os
 import statistics
 
 import common
 import dpo
+import plumbing as P
 
 SEEDS = (1, 2, 3, 4, 5)
 SOURCES = {"off-policy": {}, "on-policy": {"pairs": "on-policy"}, "online x3": {"pairs": "on-policy", "rounds": 3}}
@@ -34,6 +37,20 @@ def measured(m):
             "samples": sampling.get("samples", 0), "ties": sampling.get("ties", 0)}
 
 
+def done_before(config):
+    """The metrics of a run this experiment already finished with this very config (its checkpoint
+    records it), so that an experiment cut short picks up where it stopped; else None."""
+    path = os.path.join(config.out, "dpo", "model.pt")
+    if not os.path.exists(path) or not os.path.exists(os.path.join(config.out, "dpo", "metrics.json")):
+        return None
+    saved = P.load_weights_only(path, "checkpoint")
+    if saved.get("train_config") != dataclasses.asdict(config):
+        return None
+    print(f"on_policy: {config.out}: finished before with this config; its metrics read back")
+    with open(os.path.join(config.out, "dpo", "metrics.json")) as f:
+        return json.load(f)
+
+
 def one_run(s, source, loss, seed, sampled):
     """One dpo.py run of a setting and seed. The on-policy RPO run trains on the pairs the on-policy
     DPO run of its seed sampled (the same start model, seed and settings would sample them again),
@@ -46,7 +63,8 @@ def one_run(s, source, loss, seed, sampled):
     if reuse:
         flags = {k: v for k, v in flags.items() if k not in ("pairs", "samples_per_prompt")}
         flags["data"] = sampled[seed][0]
-    m = dpo.train(common.dpo_config(s, run, seed=seed, **flags))
+    config = common.dpo_config(s, run, seed=seed, **flags)
+    m = done_before(config) or dpo.train(config)
     if source == "on-policy" and not reuse:
         sampled[seed] = (os.path.join(s["dir"], run, "dpo", "pairs_round1.jsonl"), m["sampling"])
     if reuse:

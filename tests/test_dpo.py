@@ -938,6 +938,7 @@ def test_online_rounds_sample_from_the_current_policy_against_the_frozen_start(t
     out = str(tmp_path)
     metrics = dpo.train(dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, pairs="on-policy", rounds=2,
                                       max_pairs=16, batch_size=4, samples_per_prompt=2, max_new_tokens=16,
+                                      bucket_by_length=True,  # bucketed anew in each round
                                       lr=1e-3, eval_problems=0, log_every=1, warmup_steps=1, out=out, device="cpu",
                                       report=False))
     start = M.load_checkpoint(tiny_sft_ckpt, "cpu", os.path.join(tiny_data_dir, "tokenizer.json"))[0].state_dict()

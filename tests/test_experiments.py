@@ -129,7 +129,7 @@ def test_preferred_ft_quick_measures_every_arm_against_sft(out):
     assert os.path.exists(os.path.join(out, "experiments", "quick", "preferred_ft", "results.md"))
 
 
-def test_on_policy_quick_runs_every_source_and_loss(out):
+def test_on_policy_quick_runs_every_source_and_loss(out, monkeypatch):
     on_policy.main(["--quick", "--out", out])
     r = results(out, "on_policy")
     assert [row["setting"] for row in r["rows"]] == [f"{s}, {l}" for s in on_policy.SOURCES for l in on_policy.LOSSES]
@@ -142,6 +142,10 @@ def test_on_policy_quick_runs_every_source_and_loss(out):
     assert os.path.exists(os.path.join(base, "on_policy_dpo", "seed1", "dpo", "pairs_round1.jsonl"))
     assert not os.path.exists(os.path.join(base, "on_policy_rpo", "seed1", "dpo", "pairs_round1.jsonl"))
     assert os.path.exists(os.path.join(base, "online_rpo", "seed1", "dpo", "pairs_round3.jsonl"))
+    # run again: every run finished before with the same config, so nothing trains and the table is the same
+    monkeypatch.setattr(on_policy.dpo, "train", lambda config: pytest.fail(f"{config.out} trained again"))
+    on_policy.main(["--quick", "--out", out])
+    assert results(out, "on_policy")["runs"] == r["runs"]
 
 
 def test_vs_trl_without_trl_says_so_in_one_line_and_builds_nothing(monkeypatch):
