@@ -95,6 +95,17 @@ def main(argv=None):
     seeds = SEEDS[:1] if s["quick"] else SEEDS
     runs = {f"{source}, {loss}": [] for source in SOURCES for loss in LOSSES}
     sampled = {}
+
+    def draw(plt):
+        for name, rs in runs.items():
+            plt.scatter([r["greedy_accuracy_policy"] for r in rs], [r["win_rate"] for r in rs], label=name,
+                        alpha=0.7, marker="o" if "DPO" in name else "^")
+        plt.axvline(runs["off-policy, DPO"][0]["greedy_accuracy_ref"], color="gray", linestyle="--",
+                    label="SFT's greedy accuracy")
+        plt.xlabel("greedy accuracy (held-out problems)")
+        plt.ylabel("judge win rate against SFT")
+        plt.legend(fontsize=7)
+
     for seed in seeds:  # a seed at a time, the results rewritten after each: a cut run keeps its seeds
         for source in SOURCES:
             for loss in LOSSES:
@@ -105,17 +116,7 @@ def main(argv=None):
                              ["setting", "seeds", *MEASURES, "greedy_kept"],
                              f"Off-policy, on-policy and online DPO from the same SFT model (greedy accuracy "
                              f"{sft_greedy:.1%}): medians over {seeds.index(seed) + 1} seeds")
-
-    def draw(plt):
-        for name, rs in runs.items():
-            plt.scatter([r["greedy_accuracy_policy"] for r in rs], [r["win_rate"] for r in rs], label=name,
-                        alpha=0.7, marker="o" if "DPO" in name else "^")
-        plt.axvline(sft_greedy, color="gray", linestyle="--", label="SFT's greedy accuracy")
-        plt.xlabel("greedy accuracy (held-out problems)")
-        plt.ylabel("judge win rate against SFT")
-        plt.legend(fontsize=7)
-
-    common.plot(s, draw)
+        common.plot(s, draw)
     return runs
 
 
