@@ -77,8 +77,8 @@ from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
                         chosen_nll, family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
-from pairs import (collate, first_round, row_lengths, sample_round, shared_prefix_batch,  # noqa: F401
-                   tokenize_pairs, training_pairs)
+from pairs import (check_on_policy_flags, collate, first_round, row_lengths, sample_round,  # noqa: F401
+                   shared_prefix_batch, tokenize_pairs, training_pairs)
 from lora import LoRAOptions
 from plumbing import option
 
@@ -329,6 +329,13 @@ def ensure_init(config):
                             f"with sft.py (the data, pretraining and SFT)")
 
 
+def input_paths(config):
+    """The training pairs, held-out pairs and held-out problems: the flags', or the data directory's."""
+    return (config.data or os.path.join(config.data_dir, "prefs.jsonl"),
+            config.test_data or os.path.join(config.data_dir, "prefs_test.jsonl"),
+            config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl"))
+
+
 def check_config(config):
     """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
     check_family_flags(config)
@@ -343,22 +350,7 @@ def check_config(config):
     lora.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
-    P.require(config.pairs in ("file", "on-policy"), f"--pairs {config.pairs!r} is unknown; known: file, on-policy")
-    P.require(config.rounds >= 1, f"--rounds must be >= 1, got {config.rounds}")
-    if config.pairs == "on-policy" or config.rounds > 1:
-        P.require(config.pairs == "on-policy", "--rounds samples each round's pairs from the policy: it needs "
-                  "--pairs on-policy")
-        P.require(not config.data, "--data holds pairs written elsewhere; --pairs on-policy samples them (its "
-                  "prompts from <data-dir>/prefs.jsonl)")
-        P.require(config.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (a pair needs two "
-                  f"replies), got {config.samples_per_prompt}")
-        P.require(config.sample_temperature > 0, f"--sample-temperature must be > 0: at {config.sample_temperature} "
-                  f"all {config.samples_per_prompt} replies to a prompt are the same")
-        P.require(config.loss_type != "kto" and not config.label_noise, "--pairs on-policy: the judge labels the "
-                  "pairs; KTO and --label-noise work on a file's")
-    P.require(config.pairs == "on-policy" or (config.samples_per_prompt, config.sample_temperature) == (
-        DPOConfig.samples_per_prompt, DPOConfig.sample_temperature), "--samples-per-prompt and --sample-temperature "
-        "shape sampled pairs: they need --pairs on-policy")
+    check_on_policy_flags(config, DPOConfig)
     P.check_out(config.out)
 
 
@@ -393,26 +385,6 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
     ln2 = f" (ln 2 = {math.log(2):.4f})" if config.loss_type == "sigmoid" else ""
     print(f"dpo: step-0 check: loss {loss0.item():.4f}{ln2}, rewards 0")
     return ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, reference_pass_seconds, live_seconds_per_step
-
-
-def count_work(work, policy, batch, ids, lengths, passes):
-    """Add one step's work to `work`: pairs, positions through the body (padding included: it costs
-    FLOPs), scored positions, FLOPs done (the scored positions through the head) and FLOPs the loss
-    needs (no padding), for `passes` forward passes' worth (a forward and backward is 3)."""
-    scored = int(lengths.sum())
-    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)  # each prompt once
-    work["pairs"] += len(batch)
-    work["tokens"] += ids[:, 1:].numel()
-    work["scored"] += scored
-    work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
-    work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
-
-
-def rates(work, seconds, peak):
-    """Throughput and MFU of the work so far (count_work), over `seconds` of training."""
-    return {"pairs_per_second": work["pairs"] / seconds, "tokens_per_second": work["tokens"] / seconds,
-            "mfu": work["done"] / seconds / peak, "mfu_needed": work["needed"] / seconds / peak,
-            "scored_share": work["scored"] / work["tokens"]}
 
 
 @torch.no_grad()
@@ -500,15 +472,11 @@ def train(config):
     # before the seed is set (building a model draws random weights, which would shift LoRA's init)
     eval_reference_context = config.eval_reference and M.load_checkpoint(
         config.eval_reference, "cpu", tokenizer_path)[0].config.block_size
-    t0 = time.time()
+    t0, rng = time.time(), random.Random(config.seed)
     torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
     enc = M.load_tokenizer(tokenizer_path)
-    data_path = config.data or os.path.join(config.data_dir, "prefs.jsonl")
-    test_path = config.test_data or os.path.join(config.data_dir, "prefs_test.jsonl")
-    problems_path = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")
-    pad = M.special(enc, "endoftext")
-    out_dir = os.path.join(config.out, "dpo")
+    data_path, test_path, problems_path = input_paths(config)
+    pad, out_dir = M.special(enc, "endoftext"), os.path.join(config.out, "dpo")
     os.makedirs(out_dir, exist_ok=True)
     # --pairs on-policy: the start model's own replies, judged, written out, then read as --data would be
     inputs["pairs"], online = (first_round(config, init, device, tokenizer_path, enc, out_dir)
@@ -568,7 +536,7 @@ def train(config):
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
         opt.step()
-        count_work(work, policy, batch, ids, lengths, passes)
+        E.count_work(work, policy, batch, ids, lengths, passes)
         window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                   lengths, grad_norm))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
@@ -582,7 +550,7 @@ def train(config):
                         probe_start - chosen_logp(policy, *probe))
             paused_seconds += time.time() - t_eval
             elapsed = time.time() - t_train - paused_seconds
-            rec.update(step=step, lr=opt.param_groups[0]["lr"], **rates(work, elapsed, peak))
+            rec.update(step=step, lr=opt.param_groups[0]["lr"], **E.rates(work, elapsed, peak))
             P.append_jsonl(log_path, rec)
             window = []
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
@@ -600,7 +568,7 @@ def train(config):
     metrics = E.dpo_evaluation(config, policy, reference, init, enc, problems[: config.eval_problems], accuracy,
                                test_refs, test_pairs, test_examples, test_path, device)
     metrics.update({
-        **rates(work, train_seconds, peak), "train_seconds": train_seconds,
+        **E.rates(work, train_seconds, peak), "train_seconds": train_seconds,
         "reference_pass_seconds": reference_seconds[0],
         "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,

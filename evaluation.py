@@ -456,3 +456,34 @@ def print_lm_summary(stage, metrics):
         shares = ", ".join(f"{k} {v:.0%}" for k, v in metrics["style_shares"].items())
         print(f"{stage}: held-out accuracy greedy {metrics['accuracy']:.1%} (by operations: {by_ops}), "
               f"sampled {metrics['accuracy_sampled']:.1%}; sampled styles: {shares}")
+
+
+def count_work(work, policy, batch, ids, lengths, passes):
+    """Add one step's work to `work`: pairs, positions through the body (padding included: it costs
+    FLOPs), scored positions, FLOPs done (the scored positions through the head) and FLOPs the loss
+    needs (no padding), for `passes` forward passes' worth (a forward and backward is 3)."""
+    scored = int(lengths.sum())
+    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)  # each prompt once
+    work["pairs"] += len(batch)
+    work["tokens"] += ids[:, 1:].numel()
+    work["scored"] += scored
+    work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
+    work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
+
+
+def rates(work, seconds, peak):
+    """Throughput and MFU of the work so far (count_work), over `seconds` of training."""
+    return {"pairs_per_second": work["pairs"] / seconds, "tokens_per_second": work["tokens"] / seconds,
+            "mfu": work["done"] / seconds / peak, "mfu_needed": work["needed"] / seconds / peak,
+            "scored_share": work["scored"] / work["tokens"]}
+
+
+def held_out_problems(config, enc, context):
+    """The held-out problems a stage answers at the end (none with --eval-problems 0): their replies
+    must fit the model's context, checked before any training."""
+    if config.eval_problems <= 0:
+        return []
+    test_path = os.path.join(config.data_dir, "test.jsonl")
+    problems = formats.read_problems(test_path)[: config.eval_problems]
+    check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
+    return problems

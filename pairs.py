@@ -8,7 +8,8 @@ by the judge, the best paired with the worst (on_policy_pairs). The sampled pair
 TRL-format file under the stage's output and read back like any other file.
 
 The training and held-out pairs are read, shuffled and tokenised with exact prompt/response
-boundaries, then laid out for the model one of two ways:
+boundaries (for sft.py's Preferred-FT too: the chosen replies of the same pairs, preferred_rows),
+then laid out for the model one of two ways:
 
   a row per reply (collate):       [prompt | chosen]  and  [prompt | rejected], the prompt twice
   a row per pair (prefix sharing): [prompt | chosen | rejected], the prompt once, the rejected
@@ -165,6 +166,26 @@ def training_pairs(config, enc, rng, inputs, data_path, test_path):
     return examples, test_pairs, test_examples, batch_size, counts, test_counts
 
 
+DPO_LENGTHS = (96, 192)  # dpo.py's --max-prompt-len and --max-length (a test holds them together)
+
+
+def preferred_rows(config, enc, rng):
+    """Preferred-FT's rows: dpo.py's training pairs, shuffled, cut and tokenised as dpo.py does with
+    the same seed (so the same rng then draws DPO's batches), each row the prompt + the chosen reply,
+    the loss on the reply; and the held-out pairs' chosen replies, for the validation loss."""
+    rows = formats.read_pairs(config.pft_data or os.path.join(config.data_dir, "prefs.jsonl"))
+    rng.shuffle(rows)
+    examples, _ = tokenize_pairs(enc, rows[: config.pft_max_pairs or None], *DPO_LENGTHS)
+    if config.pft_steps and config.pft_steps * config.pft_batch_size < len(examples):
+        examples = examples[: config.pft_steps * config.pft_batch_size]  # as dpo.py keeps a short run's
+    test, _ = tokenize_pairs(enc, formats.read_pairs(os.path.join(config.data_dir, "prefs_test.jsonl")),
+                                   *DPO_LENGTHS)
+
+    def chosen(ex):
+        return ex["prompt"] + ex["chosen"], [0] * len(ex["prompt"]) + [1] * len(ex["chosen"])
+    return [chosen(ex) for ex in examples], [chosen(ex) for ex in test]
+
+
 # ----------------------------------------------------------------------------------------------
 # On-policy pairs: the model's own replies, judged
 
@@ -237,3 +258,24 @@ def sample_round(config, model, enc, online, out_dir):
         online[k] += stats[k]
     online["samples_per_second"] = online["samples"] / online["seconds"]
     return rows
+
+
+def check_on_policy_flags(config, config_cls):
+    """The on-policy and online flags, checked before anything is built (ConfigError), and none that
+    changes nothing without --pairs on-policy (config_cls: the config class, for its defaults)."""
+    P.require(config.pairs in ("file", "on-policy"), f"--pairs {config.pairs!r} is unknown; known: file, on-policy")
+    P.require(config.rounds >= 1, f"--rounds must be >= 1, got {config.rounds}")
+    if config.pairs == "on-policy" or config.rounds > 1:
+        P.require(config.pairs == "on-policy", "--rounds samples each round's pairs from the policy: it needs "
+                  "--pairs on-policy")
+        P.require(not config.data, "--data holds pairs written elsewhere; --pairs on-policy samples them (its "
+                  "prompts from <data-dir>/prefs.jsonl)")
+        P.require(config.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (a pair needs two "
+                  f"replies), got {config.samples_per_prompt}")
+        P.require(config.sample_temperature > 0, f"--sample-temperature must be > 0: at {config.sample_temperature} "
+                  f"all {config.samples_per_prompt} replies to a prompt are the same")
+        P.require(config.loss_type != "kto" and not config.label_noise, "--pairs on-policy: the judge labels the "
+                  "pairs; KTO and --label-noise work on a file's")
+    P.require(config.pairs == "on-policy" or (config.samples_per_prompt, config.sample_temperature) == (
+        config_cls.samples_per_prompt, config_cls.sample_temperature), "--samples-per-prompt and --sample-temperature "
+        "shape sampled pairs: they need --pairs on-policy")

@@ -45,18 +45,17 @@ from tqdm import tqdm
 
 import evaluation as E
 import model as M
-import pairs
 import plumbing as P
 import report
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
+from pairs import DPO_LENGTHS, preferred_rows  # noqa: F401 (sft.preferred_rows)
 from plumbing import option
 
 STAGES = ("pretrain", "sft", "cot", "preferred-ft")
-# Preferred-FT trains as dpo.py does (tests/test_sft.py holds these to dpo.DPOConfig's defaults):
-# its schedule and optimizer, and its --max-prompt-len and --max-length
+# Preferred-FT trains as dpo.py does (tests/test_sft.py holds it to dpo.DPOConfig's defaults): its
+# schedule and optimizer; its rows are pairs.preferred_rows, dpo.py's pairs in dpo.py's order
 DPO_SCHEDULE = {"schedule": "linear", "warmup": 10, "min_ratio": 0.0, "weight_decay": 0.0}
-DPO_LENGTHS = (96, 192)
 
 
 @dataclass
@@ -252,18 +251,7 @@ def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
                 "--block-size shape the model pretraining builds")
     train_rows = sft_examples(enc, os.path.join(config.data_dir, "sft.jsonl"), context)
     val_rows = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
-    return gpt, train_rows, val_rows, held_out_problems(config, enc, context)
-
-
-def held_out_problems(config, enc, context):
-    """The held-out problems a stage answers at the end (none with --eval-problems 0): their replies
-    must fit the model's context, checked before any training."""
-    if config.eval_problems <= 0:
-        return []
-    test_path = os.path.join(config.data_dir, "test.jsonl")
-    problems = formats.read_problems(test_path)[: config.eval_problems]
-    E.check_replies_fit(context, enc, [p["prompt"] for p in problems], config.max_new_tokens, test_path)
-    return problems
+    return gpt, train_rows, val_rows, E.held_out_problems(config, enc, context)
 
 
 def row_batches(rows, batch_size, rng, pad, device):
@@ -280,23 +268,6 @@ def fixed_batches(rows, pad, device, size=64):
     """The validation rows in padded batches of `size`, in order."""
     return [M.pad_batch([r[0] for r in rows[i: i + size]], [r[1] for r in rows[i: i + size]], pad, device)
             for i in range(0, len(rows), size)]
-
-
-def preferred_rows(config, enc, rng):
-    """Preferred-FT's rows: dpo.py's training pairs, shuffled, cut and tokenised as dpo.py does with
-    the same seed (so the same rng then draws DPO's batches), each row the prompt + the chosen reply,
-    the loss on the reply; and the held-out pairs' chosen replies, for the validation loss."""
-    rows = formats.read_pairs(config.pft_data or os.path.join(config.data_dir, "prefs.jsonl"))
-    rng.shuffle(rows)
-    examples, _ = pairs.tokenize_pairs(enc, rows[: config.pft_max_pairs or None], *DPO_LENGTHS)
-    if config.pft_steps and config.pft_steps * config.pft_batch_size < len(examples):
-        examples = examples[: config.pft_steps * config.pft_batch_size]  # as dpo.py keeps a short run's
-    test, _ = pairs.tokenize_pairs(enc, formats.read_pairs(os.path.join(config.data_dir, "prefs_test.jsonl")),
-                                   *DPO_LENGTHS)
-
-    def chosen(ex):
-        return ex["prompt"] + ex["chosen"], [0] * len(ex["prompt"]) + [1] * len(ex["chosen"])
-    return [chosen(ex) for ex in examples], [chosen(ex) for ex in test]
 
 
 def later_stage(name, config, enc, tok_path, device):
@@ -413,7 +384,7 @@ def train(config):
     for name in [s for s in STAGES[2:] if s in stages]:  # cot, preferred-ft: from the SFT model
         t_stage = time.time()
         gpt, metrics, stage_dir = later_stage(name, config, enc, tok_path, device)
-        problems = held_out_problems(config, enc, gpt.config.block_size)
+        problems = E.held_out_problems(config, enc, gpt.config.block_size)
         metrics = finish_stage(name, gpt, metrics, problems, config, enc, tok_path, stage_dir, t_stage, t0)
     if stages and config.report:
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it

@@ -17,6 +17,7 @@ Results go to out/experiments/vs_trl/ (results.json, results.md); docs/speed.md 
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def our_pairs(data_dir):
     from data import formats
     config = dpo.DPOConfig(steps=STEPS, batch_size=BATCH, data_dir=data_dir)
     enc = M.load_tokenizer(os.path.join(data_dir, "tokenizer.json"))
-    examples, *_ = pairs.training_pairs(config, enc, __import__("random").Random(config.seed),
+    examples, *_ = pairs.training_pairs(config, enc, random.Random(config.seed),
                                         formats.read_dpo_inputs(), os.path.join(data_dir, "prefs.jsonl"),
                                         os.path.join(data_dir, "prefs_test.jsonl"))
     return examples, enc.n_vocab

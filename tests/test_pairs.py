@@ -3,10 +3,13 @@ counts, KTO's rows), a row per reply (collate) and label noise. The row-per-pair
 log-probs are held to a row per reply's in test_dpo.py, beside sequence_logprobs.
 """
 
+import os
 import random
 
 import model as M
 import pairs
+import plumbing as P
+from data import formats
 from helpers import pad_id
 
 
@@ -158,3 +161,22 @@ def test_on_policy_pairs_put_the_judges_best_above_its_worst_and_drop_ties():
     assert rows[0]["chosen"].startswith("Step by step") and rows[0]["rejected"] == "Ugh. The answer is 3."
     assert rows[1] == {"prompt": problems[2]["prompt"], "chosen": "The answer is 5.", "rejected": "The answer is 6.",
                        "answer": 5}
+
+
+def test_preferred_ft_trains_on_dpos_pairs_in_dpos_batches(tiny_enc, tiny_data_dir):
+    import dpo
+    import sft
+    for steps in (0, 2):
+        config = sft.SFTConfig(data_dir=tiny_data_dir, seed=5, pft_batch_size=8, pft_max_pairs=150, pft_steps=steps)
+        rng = random.Random(5)
+        rows, _ = pairs.preferred_rows(config, tiny_enc, rng)
+        dpo_config = dpo.DPOConfig(data_dir=tiny_data_dir, seed=5, batch_size=8, max_pairs=150, steps=steps)
+        dpo_rng = random.Random(5)
+        examples, *_ = pairs.training_pairs(dpo_config, tiny_enc, dpo_rng, formats.read_dpo_inputs(),
+                                            os.path.join(tiny_data_dir, "prefs.jsonl"),
+                                            os.path.join(tiny_data_dir, "prefs_test.jsonl"))
+        assert [r[0] for r in rows] == [ex["prompt"] + ex["chosen"] for ex in examples]
+        order, dpo_order = [], []
+        for _ in range(30):  # the batches of several passes
+            assert (P.next_indices(order, len(rows), 8, rng)
+                    == P.next_indices(dpo_order, len(examples), 8, dpo_rng))

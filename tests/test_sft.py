@@ -447,25 +447,6 @@ def test_preferred_ft_loss_is_the_sft_loss_on_the_chosen_replies(tiny_enc, tiny_
         assert row_ids[-len(reply):] == reply and row_mask == [0] * (len(row_ids) - len(reply)) + [1] * len(reply)
 
 
-def test_preferred_ft_trains_on_dpos_pairs_in_dpos_batches(tiny_enc, tiny_data_dir):
-    import dpo
-    import pairs
-    for steps in (0, 2):
-        config = sft.SFTConfig(data_dir=tiny_data_dir, seed=5, pft_batch_size=8, pft_max_pairs=150, pft_steps=steps)
-        rng = random.Random(5)
-        rows, _ = sft.preferred_rows(config, tiny_enc, rng)
-        dpo_config = dpo.DPOConfig(data_dir=tiny_data_dir, seed=5, batch_size=8, max_pairs=150, steps=steps)
-        dpo_rng = random.Random(5)
-        examples, *_ = pairs.training_pairs(dpo_config, tiny_enc, dpo_rng, formats.read_dpo_inputs(),
-                                            os.path.join(tiny_data_dir, "prefs.jsonl"),
-                                            os.path.join(tiny_data_dir, "prefs_test.jsonl"))
-        assert [r[0] for r in rows] == [ex["prompt"] + ex["chosen"] for ex in examples]
-        order, dpo_order = [], []
-        for _ in range(30):  # the batches of several passes
-            assert (plumbing.next_indices(order, len(rows), 8, rng)
-                    == plumbing.next_indices(dpo_order, len(examples), 8, dpo_rng))
-
-
 def test_preferred_ft_trains_with_dpos_defaults():
     import dpo
     d, s = dpo.DPOConfig(), sft.SFTConfig()
