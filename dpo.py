@@ -11,6 +11,7 @@ sampling during training.
     python dpo.py --rpo-alpha 3             (RPO: DPO + the chosen reply's NLL)
     python dpo.py --pairs on-policy         (pairs of the SFT model's own replies, judged: section 4's setting)
     python dpo.py --pairs on-policy --rounds 3   (online DPO: each round's pairs from the current policy)
+    python dpo.py --resume        (a run that was cut goes on, in whichever stage: docs/scale.md)
     python dpo.py --help
 
 The derivation, in the paper's notation (equation numbers are the paper's):
@@ -72,6 +73,7 @@ import lora
 import model as M
 import plumbing as P
 import report
+import resume as R
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
@@ -84,9 +86,9 @@ from plumbing import option
 
 
 @dataclass
-class DPOConfig(FamilyOptions, LoRAOptions):
+class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     """dpo.py's flags: the method's, then the optimisation, data, evaluation and run; the family's
-    own (dpo_family.FamilyOptions) and LoRA's (lora.LoRAOptions) are inherited."""
+    own (dpo_family.FamilyOptions), LoRA's (lora.LoRAOptions) and resume's are inherited."""
     # the method
     # beta 1.0, not the paper's 0.1: at 0.1 this tiny model either erases <|end|> after its answer
     # or barely moves, and a larger beta saturates the loss first (the sweep: docs/dpo.md)
@@ -321,12 +323,18 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
 def ensure_init(config):
     """The checkpoint DPO starts from; the default SFT one is built (announced) when missing."""
     def build():
-        import sft  # only needed to build the missing stage
-        sft.train(sft.SFTConfig(out=config.out, device=config.device, data_dir=config.data_dir))
+        import sft  # only needed to build the missing stage; --resume resumes it if it was cut
+        sft.train(sft.SFTConfig(out=config.out, device=config.device, data_dir=config.data_dir,
+                                resume=config.resume and cut_before(config)))
 
     path = os.path.join(config.out, "sft", "model.pt")
     return P.previous_stage(config.init, path, build, f"dpo: no SFT checkpoint at {path}; building it now "
                             f"with sft.py (the data, pretraining and SFT)")
+
+
+def cut_before(config):
+    """A training state of the SFT model this run would build (pretraining or SFT): --resume goes on."""
+    return not config.init and R.cut(config.out, ("pretrain", "sft"))
 
 
 def input_paths(config):
@@ -352,6 +360,8 @@ def check_config(config):
               f"{config.label_noise}")
     check_on_policy_flags(config, DPOConfig)
     P.check_out(config.out)
+    if not cut_before(config):  # with a cut SFT model, --resume resumes it
+        R.require_state(config, [os.path.join(config.out, "dpo")], "python dpo.py")
 
 
 def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
@@ -430,16 +440,30 @@ def load_models(config, init, device, tokenizer_path, examples, test_examples, b
     return policy, reference, tuple(refs), seconds, model_copies
 
 
-def next_round(config, policy, reference, enc, online, pad, device):
+def next_round(config, policy, reference, enc, online, pad, device, resumed=False):
     """Online DPO's next round: pairs from the current policy, tokenised, and the frozen reference's
     log-probs of them (the policy trains on its own replies, the reference stays the start).
+    resumed: the round in progress when the run was cut, its pairs read back from its file.
     -> (examples, ref_chosen, ref_rejected)"""
-    rows = sample_round(config, policy, enc, online, os.path.join(config.out, "dpo"))
+    out_dir = os.path.join(config.out, "dpo")
+    rows = (formats.read_pairs(os.path.join(out_dir, f"pairs_round{online['rounds']}.jsonl")) if resumed else
+            sample_round(config, policy, enc, online, out_dir))
     examples, _ = tokenize_pairs(enc, rows, config.max_prompt_len, config.max_length)
     if config.loss_type in REFERENCE_FREE:
         return examples, None, None
     with lora.reference_model(policy, reference) as ref_model:
         return (examples, *pair_logprobs(ref_model, examples, pad, device, shared=row_layout(config)["shared"]))
+
+
+def resume_fingerprint(config, init, tokenizer_path, online, out_dir):
+    """What a DPO training state is valid for (resume.py): the config, the start model, the pair
+    files (the sampled first round's too), the held-out problems and the tokenizer."""
+    data_path, test_path, problems_path = input_paths(config)
+    files = {"start model": init, "training pairs": data_path, "held-out pairs": test_path,
+             "held-out problems": problems_path}
+    if online:
+        files["first round's pairs"] = os.path.join(out_dir, "pairs_round1.jsonl")
+    return R.fingerprint(config, files, tokenizer=M.tokenizer_fingerprint(tokenizer_path))
 
 
 def finish(config, policy, init, metrics, tokenizer_path, out_dir, has_reference, model_copies):
@@ -450,6 +474,7 @@ def finish(config, policy, init, metrics, tokenizer_path, out_dir, has_reference
         lora.merge_lora(policy)
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo",
                       train_config=asdict(config), metrics=metrics)
+    R.finished(out_dir)
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_dpo_summary(metrics, "rows" if config.loss_type == "kto" else "pairs", has_reference, model_copies,
                         out_dir)
@@ -478,6 +503,7 @@ def train(config):
     data_path, test_path, problems_path = input_paths(config)
     pad, out_dir = M.special(enc, "endoftext"), os.path.join(config.out, "dpo")
     os.makedirs(out_dir, exist_ok=True)
+    R.check(config, out_dir, resume_fingerprint(config, init, tokenizer_path, config.pairs == "on-policy", out_dir))
     # --pairs on-policy: the start model's own replies, judged, written out, then read as --data would be
     inputs["pairs"], online = (first_round(config, init, device, tokenizer_path, enc, out_dir)
                                if config.pairs == "on-policy" else (inputs["pairs"], None))
@@ -497,27 +523,28 @@ def train(config):
     P.warmup_note("dpo", config.warmup_steps, steps)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
-    log_path = P.new_log(out_dir)
-    order, window, warning_step = [], [], None
     # the early warning's fixed batch, when there is no reference to measure the fall against
     probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
     probe_start = chosen_logp(policy, *probe) if probe is not None else None
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
-    peak = P.peak_flops(device)
-    # forwards per row: the policy's forward and backward (1 + 2; KTO's mismatched rows, half of them,
-    # a forward only: kto_logprobs), plus a live reference's forward
-    passes = (2 if config.loss_type == "kto" else 3) + (1 if config.live_reference and ref_chosen is not None else 0)
+    peak, passes = P.peak_flops(device), E.forward_passes(config, config.live_reference and ref_chosen is not None)
     # the work: positions through the body (padding included), scored ones through the head, FLOPs done
-    # and FLOPs the loss needs (no padding), per forward pass counted in `passes`
-    work, t_train, paused_seconds = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0), time.time(), 0.0
-    rows = row_layout(config)
+    # and FLOPs the loss needs (no padding); the clock: seconds since training began
+    order, window, work = [], [], dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0)
+    run = dict(warning_step=None, paused=0.0, clock=0.0)
+    saver = R.start(config, out_dir, resume_fingerprint(config, init, tokenizer_path, online, out_dir), {
+        "policy": policy, "optimizer": opt, "rng": rng, "order": order, "window": window, "work": work,
+        "run": run, **({"online": online} if online else {})}, os.path.join(out_dir, "log.jsonl"))
+    if online and online["rounds"] > 1:  # resumed in a later round: its pairs, read back from its file
+        examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device, True)
+    t_train, rows = time.time() - run["clock"], row_layout(config)
     bucket = row_lengths(examples) if config.bucket_by_length else None  # each pair's row, to bucket by
-    bar = tqdm(range(steps), desc="dpo", dynamic_ncols=True)
+    bar = tqdm(R.steps(saver, steps), desc="dpo", dynamic_ncols=True, initial=saver["first"], total=steps)
     for step in bar:
         if step and step % per_round == 0 and step // per_round < config.rounds:  # online DPO: a new round
             t_round = time.time()  # sampling is not training: timed apart (metrics' "sampling")
             examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device)
-            order, paused_seconds = [], paused_seconds + time.time() - t_round
+            order[:], run["paused"] = [], run["paused"] + time.time() - t_round
             bucket = bucket and row_lengths(examples)
         idx = P.next_indices(order, len(examples), batch_size, rng, bucket)  # reshuffled at each new epoch
         batch = [examples[i] for i in idx]
@@ -545,22 +572,23 @@ def train(config):
             t_eval = time.time()  # the held-out judge and the probe are not training: timed apart
             if eval_due:
                 rec.update(E.judge_during_training(policy, enc, tracked, config))
-            if warning_step is None:  # how far the chosen replies' log-prob fell (see chosen_logp)
+            if run["warning_step"] is None:  # how far the chosen replies' log-prob fell (see chosen_logp)
                 fall = (-rec["rewards/chosen"] / config.beta if probe is None else
                         probe_start - chosen_logp(policy, *probe))
-            paused_seconds += time.time() - t_eval
-            elapsed = time.time() - t_train - paused_seconds
+            run["paused"] += time.time() - t_eval
+            elapsed = time.time() - t_train - run["paused"]
             rec.update(step=step, lr=opt.param_groups[0]["lr"], **E.rates(work, elapsed, peak))
-            P.append_jsonl(log_path, rec)
-            window = []
+            P.append_jsonl(saver["log_path"], rec)
+            window.clear()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
                             acc=f"{rec['rewards/accuracies']:.2f}", chosen=f"{rec['logps/chosen']:.1f}",
                             tok_s=f"{rec['tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
             # the early warning: the margin grows by pushing the chosen reply down too
-            if warning_step is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
-                warning_step = step
+            if run["warning_step"] is None and fall > config.chosen_logp_warn and rec["rewards/margins"] > 0:
+                run["warning_step"] = step
                 tqdm.write(E.over_optimisation_warning(step, fall, rec["rewards/margins"], probe is None))
-    train_seconds = time.time() - t_train - paused_seconds
+        run["clock"] = time.time() - t_train
+    train_seconds = time.time() - t_train - run["paused"]
 
     # --- held-out data the training never saw: the implicit reward on unseen pairs, then both models sampled
     reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
@@ -570,7 +598,7 @@ def train(config):
     metrics.update({
         **E.rates(work, train_seconds, peak), "train_seconds": train_seconds,
         "reference_pass_seconds": reference_seconds[0],
-        "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": warning_step,
+        "live_reference_seconds_estimate": reference_seconds[1] * steps, "warning_step": run["warning_step"],
         "steps": steps, "pairs": len(examples), "data_counts": counts, "test_data_counts": test_counts,
         **({"sampling": {k: v for k, v in online.items() if k != "problems"}} if online else {}),
         "peak_flops": peak, "device": str(device), "trainable_parameters": trainable, "trainable_share": trainable / total_params,

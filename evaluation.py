@@ -458,6 +458,13 @@ def print_lm_summary(stage, metrics):
               f"sampled {metrics['accuracy_sampled']:.1%}; sampled styles: {shares}")
 
 
+def forward_passes(config, live_reference):
+    """Forward passes' worth of work per row of a DPO step: the policy's forward and backward (1 + 2;
+    KTO's mismatched rows, half of them, a forward only: see dpo.kto_logprobs), plus the forward of a
+    live reference."""
+    return (2 if config.loss_type == "kto" else 3) + (1 if live_reference else 0)
+
+
 def count_work(work, policy, batch, ids, lengths, passes):
     """Add one step's work to `work`: pairs, positions through the body (padding included: it costs
     FLOPs), scored positions, FLOPs done (the scored positions through the head) and FLOPs the loss

@@ -32,6 +32,7 @@ import torch
 
 import model as M
 import plumbing as P
+import resume as R
 from data import formats, world
 from dpo_family import kto_rows
 
@@ -241,6 +242,10 @@ def first_round(config, init, device, tokenizer_path, enc, out_dir):
     random.Random(config.seed).shuffle(problems)
     online = {"problems": problems, "used": 0, "rounds": 0, "samples": 0, "ties": 0, "seconds": 0.0,
               "quota": (config.max_pairs or len(problems)) // config.rounds}
+    path = os.path.join(out_dir, "pairs_round1.jsonl")
+    if config.resume and os.path.exists(R.state_path(out_dir)) and os.path.exists(path):
+        online["rounds"] = 1  # sampled before the cut (the state holds the file's hash): read back
+        return formats.read_pairs(path), online
     start, _ = M.load_checkpoint(init, device, tokenizer_path)  # the policy before any step
     rows = sample_round(config, start, enc, online, out_dir)
     return rows, online

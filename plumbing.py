@@ -127,6 +127,9 @@ def one_line_errors(fn, *args):
         return fn(*args)
     except (DataError, ConfigError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt as e:  # Ctrl-C: a stage that saved its state says so (see resume.saving)
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------------------------

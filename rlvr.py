@@ -8,6 +8,7 @@ from the policy's own samples, online, instead of a fixed set of pairs.
     python rlvr.py                 (builds data, SFT and DPO if missing, then RL)
     python rlvr.py --init out/sft/model.pt --steps 40 --kl-coef 0
     python rlvr.py --data my_problems.jsonl        (rows {"prompt": ..., "answer": <integer>})
+    python rlvr.py --resume        (a cut run goes on, in whichever stage was cut: docs/scale.md)
     python rlvr.py --help
 
 The objective, in the GRPO paper's notation (q a prompt, o_1..o_G the replies sampled for it from
@@ -60,13 +61,14 @@ import evaluation as E
 import model as M
 import plumbing as P
 import report
+import resume as R
 from data import formats, world
 from data.prepare import DATA_DIR, ensure_data
 from plumbing import option
 
 
 @dataclass
-class RLVRConfig:
+class RLVRConfig(R.ResumeOptions):
     # rollouts
     prompts_per_step: int = option(16, "prompts per step", "rollouts")
     group_size: int = option(8, "replies sampled per prompt (G)", "rollouts")
@@ -224,12 +226,18 @@ def rollout(policy, enc, problems, group_size, config, generator):
 def ensure_init(config):
     """The checkpoint RL starts from; the default DPO one is built (announced) when missing."""
     def build():
-        import dpo  # only needed to build the missing stage
-        dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir))
+        import dpo  # only needed to build the missing stage; --resume resumes it if it was cut
+        dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir,
+                                resume=config.resume and cut_before(config)))
 
     path = os.path.join(config.out, "dpo", "model.pt")
     return P.previous_stage(config.init, path, build, f"rlvr: no DPO checkpoint at {path}; building it now "
                             f"with dpo.py (and the data and SFT model if missing)")
+
+
+def cut_before(config):
+    """A training state of the DPO model this run would build (or of its SFT model): --resume goes on."""
+    return not config.init and R.cut(config.out, ("pretrain", "sft", "dpo"))
 
 
 def check_config(config):
@@ -251,6 +259,8 @@ def check_config(config):
         P.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
                   f"with --eval-problems 0 (no evaluation)")
     P.check_out(config.out)
+    if not cut_before(config):  # with a cut DPO or SFT model, --resume resumes that
+        R.require_state(config, [os.path.join(config.out, "rlvr")], "python rlvr.py")
     P.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
               f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
 
@@ -298,6 +308,13 @@ def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, dev
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip).item()
         opt.step()
     return stats, step_loss, ratio_sum, clipped, grad_norm, ids
+
+
+def rates(run, peak):
+    """Sampling and training throughput so far, and the training MFU (the sampling's is not counted)."""
+    return {"sample_tokens_per_second": run["sample_tokens"] / max(1e-9, run["sample_seconds"]),
+            "train_tokens_per_second": run["train_tokens"] / max(1e-9, run["train_seconds"]),
+            "mfu": run["train_flops"] / max(1e-9, run["train_seconds"]) / peak}
 
 
 def load_models(config, init, device, tokenizer_path, enc, problems, eval_problems, data_path, eval_source):
@@ -349,6 +366,9 @@ def train(config):
     data_path = config.data or os.path.join(config.data_dir, "rl.jsonl")
     eval_source = config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl")
     problems = user_problems or formats.read_problems(data_path)
+    fingerprint = R.fingerprint(config, {"start model": init, "RL problems": data_path, "held-out problems": eval_source},
+                                tokenizer=M.tokenizer_fingerprint(tokenizer_path))
+    R.check(config, out_dir, fingerprint)  # a state of another run stops here, before any work
     eval_problems = (user_eval or formats.read_problems(eval_source))[: config.eval_problems]
 
     policy, reference, kl_reference = load_models(config, init, device, tokenizer_path, enc, problems, eval_problems,
@@ -364,13 +384,16 @@ def train(config):
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
     P.warmup_note("rlvr", config.warmup_steps, config.steps)
-    log_path = P.new_log(out_dir)
     order, curve = [], []
-    sample_tokens, sample_seconds, train_tokens, train_seconds, train_flops = 0, 0.0, 0, 0.0, 0.0
-    scored_tokens = 0  # reply tokens through the output layer (the prompt's positions skip it)
-    bar = tqdm(range(config.steps), desc="rlvr", dynamic_ncols=True)
+    # tokens and seconds, sampling and training apart; scored: reply tokens through the output layer
+    run = dict(sample_tokens=0, sample_seconds=0.0, train_tokens=0, train_seconds=0.0, train_flops=0.0, scored=0)
+    saver = R.start(config, out_dir, fingerprint, {"policy": policy, "optimizer": opt, "rng": rng, "generator": generator,
+                                                   "order": order, "curve": curve, "run": run},
+                    os.path.join(out_dir, "log.jsonl"))
+    bar = tqdm(R.steps(saver, config.steps), desc="rlvr", dynamic_ncols=True, initial=saver["first"],
+               total=config.steps)
     for step in bar:
-        if config.max_seconds and sample_seconds + train_seconds >= config.max_seconds:
+        if config.max_seconds and run["sample_seconds"] + run["train_seconds"] >= config.max_seconds:
             tqdm.write(f"rlvr: time budget of {config.max_seconds:g}s spent after {step} steps")
             break
         batch = [problems[i] for i in P.next_indices(order, len(problems), config.prompts_per_step, rng)]
@@ -378,8 +401,8 @@ def train(config):
         # 1. rollouts: G replies per prompt from the current policy, scored by the verifier
         t_sample = time.time()
         ro = rollout(policy, enc, batch, config.group_size, config, generator)
-        sample_seconds += time.time() - t_sample
-        sample_tokens += sum(len(r) for r in ro["reply_ids"])
+        run["sample_seconds"] += time.time() - t_sample
+        run["sample_tokens"] += sum(len(r) for r in ro["reply_ids"])
 
         # 2. advantages, relative to each prompt's group
         advantages, has_spread = group_advantages(ro["rewards"], config.scale_rewards, config.std_floor)
@@ -397,22 +420,20 @@ def train(config):
         if ids is not None:
             # tokens through the policy, prompt and padding included (they cost FLOPs); the reference's
             # forward and the sampling are not counted in the training MFU
-            train_tokens += ids[:, 1:].numel() * config.inner_steps
-            scored_tokens += stats["tokens"] * config.inner_steps  # through the head: the replies' tokens
-            train_flops += config.inner_steps * M.training_flops(policy, ids[:, 1:].numel(), stats["tokens"],
-                                                                 ids.shape[1] - 1)
+            run["train_tokens"] += ids[:, 1:].numel() * config.inner_steps
+            run["scored"] += stats["tokens"] * config.inner_steps  # through the head: the replies' tokens
+            run["train_flops"] += config.inner_steps * M.training_flops(policy, ids[:, 1:].numel(), stats["tokens"],
+                                                                        ids.shape[1] - 1)
             if step == 0:  # the invariant before any update moved the policy: pi_old = pi_theta = pi_ref
                 tqdm.write(f"rlvr: step-0 check: ratio {stats['ratio'] / stats['tokens']:.4f} (1 on-policy)"
                            + (f", KL {stats['kl'] / stats['tokens']:.4f} (0 at the start)" if config.kl_coef else ""))
-        train_seconds += time.time() - t_train
+        run["train_seconds"] += time.time() - t_train
 
         rec = E.rlvr_step_record(step, ro, has_spread, stats, step_loss, ratio_sum, clipped, grad_norm, opt, config)
-        rec.update(sample_tokens_per_second=sample_tokens / max(1e-9, sample_seconds),
-                   train_tokens_per_second=train_tokens / max(1e-9, train_seconds),
-                   mfu=train_flops / max(1e-9, train_seconds) / peak)
+        rec.update(rates(run, peak))
         curve.append(rec)
         if (step + 1) % config.log_every == 0 or step == config.steps - 1:
-            P.append_jsonl(log_path, rec)
+            P.append_jsonl(saver["log_path"], rec)
             recent = curve[-10:]
             bar.set_postfix(reward=f"{sum(r['reward'] for r in recent) / len(recent):.3f}",
                             zero=f"{rec['zero_spread_groups']:.2f}",
@@ -422,12 +443,9 @@ def train(config):
                             train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
 
     metrics = {"steps": len(curve), "samples": len(curve) * config.prompts_per_step * config.group_size,
-               "reward_curve": [r["reward"] for r in curve],
-               "sample_tokens_per_second": sample_tokens / max(1e-9, sample_seconds),
-               "train_tokens_per_second": train_tokens / max(1e-9, train_seconds),
-               "mfu": train_flops / max(1e-9, train_seconds) / peak,
-               "scored_share": scored_tokens / max(1, train_tokens),
-               "sample_seconds": sample_seconds, "train_seconds": train_seconds}
+               "reward_curve": [r["reward"] for r in curve], **rates(run, peak),
+               "scored_share": run["scored"] / max(1, run["train_tokens"]),
+               "sample_seconds": run["sample_seconds"], "train_seconds": run["train_seconds"]}
     if eval_problems:
         after = before
         if curve:  # with no step, the model is the start: no need to evaluate it twice
@@ -438,6 +456,7 @@ def train(config):
                     "total_wall_seconds": time.time() - t_all})
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="rlvr",
                       train_config=asdict(config), metrics=metrics)
+    R.finished(out_dir)
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_rlvr_summary(metrics, config.eval_reference or "the start", out_dir)
     if config.report:

@@ -6,6 +6,7 @@ conversations, with the loss on the assistant's tokens only.
     python sft.py --stages sft         (SFT only, from out/pretrain/model.pt)
     python sft.py --stages cot         (CoT-SFT from out/sft/model.pt; then dpo.py --init out/cot/model.pt)
     python sft.py --stages preferred-ft  (Preferred-FT, DPO's baseline, from out/sft/model.pt)
+    python sft.py --resume             (a cut run goes on from out/<stage>/state.pt: docs/scale.md)
     python sft.py --help
 
 Pretraining is next-token prediction on random windows of the text stream, each document opened
@@ -47,6 +48,7 @@ import evaluation as E
 import model as M
 import plumbing as P
 import report
+import resume as R
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
 from pairs import DPO_LENGTHS, preferred_rows  # noqa: F401 (sft.preferred_rows)
@@ -59,7 +61,7 @@ DPO_SCHEDULE = {"schedule": "linear", "warmup": 10, "min_ratio": 0.0, "weight_de
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(R.ResumeOptions):
     # model
     n_layer: int = option(4, "transformer blocks", "model")
     n_head: int = option(4, "attention heads", "model")
@@ -145,22 +147,28 @@ def make_optimizer(model, lr, weight_decay):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir, device, schedule=None):
+def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, device, inputs, schedule=None):
     """The loop every stage here shares: AdamW, warmup + cosine to 10% (or `schedule`, a dict of
     schedule, warmup, min_ratio, weight_decay), gradient clipping, periodic validation loss; logs to
-    out_dir/log.jsonl. next_batch() -> (ids, mask)."""
+    out_dir/log.jsonl; a training state every --save-every steps (resume.py). batches: (next_batch,
+    the objects its order comes from), next_batch() -> (ids, mask); inputs: {what: path} it reads."""
+    next_batch, order_state = batches
     sched = schedule or {"schedule": "cosine", "warmup": config.warmup_steps, "min_ratio": 0.1,
                          "weight_decay": config.weight_decay}
     os.makedirs(out_dir, exist_ok=True)
-    log_path = P.new_log(out_dir)
+    log_path = os.path.join(out_dir, "log.jsonl")
     opt = make_optimizer(model, lr, sched["weight_decay"])
     P.warmup_note(name, sched["warmup"], steps)
     peak_flops = P.peak_flops(device)
     model.train()
-    tokens_seen, t_start, t_log, tok_log = 0, time.time(), time.time(), 0
-    scored_seen, flops_seen, flops_log = 0, 0.0, 0.0  # the head runs on scored positions only
-    val_loss = float("nan")
-    bar = tqdm(range(steps), desc=name, dynamic_ncols=True)
+    # what the loop carries from step to step, all of it in the training state
+    run = dict(tokens=0, scored=0, flops=0.0, seconds=0.0, loss=float("nan"), val_loss=float("nan"))
+    things = {"model": model, "optimizer": opt, "run": run, **order_state}
+    tokenizer = M.tokenizer_fingerprint(os.path.join(config.data_dir, "tokenizer.json"))
+    fingerprint = R.fingerprint(config, inputs, tokenizer=tokenizer)
+    saver = R.start(config, out_dir, fingerprint, things, log_path)
+    t_start, t_log, tok_log, flops_log = time.time() - run["seconds"], time.time(), 0, 0.0
+    bar = tqdm(R.steps(saver, steps), desc=name, dynamic_ncols=True, initial=saver["first"], total=steps)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = P.scheduled_lr(sched["schedule"], step, steps, lr, sched["warmup"], min_ratio=sched["min_ratio"])
@@ -172,27 +180,29 @@ def train_stage(name, model, next_batch, val_batches, steps, lr, config, out_dir
         opt.step()
         n_tok, n_scored = ids[:, 1:].numel(), int(mask[:, 1:].sum())  # padding included: it costs FLOPs
         flops = M.training_flops(model, n_tok, n_scored, ids.shape[1])
-        tokens_seen, tok_log, scored_seen = tokens_seen + n_tok, tok_log + n_tok, scored_seen + n_scored
-        flops_seen, flops_log = flops_seen + flops, flops_log + flops
+        run.update(tokens=run["tokens"] + n_tok, scored=run["scored"] + n_scored, flops=run["flops"] + flops,
+                   loss=loss.item())
+        tok_log, flops_log = tok_log + n_tok, flops_log + flops
         last = step == steps - 1
         if step % config.eval_every == 0 or last:
-            val_loss = evaluate_loss(model, val_batches)
+            run["val_loss"] = evaluate_loss(model, val_batches)
         if step % config.log_every == 0 or last:
             dt = time.time() - t_log
             # the clock runs through the validation passes, so tokens/s and MFU read a little low on the
             # lines that hold one (step 0 among them, with its one-time costs)
             tps, mfu = tok_log / max(1e-9, dt), flops_log / max(1e-9, dt) / peak_flops
-            rec = {"step": step, "loss": loss.item(), "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step, "loss": run["loss"], "val_loss": run["val_loss"], "lr": opt.param_groups[0]["lr"],
                    "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu,
-                   "scored_share": scored_seen / tokens_seen}
+                   "scored_share": run["scored"] / run["tokens"]}
             P.append_jsonl(log_path, rec)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val_loss:.3f}", tok_s=f"{tps / 1e3:.1f}k",
+            bar.set_postfix(loss=f"{run['loss']:.3f}", val=f"{run['val_loss']:.3f}", tok_s=f"{tps / 1e3:.1f}k",
                             mfu=f"{mfu:.0%}")
             t_log, tok_log, flops_log = time.time(), 0, 0.0
+        run["seconds"] = time.time() - t_start
     wall = time.time() - t_start
-    return {"loss": loss.item(), "val_loss": val_loss, "tokens": tokens_seen, "device": str(device),
-            "tokens_per_second": tokens_seen / wall, "mfu": flops_seen / wall / peak_flops,
-            "scored_share": scored_seen / tokens_seen, "peak_flops": peak_flops, "wall_seconds": wall}
+    return {"loss": run["loss"], "val_loss": run["val_loss"], "tokens": run["tokens"], "device": str(device),
+            "tokens_per_second": run["tokens"] / wall, "mfu": run["flops"] / wall / peak_flops,
+            "scored_share": run["scored"] / run["tokens"], "peak_flops": peak_flops, "wall_seconds": wall}
 
 
 @torch.no_grad()
@@ -255,13 +265,14 @@ def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
 
 
 def row_batches(rows, batch_size, rng, pad, device):
-    """next_batch() for train_stage: batch_size of the (ids, mask) rows, each once per shuffled pass."""
+    """train_stage's batches: batch_size of the (ids, mask) rows, each once per shuffled pass.
+    -> (next_batch, the objects the order comes from: the rng and the pass in progress)"""
     order = []
 
     def next_batch():
         batch = [rows[i] for i in P.next_indices(order, len(rows), batch_size, rng)]
         return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
-    return next_batch
+    return next_batch, {"rng": rng, "order": order}
 
 
 def fixed_batches(rows, pad, device, size=64):
@@ -281,11 +292,13 @@ def later_stage(name, config, enc, tok_path, device):
     rng, pad = random.Random(config.seed), M.special(enc, "endoftext")
     context = gpt.config.block_size
     if name == "cot":
-        rows = sft_examples(enc, os.path.join(config.data_dir, "cot.jsonl"), context)
-        val = sft_examples(enc, os.path.join(config.data_dir, "sft_val.jsonl"), context)
+        inputs = {"CoT rows": os.path.join(config.data_dir, "cot.jsonl"),
+                  "validation rows": os.path.join(config.data_dir, "sft_val.jsonl")}
+        rows, val = (sft_examples(enc, inputs[k], context) for k in ("CoT rows", "validation rows"))
         steps, batch_size, lr, schedule = config.cot_steps, config.sft_batch_size, config.cot_lr, None
     else:
         rows, val = preferred_rows(config, enc, rng)
+        inputs = {"pairs": config.pft_data or os.path.join(config.data_dir, "prefs.jsonl")}
         P.require(rows and DPO_LENGTHS[1] <= context, f"preferred-ft: no pairs left, or pairs longer than the "
                   f"model's context ({context})")
         batch_size = min(config.pft_batch_size, len(rows))
@@ -293,7 +306,7 @@ def later_stage(name, config, enc, tok_path, device):
     print(f"{name}: {len(rows)} rows, {steps} steps x {batch_size}")
     out_dir = os.path.join(config.out, name.replace("-", "_"))
     metrics = train_stage(name, gpt, row_batches(rows, batch_size, rng, pad, device), fixed_batches(val, pad, device),
-                          steps, lr, config, out_dir, device, schedule)
+                          steps, lr, config, out_dir, device, {**inputs, "start model": init}, schedule)
     metrics.update(init=init, rows=len(rows), steps=steps)
     return gpt, metrics, out_dir
 
@@ -314,6 +327,7 @@ def finish_stage(name, gpt, metrics, problems, config, enc, tok_path, out_dir, t
     metrics["total_wall_seconds"] = time.time() - t_all
     M.save_checkpoint(os.path.join(out_dir, "model.pt"), gpt, tok_path, stage=name,
                       train_config=asdict(config), metrics=metrics)
+    R.finished(out_dir)
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_lm_summary(name, metrics)
     print(f"{name}: done in {metrics['total_wall_seconds']:.0f}s -> {out_dir}/")
@@ -324,6 +338,11 @@ def train(config):
     """Run the stages in config.stages; returns the metrics of the last one."""
     t0 = time.time()
     stages = check_config(config)
+    stage_dirs = [os.path.join(config.out, name.replace("-", "_")) for name in stages]
+    R.require_state(config, stage_dirs, "python sft.py")
+    while stages and R.done_before(config, stage_dirs[0]):  # --resume: the stages before the cut one are done
+        print(f"{stages[0]}: done before with this config ({stage_dirs.pop(0)}/model.pt): skipped")
+        stages = stages[1:]
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     device = P.pick_device(config.device)
@@ -359,15 +378,17 @@ def train(config):
 
         def next_batch():
             return windows(stream, torch.randint(len(stream) - T - 1, (B,), generator=gen))
+        inputs = {"pretraining text": os.path.join(config.data_dir, "pretrain.txt"), "validation text": val_path}
 
         val_batches = [windows(val_stream, torch.arange(i * B * T, (i + 1) * B * T, T))
                        for i in range(min(4, (len(val_stream) - 1) // (B * T)))]
         P.require(val_batches, f"{val_path}: {len(val_stream)} tokens hold no validation batch of --pretrain-batch-size "
                   f"{B} x --pretrain-seq-len {T} (+1) tokens")
-        metrics = train_stage("pretrain", gpt, next_batch, val_batches, config.pretrain_steps,
-                              config.pretrain_lr, config, pretrain_dir, device)
+        metrics = train_stage("pretrain", gpt, (next_batch, {"generator": gen}), val_batches, config.pretrain_steps,
+                              config.pretrain_lr, config, pretrain_dir, device, inputs)
         M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
                           train_config=asdict(config), metrics=metrics)
+        R.finished(pretrain_dir)
         P.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
         E.print_lm_summary("pretrain", metrics)
 
@@ -376,9 +397,11 @@ def train(config):
         print(f"sft: {P.describe(gpt, device)}")
         pad = M.special(enc, "endoftext")
         sft_dir = os.path.join(config.out, "sft")
+        inputs = {"SFT rows": os.path.join(config.data_dir, "sft.jsonl"), "validation rows": os.path.join(
+            config.data_dir, "sft_val.jsonl"), "pretrained model": os.path.join(pretrain_dir, "model.pt")}
         metrics = train_stage("sft", gpt, row_batches(train_rows, config.sft_batch_size, rng, pad, device),
                               fixed_batches(val_rows, pad, device), config.sft_steps, config.sft_lr, config, sft_dir,
-                              device)
+                              device, inputs)
         metrics = finish_stage("sft", gpt, metrics, problems, config, enc, tok_path, sft_dir, t_sft, t0)
 
     for name in [s for s in STAGES[2:] if s in stages]:  # cot, preferred-ft: from the SFT model
