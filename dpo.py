@@ -72,6 +72,7 @@ import evaluation as E
 import lora
 import model as M
 import plumbing as P
+import distributed as D
 import report
 import resume as R
 from data import formats
@@ -118,7 +119,10 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     epochs: int = option(1, "passes over the training pairs (ignored when --steps is set)", "optimisation")
     steps: int = option(0, "optimizer steps (0: use --epochs); a short run keeps only the steps x batch-size "
                         "pairs it trains on, and the reference pass scores only those", "optimisation")
-    batch_size: int = option(32, "pairs per step (each pair is two sequences)", "optimisation")
+    batch_size: int = option(32, "pairs per step (each pair is two sequences); on several processes (torchrun) "
+                             "the global batch, split across them", "optimisation")
+    grad_accum: int = option(1, "gradient accumulation: each process's share of a batch in K micro-batches, one "
+                             "after the other (the same step, less memory)", "optimisation")
     warmup_steps: int = option(10, "linear warmup steps, then --lr-schedule", "optimisation")
     grad_clip: float = option(1.0, "clip the gradient norm to this", "optimisation")
     max_pairs: int = option(3000, "use at most this many training pairs (0: all)", "optimisation")
@@ -233,7 +237,7 @@ def shared_prefix_logprobs(model, batch, average=False):
     replies' sums (average: per-token means), the output layer only at the scored tokens' sources."""
     with P.autocast(batch["ids"].device):
         states = model(batch["ids"], batch["positions"], batch["mask"], hidden=True)  # (B, T, C)
-        logits = model.lm_head(states[batch["row"], batch["source"]])  # (N, V)
+        logits = getattr(model, "module", model).lm_head(states[batch["row"], batch["source"]])  # (N, V) (DDP: its GPT's)
     logps = M.token_logprobs(logits, batch["target"])  # (N,) fp32
     lengths = batch["lengths"]  # (2B,)
     reply = torch.repeat_interleave(torch.arange(len(lengths), device=logps.device), lengths)  # (N,)
@@ -362,6 +366,21 @@ def check_config(config):
     P.check_out(config.out)
     if not cut_before(config):  # with a cut SFT model, --resume resumes it
         R.require_state(config, [os.path.join(config.out, "dpo")], "python dpo.py")
+    D.check_split({"--batch-size": config.batch_size}, config.grad_accum, unsplittable(config))
+
+
+def unsplittable(config):
+    """Why this run cannot be split across processes or micro-batches (None: it can). A paired loss
+    is a mean over the batch's pairs, so the micro-batches' means, weighted, add up to it; these are not."""
+    if config.loss_type in ("kto", "simpo", "orpo"):
+        return f"--loss-type {config.loss_type} (dpo_family.py: not a mean of paired terms over the batch)"
+    if config.rpo_alpha:
+        return "--rpo-alpha (its NLL is one mean over all the batch's chosen tokens)"
+    if config.bco_reward_shift == "batch-mean":
+        return "--bco-reward-shift batch-mean (a shift estimated on the whole batch)"
+    if config.pairs == "on-policy":
+        return "--pairs on-policy (its sampling runs in one process)"
+    return None
 
 
 def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
@@ -370,10 +389,12 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
     gives the precomputed numbers (timed, for the comparison with --live-reference).
     -> (ref_chosen, ref_rejected, test_ref_chosen, test_ref_rejected, seconds, live seconds per step)"""
     t_ref, rows = time.time(), row_layout(config)
-    with lora.reference_model(policy, reference) as ref_model:
-        ref_chosen, ref_rejected = pair_logprobs(ref_model, examples, pad, device, shared=rows["shared"])
+    with lora.reference_model(policy, reference) as ref_model:  # on several processes: each scores a share
+        ref_chosen, ref_rejected = D.sharded(lambda ex: pair_logprobs(ref_model, ex, pad, device,
+                                                                      shared=rows["shared"]), examples)
         reference_pass_seconds = time.time() - t_ref
-        test_ref_chosen, test_ref_rejected = pair_logprobs(ref_model, test_examples, pad, device)
+        test_ref_chosen, test_ref_rejected = D.sharded(lambda ex: pair_logprobs(ref_model, ex, pad, device),
+                                                       test_examples)
     batch = examples[:batch_size]
     with torch.no_grad():
         t_live = time.time()
@@ -482,11 +503,41 @@ def finish(config, policy, init, metrics, tokenizer_path, out_dir, has_reference
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
 
 
+def train_step(config, model, opt, batch, idx, refs, reference, pad, device, work, passes):
+    """One optimizer step on a batch of pairs: on each of this process's micro-batches (the whole
+    batch on one process, see distributed.py) the loss on the policy's and the reference's log-probs,
+    its gradient weighted by the micro-batch's share of the batch; then the clip and the step.
+    refs: the reference's precomputed (chosen, rejected) log-probs (None: reference-free); with
+    --live-reference the reference model scores each micro-batch instead. Adds the work to `work`.
+    -> the step's figures (E.dpo_step_record), averaged over micro-batches and processes"""
+    policy, rows, records = getattr(model, "module", model), row_layout(config), []
+    opt.zero_grad(set_to_none=True)
+    for (part, part_idx), weight in D.micro_batches(model, (batch, idx), config.grad_accum):
+        logps, lengths, ids = batch_logprobs(model, part, pad, device, **rows)  # (2B,): chosen, then rejected
+        ref_logps = None
+        if config.live_reference and refs is not None:
+            with torch.no_grad(), lora.reference_model(policy, reference) as ref_model:
+                ref_logps = batch_logprobs(ref_model, part, pad, device, **rows)[0]  # (2B,)
+        elif refs is not None:
+            ref_logps = torch.cat([refs[0][part_idx], refs[1][part_idx]]).to(device)  # (2B,)
+        labels = torch.tensor([ex.get("label", True) for ex in part], device=device)
+        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref_logps, labels)
+        (loss * weight).backward()  # the batch's mean loss is the weighted sum of its micro-batches'
+        E.count_work(work, policy, part, ids, lengths, passes)
+        records.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
+                                         lengths, torch.zeros(())))
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)  # all-reduced: every rank's
+    opt.step()
+    record = records[0] if len(records) == 1 else {k: sum(r[k] for r in records) / len(records) for k in records[0]}
+    record = D.mean_over_ranks(record)
+    return {**record, "grad_norm": grad_norm.item()}
+
+
 def train(config):
     """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json)."""
     t_all = time.time()
     check_config(config)
-    device = P.pick_device(config.device)
+    device = D.setup(P.pick_device(config.device))  # on several processes (torchrun): this rank's
     inputs = formats.read_dpo_inputs(config.data, config.test_data, config.eval_problems_file, config.loss_type == "kto",
                                      config.label_noise, config.kto_desirable_share)  # before anything is built
     P.require_file(config.eval_reference)
@@ -527,7 +578,7 @@ def train(config):
     probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
     probe_start = chosen_logp(policy, *probe) if probe is not None else None
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
-    peak, passes = P.peak_flops(device), E.forward_passes(config, config.live_reference and ref_chosen is not None)
+    peak, passes = P.peak_flops(device) * D.world_size(), E.forward_passes(config, config.live_reference and ref_chosen is not None)
     # the work: positions through the body (padding included), scored ones through the head, FLOPs done
     # and FLOPs the loss needs (no padding); the clock: seconds since training began
     order, window, work = [], [], dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0)
@@ -537,9 +588,10 @@ def train(config):
         "run": run, **({"online": online} if online else {})}, os.path.join(out_dir, "log.jsonl"))
     if online and online["rounds"] > 1:  # resumed in a later round: its pairs, read back from its file
         examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device, True)
-    t_train, rows = time.time() - run["clock"], row_layout(config)
+    t_train, train_policy = time.time() - run["clock"], D.wrap(policy, device)  # DDP's wrapper on several processes
     bucket = row_lengths(examples) if config.bucket_by_length else None  # each pair's row, to bucket by
-    bar = tqdm(R.steps(saver, steps), desc="dpo", dynamic_ncols=True, initial=saver["first"], total=steps)
+    bar = tqdm(R.steps(saver, steps), desc="dpo", dynamic_ncols=True, initial=saver["first"], total=steps,
+               disable=not D.is_main())
     for step in bar:
         if step and step % per_round == 0 and step // per_round < config.rounds:  # online DPO: a new round
             t_round = time.time()  # sampling is not training: timed apart (metrics' "sampling")
@@ -547,25 +599,11 @@ def train(config):
             order[:], run["paused"] = [], run["paused"] + time.time() - t_round
             bucket = bucket and row_lengths(examples)
         idx = P.next_indices(order, len(examples), batch_size, rng, bucket)  # reshuffled at each new epoch
-        batch = [examples[i] for i in idx]
-        logps, lengths, ids = batch_logprobs(policy, batch, pad, device, **rows)  # (2B,): chosen, then rejected
-        ref_logps = None
-        if config.live_reference and ref_chosen is not None:
-            with torch.no_grad(), lora.reference_model(policy, reference) as ref_model:
-                ref_logps = batch_logprobs(ref_model, batch, pad, device, **rows)[0]  # (2B,)
-        elif ref_chosen is not None:
-            ref_logps = torch.cat([ref_chosen[idx], ref_rejected[idx]]).to(device)  # (2B,)
-        labels = torch.tensor([ex.get("label", True) for ex in batch], device=device)
-        loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref_logps, labels)
         for g in opt.param_groups:
             g["lr"] = P.scheduled_lr(config.lr_schedule, step, steps, config.lr, config.warmup_steps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-        opt.step()
-        E.count_work(work, policy, batch, ids, lengths, passes)
-        window.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
-                                  lengths, grad_norm))
+        refs = None if ref_chosen is None else (ref_chosen, ref_rejected)
+        window.append(train_step(config, train_policy, opt, [examples[i] for i in idx], idx, refs, reference, pad,
+                                 device, work, passes))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
         if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
             rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
@@ -577,8 +615,9 @@ def train(config):
                         probe_start - chosen_logp(policy, *probe))
             run["paused"] += time.time() - t_eval
             elapsed = time.time() - t_train - run["paused"]
-            rec.update(step=step, lr=opt.param_groups[0]["lr"], **E.rates(work, elapsed, peak))
-            P.append_jsonl(saver["log_path"], rec)
+            rec.update(step=step, lr=opt.param_groups[0]["lr"], **E.rates(D.sum_over_ranks(work), elapsed, peak))
+            if D.is_main():
+                P.append_jsonl(saver["log_path"], rec)
             window.clear()
             bar.set_postfix(loss=f"{rec['loss']:.3f}", margin=f"{rec['rewards/margins']:.2f}",
                             acc=f"{rec['rewards/accuracies']:.2f}", chosen=f"{rec['logps/chosen']:.1f}",
@@ -589,6 +628,9 @@ def train(config):
                 tqdm.write(E.over_optimisation_warning(step, fall, rec["rewards/margins"], probe is None))
         run["clock"] = time.time() - t_train
     train_seconds = time.time() - t_train - run["paused"]
+    work = D.sum_over_ranks(work)
+    if not D.is_main():  # rank 0 alone evaluates and writes; the others wait for it, then end
+        return D.finished({})
 
     # --- held-out data the training never saw: the implicit reward on unseen pairs, then both models sampled
     reward_scale = {"simpo": config.simpo_beta, "orpo": config.orpo_lambda}.get(config.loss_type, config.beta)
@@ -605,7 +647,7 @@ def train(config):
         "memory_mb": P.training_memory(total_params, trainable, model_copies),
         "wall_seconds": time.time() - t0, "total_wall_seconds": time.time() - t_all})
     finish(config, policy, init, metrics, tokenizer_path, out_dir, ref_chosen is not None, model_copies)
-    return metrics
+    return D.finished(metrics)
 
 
 def main(argv=None):

@@ -183,10 +183,11 @@ def shifted_logprobs(model, input_ids, loss_mask, temperature=1.0):
     the prompt's and the padding's logits would be computed to be thrown away.
     -> logps (B, T-1) fp32, 0 where not scored; mask (B, T-1) fp32 (position t-1 holds token t's)."""
     scored = loss_mask[:, 1:].bool()  # (B, T-1)
+    inner = getattr(model, "module", model)  # the GPT inside DDP's wrapper (distributed.py), if any
     with autocast(input_ids.device):
-        if isinstance(model, GPT):
+        if isinstance(inner, GPT):
             states = model(input_ids[:, :-1], hidden=True)  # (B, T-1, C)
-            logits = model.lm_head(states[scored])  # (N, V), N scored positions
+            logits = inner.lm_head(states[scored])  # (N, V), N scored positions
         else:  # any other model that returns the logits (B, T-1, V)
             logits = model(input_ids[:, :-1])[scored]  # (N, V)
     if temperature != 1.0:

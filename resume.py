@@ -29,6 +29,7 @@ import threading
 import torch
 from tqdm import tqdm
 
+import distributed as D
 import plumbing as P
 from data.formats import write_atomically, write_text
 from plumbing import option
@@ -65,11 +66,11 @@ def file_hash(path):
     return h.hexdigest()
 
 
-def fingerprint(config, files, world_size=1, **hashes):
+def fingerprint(config, files, world_size=None, **hashes):
     """What a state is valid for. files: {what it is: path} of every file the stage reads; hashes:
     {what it is: a digest computed elsewhere} (the tokenizer's)."""
     return {"config": run_config(config), "files": {**{k: file_hash(v) for k, v in files.items()}, **hashes},
-            "world_size": world_size}
+            "world_size": world_size or D.world_size()}
 
 
 def difference(saved, now):
@@ -163,13 +164,15 @@ def start(config, out_dir, print_, things, log_path):
     saver = {"path": path, "fingerprint": print_, "things": things, "log_path": log_path,
              "every": config.save_every, "first": 0}
     if not (config.resume and os.path.exists(path)):
-        if os.path.exists(path):
+        if os.path.exists(path) and D.is_main():
             print(f"{path}: a state of a cut run is here; --resume would continue it: starting over")
-        open(log_path, "w").close()
+        if D.is_main():  # (on several processes, rank 0 writes every file)
+            open(log_path, "w").close()
         return saver
     state = load(path, print_)
-    restore(things, state["things"])
-    write_text(log_path, state["log"])
+    restore(things, state["things"])  # every rank: they all go on from the same state
+    if D.is_main():
+        write_text(log_path, state["log"])
     print(f"{path}: resuming at step {state['step']}")
     return {**saver, "first": state["step"]}
 
@@ -188,7 +191,8 @@ def steps(saver, total):
         tqdm.write("Ctrl-C: saving the state at the end of this step (again to stop at once)")
 
     def save_due(step, final=False):
-        if asked or (saver["every"] and step != first and (final or step % saver["every"] == 0)):
+        due = asked or (saver["every"] and step != first and (final or step % saver["every"] == 0))
+        if due and D.is_main():
             save(saver["path"], saver["fingerprint"], step, saver["things"], saver["log_path"])
         if asked:
             raise KeyboardInterrupt(f"stopped at step {step}; the state is in {saver['path']}: rerun with --resume")

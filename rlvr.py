@@ -60,6 +60,7 @@ from tqdm import tqdm
 import evaluation as E
 import model as M
 import plumbing as P
+import distributed as D
 import report
 import resume as R
 from data import formats, world
@@ -248,6 +249,9 @@ def check_config(config):
                                     "inner_steps", "log_every", "std_floor", "grad_clip"),
                   non_negative=("steps", "max_seconds", "warmup_steps", "micro_batch", "eval_problems", "kl_coef",
                                 "clip_eps", "clip_eps_high", "format_reward"))
+    D.check_split({"--prompts-per-step": config.prompts_per_step}, 1)
+    P.require(not config.max_seconds or D.world_size() == 1, "--max-seconds: each process would stop at its own "
+              "time; on several processes give --steps")
     P.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
               f"to the same prompt), got {config.group_size}")
     P.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio's lower clip is 1 - eps), "
@@ -347,7 +351,7 @@ def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
     check_config(config)
-    device = P.pick_device(config.device)
+    device = D.setup(P.pick_device(config.device))  # on several processes (torchrun): this rank's
     user_problems = formats.read_problems(config.data) if config.data else None  # validated before anything else
     user_eval = formats.read_problems(config.eval_problems_file) if config.eval_problems_file else None
     P.require_file(config.eval_reference)
@@ -357,7 +361,8 @@ def train(config):
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
+    # the sampler's generator: on several processes each rank draws its own stream (rank 0's is one process's)
+    generator = torch.Generator(device=device).manual_seed(config.seed + 1000 * D.rank())
     tokenizer_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tokenizer_path)
     pad = M.special(enc, "endoftext")
@@ -374,7 +379,7 @@ def train(config):
     policy, reference, kl_reference = load_models(config, init, device, tokenizer_path, enc, problems, eval_problems,
                                                   data_path, eval_source)
     before = None
-    if eval_problems:
+    if eval_problems and D.is_main():  # (on several processes rank 0 alone evaluates)
         t_eval = time.time()
         before, greedy, sampled = E.evaluate_pass_at_k(policy, kl_reference, enc, eval_problems, config, device)
         print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, " + ", ".join(
@@ -391,16 +396,17 @@ def train(config):
                                                    "order": order, "curve": curve, "run": run},
                     os.path.join(out_dir, "log.jsonl"))
     bar = tqdm(R.steps(saver, config.steps), desc="rlvr", dynamic_ncols=True, initial=saver["first"],
-               total=config.steps)
+               total=config.steps, disable=not D.is_main())
     for step in bar:
         if config.max_seconds and run["sample_seconds"] + run["train_seconds"] >= config.max_seconds:
             tqdm.write(f"rlvr: time budget of {config.max_seconds:g}s spent after {step} steps")
             break
         batch = [problems[i] for i in P.next_indices(order, len(problems), config.prompts_per_step, rng)]
 
-        # 1. rollouts: G replies per prompt from the current policy, scored by the verifier
+        # 1. rollouts: G replies per prompt from the current policy, scored by the verifier (on several
+        # processes each samples its share of the prompts, then every one holds them all: distributed.py)
         t_sample = time.time()
-        ro = rollout(policy, enc, batch, config.group_size, config, generator)
+        ro = D.gathered(rollout(policy, enc, D.my_share(batch), config.group_size, config, generator))
         run["sample_seconds"] += time.time() - t_sample
         run["sample_tokens"] += sum(len(r) for r in ro["reply_ids"])
 
@@ -433,7 +439,8 @@ def train(config):
         rec.update(rates(run, peak))
         curve.append(rec)
         if (step + 1) % config.log_every == 0 or step == config.steps - 1:
-            P.append_jsonl(saver["log_path"], rec)
+            if D.is_main():
+                P.append_jsonl(saver["log_path"], rec)
             recent = curve[-10:]
             bar.set_postfix(reward=f"{sum(r['reward'] for r in recent) / len(recent):.3f}",
                             zero=f"{rec['zero_spread_groups']:.2f}",
@@ -442,6 +449,8 @@ def train(config):
                             sample=f"{rec['sample_tokens_per_second'] / 1e3:.1f}k",
                             train=f"{rec['train_tokens_per_second'] / 1e3:.1f}k", mfu=f"{rec['mfu']:.0%}")
 
+    if not D.is_main():  # rank 0 alone evaluates and writes; the others wait for it, then end
+        return D.finished({})
     metrics = {"steps": len(curve), "samples": len(curve) * config.prompts_per_step * config.group_size,
                "reward_curve": [r["reward"] for r in curve], **rates(run, peak),
                "scored_share": run["scored"] / max(1, run["train_tokens"]),
@@ -461,7 +470,7 @@ def train(config):
     E.print_rlvr_summary(metrics, config.eval_reference or "the start", out_dir)
     if config.report:
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
-    return metrics
+    return D.finished(metrics)
 
 
 def main(argv=None):

@@ -47,6 +47,7 @@ from tqdm import tqdm
 import evaluation as E
 import model as M
 import plumbing as P
+import distributed as D
 import report
 import resume as R
 from data import formats
@@ -77,6 +78,9 @@ class SFTConfig(R.ResumeOptions):
     # SFT
     sft_steps: int = option(600, "SFT optimizer steps", "sft")
     sft_batch_size: int = option(16, "conversations per SFT step", "sft")
+    grad_accum: int = option(1, "gradient accumulation: each process's share of a batch (on several processes, "
+                             "torchrun) in K micro-batches, one after the other (the same step, less memory)",
+                             "optimisation")
     sft_lr: float = option(1e-3, "peak SFT learning rate", "sft")
     # shared optimisation
     warmup_steps: int = option(30, "linear warmup steps, then cosine decay to 10%", "optimisation")
@@ -131,11 +135,15 @@ def sft_examples(enc, path, block_size):
     return out
 
 
-def lm_loss(model, ids, mask):
+def lm_loss(model, ids, mask, scored_total=None):
     """Mean next-token NLL over the tokens with mask == 1, a token-level mean over the batch.
-    ids, mask (B, T); the shift by one happens in M.shifted_logprobs."""
+    ids, mask (B, T); the shift by one happens in M.shifted_logprobs. scored_total: the tokens
+    scored in the whole batch, when these rows are a micro-batch of it (its share of the mean).
+    -> the loss (a 0-dim tensor)"""
     logps, scored = M.shifted_logprobs(model, ids, mask)  # (B, T-1) each
-    return -M.masked_mean(logps, scored)  # negate: NLL = -log p
+    if scored_total is None:
+        return -M.masked_mean(logps, scored)  # negate: NLL = -log p
+    return -(logps * scored).sum() / scored_total.clamp(min=1)
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -159,7 +167,7 @@ def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, d
     log_path = os.path.join(out_dir, "log.jsonl")
     opt = make_optimizer(model, lr, sched["weight_decay"])
     P.warmup_note(name, sched["warmup"], steps)
-    peak_flops = P.peak_flops(device)
+    peak_flops = P.peak_flops(device) * D.world_size()  # (on several processes, their sum)
     model.train()
     # what the loop carries from step to step, all of it in the training state
     run = dict(tokens=0, scored=0, flops=0.0, seconds=0.0, loss=float("nan"), val_loss=float("nan"))
@@ -168,20 +176,21 @@ def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, d
     fingerprint = R.fingerprint(config, inputs, tokenizer=tokenizer)
     saver = R.start(config, out_dir, fingerprint, things, log_path)
     t_start, t_log, tok_log, flops_log = time.time() - run["seconds"], time.time(), 0, 0.0
-    bar = tqdm(R.steps(saver, steps), desc=name, dynamic_ncols=True, initial=saver["first"], total=steps)
+    bar = tqdm(R.steps(saver, steps), desc=name, dynamic_ncols=True, initial=saver["first"], total=steps,
+               disable=not D.is_main())
+    train_model = D.wrap(model, device)  # DDP's wrapper on several processes (distributed.py)
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = P.scheduled_lr(sched["schedule"], step, steps, lr, sched["warmup"], min_ratio=sched["min_ratio"])
-        ids, mask = next_batch()
-        loss = lm_loss(model, ids, mask)
+        ids, mask = next_batch()  # the whole batch: every process draws the same
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = step_gradient(train_model, ids, mask, config.grad_accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         opt.step()
         n_tok, n_scored = ids[:, 1:].numel(), int(mask[:, 1:].sum())  # padding included: it costs FLOPs
         flops = M.training_flops(model, n_tok, n_scored, ids.shape[1])
         run.update(tokens=run["tokens"] + n_tok, scored=run["scored"] + n_scored, flops=run["flops"] + flops,
-                   loss=loss.item())
+                   loss=loss)
         tok_log, flops_log = tok_log + n_tok, flops_log + flops
         last = step == steps - 1
         if step % config.eval_every == 0 or last:
@@ -194,7 +203,8 @@ def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, d
             rec = {"step": step, "loss": run["loss"], "val_loss": run["val_loss"], "lr": opt.param_groups[0]["lr"],
                    "grad_norm": grad_norm.item(), "tokens_per_second": tps, "mfu": mfu,
                    "scored_share": run["scored"] / run["tokens"]}
-            P.append_jsonl(log_path, rec)
+            if D.is_main():
+                P.append_jsonl(log_path, rec)
             bar.set_postfix(loss=f"{run['loss']:.3f}", val=f"{run['val_loss']:.3f}", tok_s=f"{tps / 1e3:.1f}k",
                             mfu=f"{mfu:.0%}")
             t_log, tok_log, flops_log = time.time(), 0, 0.0
@@ -203,6 +213,22 @@ def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, d
     return {"loss": run["loss"], "val_loss": run["val_loss"], "tokens": run["tokens"], "device": str(device),
             "tokens_per_second": run["tokens"] / wall, "mfu": run["flops"] / wall / peak_flops,
             "scored_share": run["scored"] / run["tokens"], "peak_flops": peak_flops, "wall_seconds": wall}
+
+
+def step_gradient(model, ids, mask, grad_accum):
+    """The gradient of one step's loss on a batch: on one process, its backward; on several, or with
+    --grad-accum, each micro-batch's share of the token-level mean (distributed.py), so that the
+    gradients add up to the whole batch's. -> the batch's loss (a float, the same on every process)"""
+    if D.world_size() * grad_accum == 1:
+        loss = lm_loss(model, ids, mask)
+        loss.backward()
+        return loss.item()
+    scored_total, loss = mask[:, 1:].sum(), 0.0
+    for (ids_k, mask_k), _ in D.micro_batches(model, (ids, mask), grad_accum):
+        part = lm_loss(model, ids_k, mask_k, scored_total)
+        (part * D.world_size()).backward()  # DDP averages the ranks' gradients: undo its 1/W
+        loss += part.item()
+    return D.sum_over_ranks({"loss": loss})["loss"]
 
 
 @torch.no_grad()
@@ -229,6 +255,10 @@ def check_config(config):
     P.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
               f"(leave the stage out with --stages pretrain)")
     P.check_out(config.out)
+    D.check_split({flag: size for stage, flag, size in (
+        ("pretrain", "--pretrain-batch-size", config.pretrain_batch_size), ("sft", "--sft-batch-size", config.sft_batch_size),
+        ("cot", "--sft-batch-size", config.sft_batch_size), ("preferred-ft", "--pft-batch-size", config.pft_batch_size))
+        if stage in stages}, config.grad_accum)
     P.require(not config.init or {"cot", "preferred-ft"} & set(stages), "--init: only the cot and preferred-ft "
               "stages start from a checkpoint")
     P.require_file(config.init)
@@ -313,7 +343,10 @@ def later_stage(name, config, enc, tok_path, device):
 
 def finish_stage(name, gpt, metrics, problems, config, enc, tok_path, out_dir, t_stage, t_all):
     """A fine-tuned stage's end: its held-out answers (greedy and sampled), the checkpoint (atomic),
-    metrics.json and the summary. SFT keeps its replies for DPO's evaluation (out/sft/replies.json)."""
+    metrics.json and the summary. SFT keeps its replies for DPO's evaluation (out/sft/replies.json).
+    On several processes rank 0 alone does it; the others wait for it."""
+    if not D.is_main():
+        return D.finished(metrics)
     if problems:
         t_eval = time.time()
         ev, greedy, sampled = E.evaluate_answers(gpt, enc, problems, config.max_new_tokens, config.seed)
@@ -331,7 +364,7 @@ def finish_stage(name, gpt, metrics, problems, config, enc, tok_path, out_dir, t
     P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
     E.print_lm_summary(name, metrics)
     print(f"{name}: done in {metrics['total_wall_seconds']:.0f}s -> {out_dir}/")
-    return metrics
+    return D.finished(metrics)
 
 
 def train(config):
@@ -345,7 +378,7 @@ def train(config):
         stages = stages[1:]
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    device = P.pick_device(config.device)
+    device = D.setup(P.pick_device(config.device))  # on several processes (torchrun): this rank's
     ensure_data(config.data_dir)
     tok_path = os.path.join(config.data_dir, "tokenizer.json")
     enc = M.load_tokenizer(tok_path)
@@ -386,11 +419,13 @@ def train(config):
                   f"{B} x --pretrain-seq-len {T} (+1) tokens")
         metrics = train_stage("pretrain", gpt, (next_batch, {"generator": gen}), val_batches, config.pretrain_steps,
                               config.pretrain_lr, config, pretrain_dir, device, inputs)
-        M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
-                          train_config=asdict(config), metrics=metrics)
-        R.finished(pretrain_dir)
-        P.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
-        E.print_lm_summary("pretrain", metrics)
+        if D.is_main():  # (on several processes, rank 0 writes; the others wait for it)
+            M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
+                              train_config=asdict(config), metrics=metrics)
+            R.finished(pretrain_dir)
+            P.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
+            E.print_lm_summary("pretrain", metrics)
+        D.finished(metrics)
 
     if "sft" in stages:
         t_sft = time.time()
@@ -409,7 +444,7 @@ def train(config):
         gpt, metrics, stage_dir = later_stage(name, config, enc, tok_path, device)
         problems = E.held_out_problems(config, enc, gpt.config.block_size)
         metrics = finish_stage(name, gpt, metrics, problems, config, enc, tok_path, stage_dir, t_stage, t0)
-    if stages and config.report:
+    if stages and config.report and D.is_main():
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
     return metrics
 
