@@ -67,10 +67,14 @@ def check_split(batch_sizes, grad_accum, splittable=None):
                   f"{grad_accum} equal micro-batches: make it a multiple of {W * grad_accum}")
 
 
-def wrap(model, device):
-    """The model the training forward runs through: DDP's wrapper on several processes (its backward
-    all-reduces the gradients), the model itself on one."""
-    if world_size() == 1:
+def training_model(model, device, compile=False, ddp=True):
+    """The model the training forward runs through: with compile, torch.compile's (it traces the forward
+    once per shape family, then runs fused kernels); on several processes, inside DDP's wrapper (its
+    backward all-reduces the gradients; ddp=False: a stage whose every rank makes the same update).
+    Plainly the model itself. The weights stay the model's own."""
+    if compile:
+        model = torch.compile(model, dynamic=True)  # dynamic: the batches' lengths vary
+    if world_size() == 1 or not ddp:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                      else None)

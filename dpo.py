@@ -76,7 +76,7 @@ import distributed as D
 import report
 import resume as R
 from data import formats
-from data.prepare import DATA_DIR, ensure_data
+from data.prepare import DATA_DIR, GPU_DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
                         chosen_nll, family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
@@ -108,6 +108,8 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
                          "reference stays the start); needs --pairs on-policy", "dpo")
     bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
                                     "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
+    compile: bool = option(False, "run the training forward through torch.compile (the first steps compile it)",
+                           "dpo")
     live_reference: bool = option(False, "keep the reference model and run it every step instead of "
                                   "computing its log-probs once before training", "dpo")
     # optimisation
@@ -159,6 +161,12 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(10, "steps between log lines", "run")
     report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
+    preset: str = option("", P.PRESET_HELP, "run")
+
+
+# --preset gpu: twice the batch, four times the pairs, a lower peak for a model ~15x larger (sft.PRESETS)
+PRESETS = {"gpu": dict(batch_size=64, max_pairs=12000, lr=1e-4, data_dir=GPU_DATA_DIR,
+                       out=os.path.join(P.OUT_DIR, "gpu"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ def shared_prefix_logprobs(model, batch, average=False):
     replies' sums (average: per-token means), the output layer only at the scored tokens' sources."""
     with P.autocast(batch["ids"].device):
         states = model(batch["ids"], batch["positions"], batch["mask"], hidden=True)  # (B, T, C)
-        logits = getattr(model, "module", model).lm_head(states[batch["row"], batch["source"]])  # (N, V) (DDP: its GPT's)
+        logits = M.unwrap(model).lm_head(states[batch["row"], batch["source"]])  # (N, V)
     logps = M.token_logprobs(logits, batch["target"])  # (N,) fp32
     lengths = batch["lengths"]  # (2B,)
     reply = torch.repeat_interleave(torch.arange(len(lengths), device=logps.device), lengths)  # (N,)
@@ -328,8 +336,9 @@ def ensure_init(config):
     """The checkpoint DPO starts from; the default SFT one is built (announced) when missing."""
     def build():
         import sft  # only needed to build the missing stage; --resume resumes it if it was cut
-        sft.train(sft.SFTConfig(out=config.out, device=config.device, data_dir=config.data_dir,
-                                resume=config.resume and cut_before(config)))
+        sft.train(sft.SFTConfig(**{**sft.PRESETS.get(config.preset, {}), "out": config.out, "device": config.device,
+                                   "data_dir": config.data_dir, "resume": config.resume and cut_before(config),
+                                   "preset": config.preset}))
 
     path = os.path.join(config.out, "sft", "model.pt")
     return P.previous_stage(config.init, path, build, f"dpo: no SFT checkpoint at {path}; building it now "
@@ -363,6 +372,8 @@ def check_config(config):
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     check_on_policy_flags(config, DPOConfig)
+    P.require(not config.preset or config.preset in PRESETS, f"--preset {config.preset!r} is unknown; known: "
+              f"{', '.join(PRESETS)}")
     P.check_out(config.out)
     if not cut_before(config):  # with a cut SFT model, --resume resumes it
         R.require_state(config, [os.path.join(config.out, "dpo")], "python dpo.py")
@@ -510,7 +521,7 @@ def train_step(config, model, opt, batch, idx, refs, reference, pad, device, wor
     refs: the reference's precomputed (chosen, rejected) log-probs (None: reference-free); with
     --live-reference the reference model scores each micro-batch instead. Adds the work to `work`.
     -> the step's figures (E.dpo_step_record), averaged over micro-batches and processes"""
-    policy, rows, records = getattr(model, "module", model), row_layout(config), []
+    policy, rows, records = M.unwrap(model), row_layout(config), []
     opt.zero_grad(set_to_none=True)
     for (part, part_idx), weight in D.micro_batches(model, (batch, idx), config.grad_accum):
         logps, lengths, ids = batch_logprobs(model, part, pad, device, **rows)  # (2B,): chosen, then rejected
@@ -588,7 +599,7 @@ def train(config):
         "run": run, **({"online": online} if online else {})}, os.path.join(out_dir, "log.jsonl"))
     if online and online["rounds"] > 1:  # resumed in a later round: its pairs, read back from its file
         examples, ref_chosen, ref_rejected = next_round(config, policy, reference, enc, online, pad, device, True)
-    t_train, train_policy = time.time() - run["clock"], D.wrap(policy, device)  # DDP's wrapper on several processes
+    t_train, train_policy = time.time() - run["clock"], D.training_model(policy, device, config.compile)
     bucket = row_lengths(examples) if config.bucket_by_length else None  # each pair's row, to bucket by
     bar = tqdm(R.steps(saver, steps), desc="dpo", dynamic_ncols=True, initial=saver["first"], total=steps,
                disable=not D.is_main())
@@ -651,7 +662,7 @@ def train(config):
 
 
 def main(argv=None):
-    P.run_cli(__doc__, DPOConfig, train, argv)
+    P.run_cli(__doc__, DPOConfig, train, argv, presets=PRESETS)
 
 
 if __name__ == "__main__":

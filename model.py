@@ -148,7 +148,8 @@ class GPT(nn.Module):
         B, T = idx.shape
         if positions is None:
             positions = torch.arange(T, device=idx.device).unsqueeze(0)  # (1, T)
-        assert int(positions.max()) < self.config.block_size, "sequence longer than block_size"
+        if not torch.compiler.is_compiling():  # (a tensor read back would break torch.compile's graph)
+            assert int(positions.max()) < self.config.block_size, "sequence longer than block_size"
         rope = rope_angles(positions, self.config.n_embd // self.config.n_head)
         x = self.drop(self.wte(idx))  # (B, T, C)
         for i, block in enumerate(self.blocks):
@@ -183,7 +184,7 @@ def shifted_logprobs(model, input_ids, loss_mask, temperature=1.0):
     the prompt's and the padding's logits would be computed to be thrown away.
     -> logps (B, T-1) fp32, 0 where not scored; mask (B, T-1) fp32 (position t-1 holds token t's)."""
     scored = loss_mask[:, 1:].bool()  # (B, T-1)
-    inner = getattr(model, "module", model)  # the GPT inside DDP's wrapper (distributed.py), if any
+    inner = unwrap(model)
     with autocast(input_ids.device):
         if isinstance(inner, GPT):
             states = model(input_ids[:, :-1], hidden=True)  # (B, T-1, C)
@@ -195,6 +196,13 @@ def shifted_logprobs(model, input_ids, loss_mask, temperature=1.0):
     logps = torch.zeros(scored.shape, device=input_ids.device)  # (B, T-1) fp32
     logps = logps.masked_scatter(scored, token_logprobs(logits, input_ids[:, 1:][scored]))  # (N,) into place
     return logps, scored.float()  # (B, T-1) each
+
+
+def unwrap(model):
+    """The GPT inside the wrappers the training forward may run through (distributed.training_model):
+    DDP's (.module) and torch.compile's (._orig_mod); the model itself when there are none."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
 
 
 def masked_mean(values, mask):

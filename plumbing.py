@@ -109,11 +109,22 @@ def config_from_args(config_cls, args):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def run_cli(doc, config_cls, train, argv=None, show_config=True):
+PRESET_HELP = ("a named set of flags, as defaults any flag given still overrides: gpu (a ~15M-parameter model on "
+               "a larger world, out/gpu/, for one GPU: docs/scale.md)")
+
+
+def run_cli(doc, config_cls, train, argv=None, show_config=True, presets=None):
     """The command line every stage shares: flags from the config dataclass, print the resolved
-    config, run train(config); a bad input file or flag ends with its one-line error, exit code 1."""
+    config, run train(config); a bad input file or flag ends with its one-line error, exit code 1.
+    presets: {name: {field: value}}, the named sets of flags --preset NAME makes the defaults (a flag
+    given on the command line still wins)."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_config_args(parser, config_cls())
+    name = parser.parse_known_args(argv)[0].preset if presets else ""
+    if name:
+        if name not in presets:
+            sys.exit(f"error: --preset {name!r} is unknown; known: {', '.join(presets)}")
+        parser.set_defaults(**presets[name])
     config = config_from_args(config_cls, parser.parse_args(argv))
     if show_config:
         print("config:", dataclasses.asdict(config))

@@ -64,7 +64,7 @@ import distributed as D
 import report
 import resume as R
 from data import formats, world
-from data.prepare import DATA_DIR, ensure_data
+from data.prepare import DATA_DIR, GPU_DATA_DIR, ensure_data
 from plumbing import option
 
 
@@ -94,6 +94,8 @@ class RLVRConfig(R.ResumeOptions):
     lr: float = option(1e-4, "peak learning rate", "optimisation")
     warmup_steps: int = option(5, "linear warmup steps, then constant", "optimisation")
     grad_clip: float = option(1.0, "clip the gradient norm to this", "optimisation")
+    compile: bool = option(False, "run the training forward through torch.compile (the sampler stays eager)",
+                           "optimisation")
     micro_batch: int = option(0, "replies per forward/backward (0 = all of a step's at once); "
                                 "the same loss and gradient either way", "optimisation")
     # data and evaluation
@@ -111,6 +113,11 @@ class RLVRConfig(R.ResumeOptions):
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(1, "steps between log lines", "run")
     report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
+    preset: str = option("", P.PRESET_HELP, "run")
+
+
+# --preset gpu: twice the prompts per step and more steps, from the GPU recipe's DPO model (dpo.PRESETS)
+PRESETS = {"gpu": dict(prompts_per_step=32, steps=100, data_dir=GPU_DATA_DIR, out=os.path.join(P.OUT_DIR, "gpu"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +235,9 @@ def ensure_init(config):
     """The checkpoint RL starts from; the default DPO one is built (announced) when missing."""
     def build():
         import dpo  # only needed to build the missing stage; --resume resumes it if it was cut
-        dpo.train(dpo.DPOConfig(out=config.out, device=config.device, data_dir=config.data_dir,
-                                resume=config.resume and cut_before(config)))
+        dpo.train(dpo.DPOConfig(**{**dpo.PRESETS.get(config.preset, {}), "out": config.out, "device": config.device,
+                                   "data_dir": config.data_dir, "resume": config.resume and cut_before(config),
+                                   "preset": config.preset}))
 
     path = os.path.join(config.out, "dpo", "model.pt")
     return P.previous_stage(config.init, path, build, f"rlvr: no DPO checkpoint at {path}; building it now "
@@ -262,6 +270,8 @@ def check_config(config):
     for name in ("eval_reference", "eval_problems_file"):
         P.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
                   f"with --eval-problems 0 (no evaluation)")
+    P.require(not config.preset or config.preset in PRESETS, f"--preset {config.preset!r} is unknown; known: "
+              f"{', '.join(PRESETS)}")
     P.check_out(config.out)
     if not cut_before(config):  # with a cut DPO or SFT model, --resume resumes that
         R.require_state(config, [os.path.join(config.out, "rlvr")], "python rlvr.py")
@@ -269,9 +279,10 @@ def check_config(config):
               f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
 
 
-def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, device):
+def policy_update(model, reference, opt, ro, rows, advantages, config, pad, device):
     """The update(s) of one step on the informative replies (rows): per-token clipped ratios and the
-    KL penalty, --inner-steps optimizer steps, in micro-batches of --micro-batch replies.
+    KL penalty, --inner-steps optimizer steps, in micro-batches of --micro-batch replies. model: the
+    policy, or the forward it trains through (--compile: distributed.training_model).
     -> (stats of the rollouts as sampled, summed over tokens; the loss; rho summed over the last inner
     step's tokens; clipped tokens over every inner step; the last gradient norm; tokens through the
     policy)"""
@@ -294,7 +305,7 @@ def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, dev
         opt.zero_grad(set_to_none=True)
         ratio_sum = 0.0  # each inner step starts it again: the log keeps the last one's
         for j, c in enumerate(chunks):
-            logps, m = M.shifted_logprobs(policy, ids[c], mask[c], config.temperature)  # (n, T-1)
+            logps, m = M.shifted_logprobs(model, ids[c], mask[c], config.temperature)  # (n, T-1)
             if old_logps[j] is None:  # on-policy at the first inner step: pi_old = pi_theta
                 # recomputed, not the sampler's log-probs: the sampler's KV-cache forward (bf16
                 # on CUDA) rounds differently, and the ratio would not be exactly 1
@@ -309,7 +320,7 @@ def policy_update(policy, reference, opt, ro, rows, advantages, config, pad, dev
                 step_loss += loss.item()
                 for k in stats:
                     stats[k] += s[k]
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(M.unwrap(model).parameters(), config.grad_clip).item()
         opt.step()
     return stats, step_loss, ratio_sum, clipped, grad_norm, ids
 
@@ -395,6 +406,8 @@ def train(config):
     saver = R.start(config, out_dir, fingerprint, {"policy": policy, "optimizer": opt, "rng": rng, "generator": generator,
                                                    "order": order, "curve": curve, "run": run},
                     os.path.join(out_dir, "log.jsonl"))
+    # every rank holds every rollout and makes the same update (no DDP): only --compile wraps it
+    train_model = D.training_model(policy, device, config.compile, ddp=False)
     bar = tqdm(R.steps(saver, config.steps), desc="rlvr", dynamic_ncols=True, initial=saver["first"],
                total=config.steps, disable=not D.is_main())
     for step in bar:
@@ -422,7 +435,7 @@ def train(config):
         for g in opt.param_groups:
             g["lr"] = P.scheduled_lr("constant", step, config.steps, config.lr, config.warmup_steps)
         stats, step_loss, ratio_sum, clipped, grad_norm, ids = policy_update(
-            policy, reference, opt, ro, rows, advantages, config, pad, device)
+            train_model, reference, opt, ro, rows, advantages, config, pad, device)
         if ids is not None:
             # tokens through the policy, prompt and padding included (they cost FLOPs); the reference's
             # forward and the sampling are not counted in the training MFU
@@ -474,7 +487,7 @@ def train(config):
 
 
 def main(argv=None):
-    P.run_cli(__doc__, RLVRConfig, train, argv)
+    P.run_cli(__doc__, RLVRConfig, train, argv, presets=PRESETS)
 
 
 if __name__ == "__main__":

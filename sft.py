@@ -51,7 +51,7 @@ import distributed as D
 import report
 import resume as R
 from data import formats
-from data.prepare import DATA_DIR, ensure_data
+from data.prepare import DATA_DIR, GPU_DATA_DIR, ensure_data
 from pairs import DPO_LENGTHS, preferred_rows  # noqa: F401 (sft.preferred_rows)
 from plumbing import option
 
@@ -86,6 +86,8 @@ class SFTConfig(R.ResumeOptions):
     warmup_steps: int = option(30, "linear warmup steps, then cosine decay to 10%", "optimisation")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices (not on norms)", "optimisation")
     grad_clip: float = option(1.0, "clip the gradient norm to this", "optimisation")
+    compile: bool = option(False, "run the training forward through torch.compile (the first steps compile it)",
+                           "optimisation")
     # evaluation
     eval_every: int = option(200, "steps between validation losses", "evaluation")
     eval_problems: int = option(500, "held-out problems answered at the end (0 = skip)", "evaluation")
@@ -109,6 +111,14 @@ class SFTConfig(R.ResumeOptions):
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(25, "steps between log lines", "run")
     report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
+    preset: str = option("", P.PRESET_HELP, "run")
+
+
+# --preset gpu: a model ~15x the default's (14.5M parameters) on data/gpu's ten times larger world, in
+# batches of 64 (the figures, and what is not measured yet: docs/scale.md)
+PRESETS = {"gpu": dict(n_layer=8, n_head=8, n_embd=384, pretrain_steps=2000, pretrain_batch_size=64,
+                       pretrain_seq_len=192, pretrain_lr=1e-3, sft_steps=1000, sft_batch_size=64, sft_lr=3e-4,
+                       warmup_steps=100, data_dir=GPU_DATA_DIR, out=os.path.join(P.OUT_DIR, "gpu"))}
 
 
 def pretrain_stream(enc, path):
@@ -178,7 +188,7 @@ def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, d
     t_start, t_log, tok_log, flops_log = time.time() - run["seconds"], time.time(), 0, 0.0
     bar = tqdm(R.steps(saver, steps), desc=name, dynamic_ncols=True, initial=saver["first"], total=steps,
                disable=not D.is_main())
-    train_model = D.wrap(model, device)  # DDP's wrapper on several processes (distributed.py)
+    train_model = D.training_model(model, device, config.compile)  # compiled, DDP's: distributed.py
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = P.scheduled_lr(sched["schedule"], step, steps, lr, sched["warmup"], min_ratio=sched["min_ratio"])
@@ -254,6 +264,8 @@ def check_config(config):
               f"{config.pretrain_steps} (leave the stage out with --stages sft)")
     P.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
               f"(leave the stage out with --stages pretrain)")
+    P.require(not config.preset or config.preset in PRESETS, f"--preset {config.preset!r} is unknown; known: "
+              f"{', '.join(PRESETS)}")
     P.check_out(config.out)
     D.check_split({flag: size for stage, flag, size in (
         ("pretrain", "--pretrain-batch-size", config.pretrain_batch_size), ("sft", "--sft-batch-size", config.sft_batch_size),
@@ -450,7 +462,7 @@ def train(config):
 
 
 def main(argv=None):
-    P.run_cli(__doc__, SFTConfig, train, argv)
+    P.run_cli(__doc__, SFTConfig, train, argv, presets=PRESETS)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ class PrepareConfig:
     vocab_size: int = 2048      # upper bound: merges stop once every word is one token
 
 
+# The GPU recipe's world (sft.py/dpo.py/rlvr.py --preset gpu read it from data/gpu/): ten times the
+# pretraining text, three times the rows, for a model ~15x the default's (docs/scale.md)
+GPU_DATA_DIR = os.path.join(DATA_DIR, "gpu")
+GPU_WORLD = PrepareConfig(pretrain_mb=30.0, n_sft=60000, n_prefs=24000, n_rl=12000, n_cot=12000)
+
+
 FLAG_HELP = {  # the --help line of each PrepareConfig field
     "seed": "random seed: a seed builds the same files on every machine",
     "pretrain_mb": "megabytes of pretraining text",
@@ -147,13 +153,15 @@ def up_to_date(config, out_dir):
 
 def ensure_data(out_dir=DATA_DIR):
     """Make sure out_dir holds a complete, current build. A build made with other settings (say
-    --pretrain-mb 8) is kept; a missing or outdated one is (re)built with the defaults, announced."""
+    --pretrain-mb 8) is kept; a missing or outdated one is (re)built with the defaults (in data/gpu,
+    the GPU recipe's world), announced."""
+    gpu = os.path.abspath(out_dir) == GPU_DATA_DIR
     try:
         with open(os.path.join(out_dir, "manifest.json")) as f:
             built = PrepareConfig(**json.load(f)["config"])
     except (OSError, ValueError, KeyError, TypeError):
-        print(f"data: no complete build in {out_dir}; building it now (about 10 s)")
-        built = PrepareConfig()
+        print(f"data: no complete build in {out_dir}; building it now (about {'30 s' if gpu else '10 s'})")
+        built = GPU_WORLD if gpu else PrepareConfig()
     prepare(built, out_dir)
 
 

@@ -6,6 +6,7 @@ stop in one line before any work. The runs are real torchrun launches on the CPU
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -132,3 +133,21 @@ def test_grad_accum_that_does_not_divide_the_batch_stops_on_one_process_too(tmp_
     done = subprocess.run([sys.executable, "dpo.py", "--grad-accum", "5", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and "--batch-size 32 does not cut into 1 process(es) x --grad-accum 5" in done.stderr
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ "
+                    "compiler, and this machine has none (g++ or c++ on the PATH)")
+def test_compile_trains_to_the_same_losses_as_eager(tiny_data_dir, tmp_path):
+    """--compile: the training forward through torch.compile (inductor's fused CPU kernels) gives the
+    eager losses to float rounding, step after step, and the same final weights."""
+    import sft
+    runs = {}
+    for compile_ in (False, True):
+        out = str(tmp_path / str(compile_))
+        sft.train(sft.SFTConfig(n_layer=1, n_head=2, n_embd=32, pretrain_steps=6, sft_steps=6, pretrain_batch_size=8,
+                                pretrain_seq_len=32, sft_batch_size=8, eval_problems=0, warmup_steps=2, log_every=1,
+                                eval_every=3, data_dir=tiny_data_dir, out=out, device="cpu", report=False,
+                                compile=compile_))
+        runs[compile_] = out
+    for stage in ("pretrain", "sft"):
+        assert_same_training(runs[False], runs[True], stage)
