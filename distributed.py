@@ -97,15 +97,6 @@ def micro_batches(model, rows, grad_accum):
         yield part, size / n * W
 
 
-def mean_over_ranks(record):
-    """A dict of floats averaged over the ranks (each rank's figures are of equal shares)."""
-    if world_size() == 1:
-        return record
-    values = torch.tensor([float(v) for v in record.values()], dtype=torch.float64)
-    dist.all_reduce(values)
-    return dict(zip(record, (values / world_size()).tolist()))
-
-
 def sum_over_ranks(counts):
     """A dict of numbers summed over the ranks (each rank counts its own work)."""
     if world_size() == 1:
@@ -134,6 +125,11 @@ def sharded(fn, items):
             whole[r::W] = gathered[r][: len(range(r, len(items), W))]
         out.append(whole)
     return tuple(out)
+
+
+def mean_over_ranks(record):
+    """A dict of floats averaged over the ranks (each rank's figures are of equal shares)."""
+    return {k: v / world_size() for k, v in sum_over_ranks(record).items()}
 
 
 def my_share(items):

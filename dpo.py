@@ -72,13 +72,14 @@ import evaluation as E
 import lora
 import model as M
 import plumbing as P
+import presets
 import distributed as D
 import report
 import resume as R
 from data import formats
-from data.prepare import DATA_DIR, GPU_DATA_DIR, ensure_data
+from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
-                        chosen_nll, family_loss, paired_losses)
+                        chosen_nll, family_loss, paired_losses, unsplittable)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
 from pairs import (check_on_policy_flags, collate, first_round, row_lengths, sample_round,  # noqa: F401
                    shared_prefix_batch, tokenize_pairs, training_pairs)
@@ -161,12 +162,7 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(10, "steps between log lines", "run")
     report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
-    preset: str = option("", P.PRESET_HELP, "run")
-
-
-# --preset gpu: twice the batch, four times the pairs, a lower peak for a model ~15x larger (sft.PRESETS)
-PRESETS = {"gpu": dict(batch_size=64, max_pairs=12000, lr=1e-4, data_dir=GPU_DATA_DIR,
-                       out=os.path.join(P.OUT_DIR, "gpu"))}
+    preset: str = option("", presets.HELP, "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,22 +328,19 @@ def preference_accuracy(policy, examples, ref_chosen, ref_rejected, beta, pad_id
 # The run
 
 
+BUILDS = ("pretrain", "sft")  # the stages ensure_init runs when the SFT model is missing
+
+
 def ensure_init(config):
     """The checkpoint DPO starts from; the default SFT one is built (announced) when missing."""
     def build():
         import sft  # only needed to build the missing stage; --resume resumes it if it was cut
-        sft.train(sft.SFTConfig(**{**sft.PRESETS.get(config.preset, {}), "out": config.out, "device": config.device,
-                                   "data_dir": config.data_dir, "resume": config.resume and cut_before(config),
-                                   "preset": config.preset}))
+        resume = config.resume and R.cut_before(config, BUILDS)
+        sft.train(presets.earlier_stage(sft.SFTConfig, "sft", config, resume))
 
     path = os.path.join(config.out, "sft", "model.pt")
     return P.previous_stage(config.init, path, build, f"dpo: no SFT checkpoint at {path}; building it now "
                             f"with sft.py (the data, pretraining and SFT)")
-
-
-def cut_before(config):
-    """A training state of the SFT model this run would build (pretraining or SFT): --resume goes on."""
-    return not config.init and R.cut(config.out, ("pretrain", "sft"))
 
 
 def input_paths(config):
@@ -372,26 +365,10 @@ def check_config(config):
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     check_on_policy_flags(config, DPOConfig)
-    P.require(not config.preset or config.preset in PRESETS, f"--preset {config.preset!r} is unknown; known: "
-              f"{', '.join(PRESETS)}")
+    presets.check(config)
     P.check_out(config.out)
-    if not cut_before(config):  # with a cut SFT model, --resume resumes it
-        R.require_state(config, [os.path.join(config.out, "dpo")], "python dpo.py")
+    R.require_state(config, ["dpo"], "python dpo.py", BUILDS)  # a cut earlier stage counts
     D.check_split({"--batch-size": config.batch_size}, config.grad_accum, unsplittable(config))
-
-
-def unsplittable(config):
-    """Why this run cannot be split across processes or micro-batches (None: it can). A paired loss
-    is a mean over the batch's pairs, so the micro-batches' means, weighted, add up to it; these are not."""
-    if config.loss_type in ("kto", "simpo", "orpo"):
-        return f"--loss-type {config.loss_type} (dpo_family.py: not a mean of paired terms over the batch)"
-    if config.rpo_alpha:
-        return "--rpo-alpha (its NLL is one mean over all the batch's chosen tokens)"
-    if config.bco_reward_shift == "batch-mean":
-        return "--bco-reward-shift batch-mean (a shift estimated on the whole batch)"
-    if config.pairs == "on-policy":
-        return "--pairs on-policy (its sampling runs in one process)"
-    return None
 
 
 def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
@@ -662,7 +639,7 @@ def train(config):
 
 
 def main(argv=None):
-    P.run_cli(__doc__, DPOConfig, train, argv, presets=PRESETS)
+    P.run_cli(__doc__, DPOConfig, train, argv, presets=presets.of("dpo"))
 
 
 if __name__ == "__main__":

@@ -291,3 +291,18 @@ def check_family_flags(config):
             f"unknown; known: {', '.join(BCO_REWARD_SHIFTS)}")
     require(config.bco_reward_shift == "none" or config.loss_type == "bco_pair", f"--bco-reward-shift does "
             f"nothing with --loss-type {config.loss_type}; it enters bco_pair")
+
+
+def unsplittable(config):
+    """Why a dpo.py run cannot be split across processes or micro-batches (distributed.py; None: it
+    can). A paired loss is a mean over the batch's pairs, so the micro-batches' means, weighted, add
+    up to it; these are not (and on-policy sampling runs in one process)."""
+    if config.loss_type in ("kto", "simpo", "orpo"):
+        return f"--loss-type {config.loss_type} (dpo_family.py: not a mean of paired terms over the batch)"
+    if config.rpo_alpha:
+        return "--rpo-alpha (its NLL is one mean over all the batch's chosen tokens)"
+    if config.bco_reward_shift == "batch-mean":
+        return "--bco-reward-shift batch-mean (a shift estimated on the whole batch)"
+    if config.pairs == "on-policy":
+        return "--pairs on-policy (its sampling runs in one process)"
+    return None

@@ -205,10 +205,11 @@ def unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def masked_mean(values, mask):
-    """Mean of values over mask == 1; 0 (not NaN) when the mask is empty."""
+def masked_mean(values, mask, count=None):
+    """Mean of values over mask == 1; 0 (not NaN) when the mask is empty. count: divide by it instead
+    of the mask's own count (a micro-batch's share of a whole batch's mean)."""
     mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,10 +109,6 @@ def config_from_args(config_cls, args):
     return config_cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-PRESET_HELP = ("a named set of flags, as defaults any flag given still overrides: gpu (a ~15M-parameter model on "
-               "a larger world, out/gpu/, for one GPU: docs/scale.md)")
-
-
 def run_cli(doc, config_cls, train, argv=None, show_config=True, presets=None):
     """The command line every stage shares: flags from the config dataclass, print the resolved
     config, run train(config); a bad input file or flag ends with its one-line error, exit code 1.

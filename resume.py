@@ -225,13 +225,17 @@ def done_before(config, out_dir):
     return isinstance(saved, dict) and {k: v for k, v in saved.items() if k not in RESUME_FLAGS} == run_config(config)
 
 
-def cut(out, stages):
-    """Whether any of these stages (directories under out) holds a training state: a run cut there."""
-    return any(os.path.exists(state_path(os.path.join(out, stage))) for stage in stages)
+def cut_before(config, stages):
+    """Whether one of the earlier stages a run would build (directories under config.out; none with
+    --init) holds a training state: a run cut there, which --resume resumes first."""
+    return not config.init and any(os.path.exists(state_path(os.path.join(config.out, s))) for s in stages)
 
 
-def require_state(config, out_dirs, command):
-    """--resume needs a state to resume: checked before any work (ConfigError)."""
-    P.require(not config.resume or any(os.path.exists(state_path(d)) for d in out_dirs),
-              f"--resume: no training state in {', '.join(os.path.join(d, 'state.pt') for d in out_dirs)} "
+def require_state(config, stages, command, builds=()):
+    """--resume needs a state to resume, in one of the stages (directories under config.out), or in an
+    earlier stage the run builds when its checkpoint is missing (builds; none with --init): checked
+    before any work (ConfigError)."""
+    dirs = [os.path.join(config.out, s) for s in (() if config.init else builds) + tuple(stages)]
+    P.require(not config.resume or any(os.path.exists(state_path(d)) for d in dirs),
+              f"--resume: no training state in {', '.join(os.path.join(d, 'state.pt') for d in dirs)} "
               f"(a run cut before its first save leaves none): run `{command}` without --resume")

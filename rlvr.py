@@ -60,11 +60,12 @@ from tqdm import tqdm
 import evaluation as E
 import model as M
 import plumbing as P
+import presets
 import distributed as D
 import report
 import resume as R
 from data import formats, world
-from data.prepare import DATA_DIR, GPU_DATA_DIR, ensure_data
+from data.prepare import DATA_DIR, ensure_data
 from plumbing import option
 
 
@@ -113,11 +114,7 @@ class RLVRConfig(R.ResumeOptions):
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(1, "steps between log lines", "run")
     report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
-    preset: str = option("", P.PRESET_HELP, "run")
-
-
-# --preset gpu: twice the prompts per step and more steps, from the GPU recipe's DPO model (dpo.PRESETS)
-PRESETS = {"gpu": dict(prompts_per_step=32, steps=100, data_dir=GPU_DATA_DIR, out=os.path.join(P.OUT_DIR, "gpu"))}
+    preset: str = option("", presets.HELP, "run")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,22 +228,19 @@ def rollout(policy, enc, problems, group_size, config, generator):
 # Training
 
 
+BUILDS = ("pretrain", "sft", "dpo")  # the stages ensure_init runs when the DPO model (and its SFT model) is missing
+
+
 def ensure_init(config):
     """The checkpoint RL starts from; the default DPO one is built (announced) when missing."""
     def build():
         import dpo  # only needed to build the missing stage; --resume resumes it if it was cut
-        dpo.train(dpo.DPOConfig(**{**dpo.PRESETS.get(config.preset, {}), "out": config.out, "device": config.device,
-                                   "data_dir": config.data_dir, "resume": config.resume and cut_before(config),
-                                   "preset": config.preset}))
+        resume = config.resume and R.cut_before(config, BUILDS)
+        dpo.train(presets.earlier_stage(dpo.DPOConfig, "dpo", config, resume))
 
     path = os.path.join(config.out, "dpo", "model.pt")
     return P.previous_stage(config.init, path, build, f"rlvr: no DPO checkpoint at {path}; building it now "
                             f"with dpo.py (and the data and SFT model if missing)")
-
-
-def cut_before(config):
-    """A training state of the DPO model this run would build (or of its SFT model): --resume goes on."""
-    return not config.init and R.cut(config.out, ("pretrain", "sft", "dpo"))
 
 
 def check_config(config):
@@ -270,11 +264,9 @@ def check_config(config):
     for name in ("eval_reference", "eval_problems_file"):
         P.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
                   f"with --eval-problems 0 (no evaluation)")
-    P.require(not config.preset or config.preset in PRESETS, f"--preset {config.preset!r} is unknown; known: "
-              f"{', '.join(PRESETS)}")
+    presets.check(config)
     P.check_out(config.out)
-    if not cut_before(config):  # with a cut DPO or SFT model, --resume resumes that
-        R.require_state(config, [os.path.join(config.out, "rlvr")], "python rlvr.py")
+    R.require_state(config, ["rlvr"], "python rlvr.py", BUILDS)  # a cut earlier stage counts
     P.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
               f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
 
@@ -494,7 +486,7 @@ def train(config):
 
 
 def main(argv=None):
-    P.run_cli(__doc__, RLVRConfig, train, argv, presets=PRESETS)
+    P.run_cli(__doc__, RLVRConfig, train, argv, presets=presets.of("rlvr"))
 
 
 if __name__ == "__main__":

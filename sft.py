@@ -47,11 +47,12 @@ from tqdm import tqdm
 import evaluation as E
 import model as M
 import plumbing as P
+import presets
 import distributed as D
 import report
 import resume as R
 from data import formats
-from data.prepare import DATA_DIR, GPU_DATA_DIR, ensure_data
+from data.prepare import DATA_DIR, ensure_data
 from pairs import DPO_LENGTHS, preferred_rows  # noqa: F401 (sft.preferred_rows)
 from plumbing import option
 
@@ -111,14 +112,7 @@ class SFTConfig(R.ResumeOptions):
     seed: int = option(1337, "random seed", "run")
     log_every: int = option(25, "steps between log lines", "run")
     report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
-    preset: str = option("", P.PRESET_HELP, "run")
-
-
-# --preset gpu: a model ~15x the default's (14.5M parameters) on data/gpu's ten times larger world, in
-# batches of 64 (the figures, and what is not measured yet: docs/scale.md)
-PRESETS = {"gpu": dict(n_layer=8, n_head=8, n_embd=384, pretrain_steps=2000, pretrain_batch_size=64,
-                       pretrain_seq_len=192, pretrain_lr=1e-3, sft_steps=1000, sft_batch_size=64, sft_lr=3e-4,
-                       warmup_steps=100, data_dir=GPU_DATA_DIR, out=os.path.join(P.OUT_DIR, "gpu"))}
+    preset: str = option("", presets.HELP, "run")
 
 
 def pretrain_stream(enc, path):
@@ -148,12 +142,9 @@ def sft_examples(enc, path, block_size):
 def lm_loss(model, ids, mask, scored_total=None):
     """Mean next-token NLL over the tokens with mask == 1, a token-level mean over the batch.
     ids, mask (B, T); the shift by one happens in M.shifted_logprobs. scored_total: the tokens
-    scored in the whole batch, when these rows are a micro-batch of it (its share of the mean).
-    -> the loss (a 0-dim tensor)"""
+    scored in the whole batch, when these rows are a micro-batch of it (its share of the mean)."""
     logps, scored = M.shifted_logprobs(model, ids, mask)  # (B, T-1) each
-    if scored_total is None:
-        return -M.masked_mean(logps, scored)  # negate: NLL = -log p
-    return -(logps * scored).sum() / scored_total.clamp(min=1)
+    return -M.masked_mean(logps, scored, scored_total)  # negate: NLL = -log p
 
 
 def make_optimizer(model, lr, weight_decay):
@@ -226,13 +217,9 @@ def train_stage(name, model, batches, val_batches, steps, lr, config, out_dir, d
 
 
 def step_gradient(model, ids, mask, grad_accum):
-    """The gradient of one step's loss on a batch: on one process, its backward; on several, or with
-    --grad-accum, each micro-batch's share of the token-level mean (distributed.py), so that the
-    gradients add up to the whole batch's. -> the batch's loss (a float, the same on every process)"""
-    if D.world_size() * grad_accum == 1:
-        loss = lm_loss(model, ids, mask)
-        loss.backward()
-        return loss.item()
+    """The gradient of one step's loss on a batch: each of this process's micro-batches (the whole
+    batch on one process without --grad-accum; distributed.py) adds its share of the batch's
+    token-level mean. -> the batch's loss (a float, the same on every process)"""
     scored_total, loss = mask[:, 1:].sum(), 0.0
     for (ids_k, mask_k), _ in D.micro_batches(model, (ids, mask), grad_accum):
         part = lm_loss(model, ids_k, mask_k, scored_total)
@@ -264,8 +251,7 @@ def check_config(config):
               f"{config.pretrain_steps} (leave the stage out with --stages sft)")
     P.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
               f"(leave the stage out with --stages pretrain)")
-    P.require(not config.preset or config.preset in PRESETS, f"--preset {config.preset!r} is unknown; known: "
-              f"{', '.join(PRESETS)}")
+    presets.check(config)
     P.check_out(config.out)
     D.check_split({flag: size for stage, flag, size in (
         ("pretrain", "--pretrain-batch-size", config.pretrain_batch_size), ("sft", "--sft-batch-size", config.sft_batch_size),
@@ -384,7 +370,7 @@ def train(config):
     t0 = time.time()
     stages = check_config(config)
     stage_dirs = [os.path.join(config.out, name.replace("-", "_")) for name in stages]
-    R.require_state(config, stage_dirs, "python sft.py")
+    R.require_state(config, [os.path.basename(d) for d in stage_dirs], "python sft.py")
     while stages and R.done_before(config, stage_dirs[0]):  # --resume: the stages before the cut one are done
         print(f"{stages[0]}: done before with this config ({stage_dirs.pop(0)}/model.pt): skipped")
         stages = stages[1:]
@@ -462,7 +448,7 @@ def train(config):
 
 
 def main(argv=None):
-    P.run_cli(__doc__, SFTConfig, train, argv, presets=PRESETS)
+    P.run_cli(__doc__, SFTConfig, train, argv, presets=presets.of("sft"))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 import dpo
 import model as M
 import plumbing as P
+import presets
 import rlvr
 import sft
 from data.prepare import GPU_WORLD, PrepareConfig, config_problem
@@ -23,17 +24,17 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device 
 
 def test_preset_gpu_sets_the_recipe_as_defaults_and_a_given_flag_still_wins():
     config = P.run_cli(sft.__doc__, sft.SFTConfig, lambda c: c, ["--preset", "gpu", "--sft-steps", "7"],
-                       show_config=False, presets=sft.PRESETS)
+                       show_config=False, presets=presets.of("sft"))
     assert (config.n_layer, config.n_embd, config.sft_steps) == (8, 384, 7)
     assert config.data_dir.endswith(os.path.join("data", "gpu")) and config.out.endswith(os.path.join("out", "gpu"))
     assert P.run_cli(sft.__doc__, sft.SFTConfig, lambda c: c, [], show_config=False,
-                     presets=sft.PRESETS) == sft.SFTConfig()  # without --preset: today's defaults
+                     presets=presets.of("sft")) == sft.SFTConfig()  # without --preset: today's defaults
     with pytest.raises(SystemExit, match="--preset 'tpu' is unknown; known: gpu"):
-        P.run_cli(dpo.__doc__, dpo.DPOConfig, lambda c: c, ["--preset", "tpu"], presets=dpo.PRESETS)
+        P.run_cli(dpo.__doc__, dpo.DPOConfig, lambda c: c, ["--preset", "tpu"], presets=presets.of("dpo"))
 
 
 def test_the_recipe_is_a_larger_model_on_a_larger_world():
-    shape = sft.PRESETS["gpu"]
+    shape = presets.PRESETS["gpu"]["sft"]
     gpt = M.GPT(M.GPTConfig(vocab_size=1012, block_size=192, n_layer=shape["n_layer"], n_head=shape["n_head"],
                             n_embd=shape["n_embd"]))
     assert 10e6 < gpt.num_params() < 30e6  # the issue's range; the default is 0.92M
@@ -50,13 +51,13 @@ def test_the_recipe_runs_through_every_stage_on_the_cpu_on_a_short_schedule(tiny
     """sft.py, dpo.py and rlvr.py with the recipe's flags, its schedule cut to a few steps of small
     batches (the tiny data holds no 64 x 192 validation batch)."""
     out, short = str(tmp_path), dict(data_dir=tiny_data_dir, device="cpu", report=False)
-    sft.train(sft.SFTConfig(**{**sft.PRESETS["gpu"], **short, "out": out, "pretrain_steps": 2, "sft_steps": 2,
+    sft.train(sft.SFTConfig(**{**presets.PRESETS["gpu"]["sft"], **short, "out": out, "pretrain_steps": 2, "sft_steps": 2,
                                "pretrain_batch_size": 2, "pretrain_seq_len": 64, "sft_batch_size": 4,
                                "eval_problems": 2, "max_new_tokens": 8}))
-    m = dpo.train(dpo.DPOConfig(**{**dpo.PRESETS["gpu"], **short, "out": out, "steps": 2, "batch_size": 4,
+    m = dpo.train(dpo.DPOConfig(**{**presets.PRESETS["gpu"]["dpo"], **short, "out": out, "steps": 2, "batch_size": 4,
                                    "eval_problems": 2, "max_new_tokens": 8}))
     assert m["steps"] == 2 and m["trainable_parameters"] > 10e6
-    r = rlvr.train(rlvr.RLVRConfig(**{**rlvr.PRESETS["gpu"], **short, "out": out, "steps": 1, "prompts_per_step": 2,
+    r = rlvr.train(rlvr.RLVRConfig(**{**presets.PRESETS["gpu"]["rlvr"], **short, "out": out, "steps": 1, "prompts_per_step": 2,
                                       "group_size": 2, "eval_problems": 2, "eval_samples": 2, "max_new_tokens": 8}))
     assert r["steps"] == 1
 
@@ -102,6 +103,6 @@ def test_cuda_compile_gives_the_eager_losses(tiny_data_dir, tmp_path):
 
 
 def test_the_config_dataclasses_hold_every_preset_field():
-    for module, cls in ((sft, sft.SFTConfig), (dpo, dpo.DPOConfig), (rlvr, rlvr.RLVRConfig)):
+    for stage, cls in (("sft", sft.SFTConfig), ("dpo", dpo.DPOConfig), ("rlvr", rlvr.RLVRConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
-        assert set(module.PRESETS["gpu"]) <= fields
+        assert set(presets.PRESETS["gpu"][stage]) <= fields
