@@ -55,7 +55,8 @@ its advantage over its group, and samples anew at every step.
 
 Around this lesson: the family (--loss-type, --rpo-alpha) is dpo_family.py, one equation each;
 pairs -> token batches is pairs.py; what every stage measures is evaluation.py; the files a user
-brings are read by data/formats.py; LoRA is lora.py; the plumbing is plumbing.py.
+brings are read by data/formats.py; LoRA is lora.py; the flag checks are checks.py; the plumbing is
+plumbing.py.
 """
 
 import math
@@ -68,6 +69,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checks
 import evaluation as E
 import lora
 import model as M
@@ -78,10 +80,10 @@ import report
 import resume as R
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
-from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, check_family_flags,
-                        chosen_nll, family_loss, paired_losses, unsplittable)
+from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, chosen_nll,
+                        family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
-from pairs import (check_on_policy_flags, collate, first_round, row_lengths, sample_round,  # noqa: F401
+from pairs import (collate, first_round, row_lengths, sample_round,  # noqa: F401
                    shared_prefix_batch, tokenize_pairs, training_pairs)
 from lora import LoRAOptions
 from plumbing import option
@@ -350,26 +352,6 @@ def input_paths(config):
             config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl"))
 
 
-def check_config(config):
-    """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
-    check_family_flags(config)
-    P.check_flags(config, positive=("beta", "lr", "batch_size", "max_length", "max_prompt_len", "max_new_tokens",
-                                    "log_every", "eval_every_problems", "grad_clip"),
-                  non_negative=("epochs", "steps", "max_pairs", "eval_problems", "eval_every", "warmup_steps",
-                                "rpo_alpha", "eval_temperature"))
-    P.require(config.lr_schedule in P.LR_SCHEDULES, f"--lr-schedule {config.lr_schedule!r} is unknown; known: "
-              f"{', '.join(P.LR_SCHEDULES)}")
-    P.require(config.steps or config.epochs, "--epochs 0 with --steps 0 leaves nothing to train")
-    P.require(config.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {config.lora_rank}")
-    lora.lora_suffixes(config.lora_targets)  # checked without --lora-rank too: a typo should not wait for it
-    P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
-              f"{config.label_noise}")
-    check_on_policy_flags(config, DPOConfig)
-    presets.check(config)
-    P.check_out(config.out)
-    R.require_state(config, ["dpo"], "python dpo.py", BUILDS)  # a cut earlier stage counts
-    D.check_split({"--batch-size": config.batch_size}, config.grad_accum, unsplittable(config))
-
 
 def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
     """The reference's log-probs of every training and held-out pair, once, then the invariants at
@@ -524,7 +506,7 @@ def train_step(config, model, opt, batch, idx, refs, reference, pad, device, wor
 def train(config):
     """Run DPO as configured; returns the metrics dict (also written to <out>/dpo/metrics.json)."""
     t_all = time.time()
-    check_config(config)
+    checks.dpo(config, BUILDS)
     device = D.setup(P.pick_device(config.device))  # on several processes (torchrun): this rank's
     inputs = formats.read_dpo_inputs(config.data, config.test_data, config.eval_problems_file, config.loss_type == "kto",
                                      config.label_noise, config.kto_desirable_share)  # before anything is built

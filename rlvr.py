@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import checks
 import evaluation as E
 import model as M
 import plumbing as P
@@ -243,33 +244,6 @@ def ensure_init(config):
                             f"with dpo.py (and the data and SFT model if missing)")
 
 
-def check_config(config):
-    """Flag values that cannot work stop here, before anything is built or loaded (ConfigError)."""
-    P.require(config.aggregation in ("token", "sequence"), f"--aggregation {config.aggregation!r} is unknown; "
-              f"known: token, sequence")
-    P.check_flags(config, positive=("prompts_per_step", "temperature", "max_new_tokens", "lr", "eval_samples",
-                                    "inner_steps", "log_every", "std_floor", "grad_clip"),
-                  non_negative=("steps", "max_seconds", "warmup_steps", "micro_batch", "eval_problems", "kl_coef",
-                                "clip_eps", "clip_eps_high", "format_reward"))
-    D.check_split({"--prompts-per-step": config.prompts_per_step}, 1)
-    P.require(not config.max_seconds or D.world_size() == 1, "--max-seconds: each process would stop at its own "
-              "time; on several processes give --steps")
-    P.require(config.group_size >= 2, f"--group-size must be >= 2 (an advantage compares a reply with the others "
-              f"to the same prompt), got {config.group_size}")
-    P.require(config.clip_eps < 1, f"--clip-eps must be below 1 (the ratio's lower clip is 1 - eps), "
-              f"got {config.clip_eps}")
-    # a flag that changes nothing would let a run pass for what it is not
-    P.require(config.scale_rewards or config.std_floor == RLVRConfig.std_floor, "--std-floor does nothing with "
-              "--no-scale-rewards: the advantages are not divided by the std")
-    for name in ("eval_reference", "eval_problems_file"):
-        P.require(config.eval_problems or not getattr(config, name), f"--{name.replace('_', '-')} does nothing "
-                  f"with --eval-problems 0 (no evaluation)")
-    presets.check(config)
-    P.check_out(config.out)
-    R.require_state(config, ["rlvr"], "python rlvr.py", BUILDS)  # a cut earlier stage counts
-    P.require(not config.clip_eps_high or config.clip_eps_high >= config.clip_eps, f"--clip-eps-high "
-              f"{config.clip_eps_high} is below --clip-eps {config.clip_eps}: clip-higher widens the upper side only")
-
 
 def policy_update(model, reference, opt, ro, rows, advantages, config, pad, device):
     """The update(s) of one step on the informative replies (rows): per-token clipped ratios and the
@@ -366,7 +340,7 @@ def evaluate_start(policy, kl_reference, enc, eval_problems, config, device):
 def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
-    check_config(config)
+    checks.rlvr(config, BUILDS)
     device = D.setup(P.pick_device(config.device))  # on several processes (torchrun): this rank's
     user_problems = formats.read_problems(config.data) if config.data else None  # validated before anything else
     user_eval = formats.read_problems(config.eval_problems_file) if config.eval_problems_file else None

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
+import checks
 import evaluation as E
 import model as M
 import plumbing as P
@@ -237,37 +238,6 @@ def evaluate_loss(model, batches):
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-def check_config(config):
-    """Flag values that cannot work stop here, before anything is built (ConfigError)."""
-    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-    P.require(set(stages) <= set(STAGES), f"--stages {config.stages!r}: name some of {', '.join(STAGES)}, "
-              f"comma-separated")
-    P.check_flags(config, positive=("n_layer", "n_head", "n_embd", "block_size", "pretrain_batch_size",
-                                    "pretrain_seq_len", "pretrain_lr", "sft_batch_size", "sft_lr", "max_new_tokens",
-                                    "eval_every", "log_every", "grad_clip", "cot_steps", "cot_lr", "pft_batch_size",
-                                    "pft_lr"),
-                  non_negative=("warmup_steps", "weight_decay", "eval_problems", "pft_steps", "pft_max_pairs"))
-    P.require(config.pretrain_steps > 0 or "pretrain" not in stages, f"--pretrain-steps must be > 0, got "
-              f"{config.pretrain_steps} (leave the stage out with --stages sft)")
-    P.require(config.sft_steps > 0 or "sft" not in stages, f"--sft-steps must be > 0, got {config.sft_steps} "
-              f"(leave the stage out with --stages pretrain)")
-    presets.check(config)
-    P.check_out(config.out)
-    D.check_split({flag: size for stage, flag, size in (
-        ("pretrain", "--pretrain-batch-size", config.pretrain_batch_size), ("sft", "--sft-batch-size", config.sft_batch_size),
-        ("cot", "--sft-batch-size", config.sft_batch_size), ("preferred-ft", "--pft-batch-size", config.pft_batch_size))
-        if stage in stages}, config.grad_accum)
-    P.require(not config.init or {"cot", "preferred-ft"} & set(stages), "--init: only the cot and preferred-ft "
-              "stages start from a checkpoint")
-    P.require_file(config.init)
-    P.require(config.n_embd % config.n_head == 0, f"--n-embd {config.n_embd} must be a multiple of --n-head "
-              f"{config.n_head} (each head gets n_embd / n_head dimensions)")
-    P.require(config.n_embd // config.n_head % 2 == 0, f"--n-embd {config.n_embd} / --n-head {config.n_head} "
-              f"gives heads of {config.n_embd // config.n_head} dimensions; RoPE rotates them in pairs: make it even")
-    P.require(config.pretrain_seq_len <= config.block_size or "pretrain" not in stages, f"--pretrain-seq-len "
-              f"{config.pretrain_seq_len} is longer than the model's context, --block-size {config.block_size}")
-    return stages
-
 
 def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
     """Every file the SFT stage reads, read and checked before pretraining spends minutes: a bad row
@@ -368,7 +338,7 @@ def finish_stage(name, gpt, metrics, problems, config, enc, tok_path, out_dir, t
 def train(config):
     """Run the stages in config.stages; returns the metrics of the last one."""
     t0 = time.time()
-    stages = check_config(config)
+    stages = checks.sft(config, STAGES)
     stage_dirs = [os.path.join(config.out, name.replace("-", "_")) for name in stages]
     R.require_state(config, [os.path.basename(d) for d in stage_dirs], "python sft.py")
     while stages and R.done_before(config, stage_dirs[0]):  # --resume: the stages before the cut one are done

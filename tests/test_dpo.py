@@ -16,6 +16,7 @@ import time
 import pytest
 import torch
 
+import checks
 import dpo
 from helpers import pad_id, reply_logp, tiny_gpt
 from data.prepare import write_jsonl
@@ -522,7 +523,7 @@ def test_eval_reference_leaves_training_unchanged(tiny_data_dir, tiny_sft_ckpt, 
 
 
 def test_eval_temperature_zero_is_greedy_and_allowed():
-    dpo.check_config(dpo.DPOConfig(eval_temperature=0.0))  # the README's T = 0 row: greedy decoding
+    checks.dpo(dpo.DPOConfig(eval_temperature=0.0), dpo.BUILDS)  # the README's T = 0 row: greedy decoding
 
 
 def test_max_length_beyond_the_models_context_is_refused(tiny_sft_ckpt, tiny_data_dir, tmp_path):

@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+import checks
 import dpo
 import dpo_family as fam
 
@@ -529,6 +530,6 @@ def test_the_bco_reward_shift_flag_reaches_the_loss_and_is_refused_elsewhere():
         loss, _, _ = dpo.batch_loss(config, logps, lengths, ref)
         assert loss.item() == pytest.approx(fam.paired_losses("bco_pair", a, b, 0.5, delta=delta).mean().item())
     with pytest.raises(P.ConfigError, match="--bco-reward-shift does nothing with --loss-type sigmoid"):
-        dpo.check_config(dpo.DPOConfig(bco_reward_shift="batch-mean"))
+        checks.dpo(dpo.DPOConfig(bco_reward_shift="batch-mean"), dpo.BUILDS)
     with pytest.raises(P.ConfigError, match="--bco-reward-shift 'mean' is unknown"):
-        dpo.check_config(dpo.DPOConfig(loss_type="bco_pair", bco_reward_shift="mean"))
+        checks.dpo(dpo.DPOConfig(loss_type="bco_pair", bco_reward_shift="mean"), dpo.BUILDS)

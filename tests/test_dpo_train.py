@@ -17,6 +17,7 @@ import weakref
 import pytest
 import torch
 
+import checks
 import dpo
 import model as M
 import plumbing as P
@@ -268,7 +269,7 @@ def test_a_reply_budget_past_the_context_stops_before_training(tiny_sft_ckpt, ti
     with pytest.raises(P.ConfigError, match=r"^--max-new-tokens 1000 does not fit: the longest prompt in .*test"):
         dpo.train(tiny_dpo_config(tiny_data_dir, tiny_sft_ckpt, str(out), max_new_tokens=1000, eval_problems=4))
     assert not (out / "dpo" / "model.pt").exists() and not (out / "dpo" / "log.jsonl").exists()
-    dpo.check_config(dpo.DPOConfig(max_new_tokens=1000))  # alone it is no error: no model, no prompts yet
+    checks.dpo(dpo.DPOConfig(max_new_tokens=1000), dpo.BUILDS)  # alone it is no error: no model, no prompts yet
 
 
 def test_an_eval_reference_with_a_shorter_context_is_checked_before_training(tiny_sft_ckpt, tiny_data_dir, tiny_enc,

@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import checks
 import helpers
 import model as M
 import plumbing
@@ -380,9 +381,9 @@ def test_a_pretraining_batch_larger_than_the_validation_text_stops_before_traini
 
 def test_pretraining_flags_are_checked_only_when_pretraining_runs():
     # --stages sft starts from the pretrained checkpoint: its window length is not this run's business
-    sft.check_config(sft.SFTConfig(stages="sft", block_size=50, pretrain_seq_len=128))
+    checks.sft(sft.SFTConfig(stages="sft", block_size=50, pretrain_seq_len=128), sft.STAGES)
     with pytest.raises(plumbing.ConfigError, match="--pretrain-seq-len 128 is longer than the model's context"):
-        sft.check_config(sft.SFTConfig(stages="pretrain,sft", block_size=50, pretrain_seq_len=128))
+        checks.sft(sft.SFTConfig(stages="pretrain,sft", block_size=50, pretrain_seq_len=128), sft.STAGES)
 
 
 def test_sft_stage_alone_says_whose_shape_it_trains_and_checks_replies_fit_first(tiny_sft_ckpt, tiny_data_dir,
