@@ -109,6 +109,9 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     sample_temperature: float = option(1.0, "on-policy: the temperature the K replies are sampled at", "dpo")
     rounds: int = option(1, "online DPO: R rounds, each on pairs sampled from the current policy (the "
                          "reference stays the start); needs --pairs on-policy", "dpo")
+    # several short pairs to a row: 1.2x the pairs/s of a row per pair, the same batches (docs/speed.md)
+    packing: bool = option(True, "with prefix sharing, pack short pairs several to a row, each seeing only "
+                           "itself (less padding, the same batches); --no-packing: a row per pair", "dpo")
     bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
                                     "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
     compile: bool = option(False, "run the training forward through torch.compile (the first steps compile it)",
@@ -220,18 +223,20 @@ LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
 
 
 def row_layout(config):
-    """batch_logprobs' layout for this config: a row per pair (shared) unless --no-prefix-sharing or
-    KTO, whose second reply is another row's, scored without a graph (kto_logprobs)."""
-    return {"shared": config.prefix_sharing and config.loss_type != "kto", "kto": config.loss_type == "kto"}
+    """batch_logprobs' layout for this config: a row per pair (shared), short pairs packed several to
+    a row (packed), unless --no-prefix-sharing or KTO, whose second reply is another row's, scored
+    without a graph (kto_logprobs)."""
+    return {"shared": config.prefix_sharing and config.loss_type != "kto", "kto": config.loss_type == "kto",
+            "packed": config.packing}
 
 
-def batch_logprobs(model, examples, pad_id, device, shared, average=False, kto=False):
+def batch_logprobs(model, examples, pad_id, device, shared, average=False, kto=False, packed=True):
     """log pi of B pairs' replies, (2B,): the chosen, then the rejected (KTO: completions, then the
     mismatched ones), a row per reply (pairs.collate), or, shared, a row per pair, the prompt
-    computed once (pairs.shared_prefix_batch). average: per-token means.
-    -> (logps (2B,), lengths (2B,) in tokens, ids: the rows through the model)"""
+    computed once, and packed, short pairs several to a row (pairs.shared_prefix_batch).
+    average: per-token means. -> (logps (2B,), lengths (2B,) in tokens, ids: the rows through the model)"""
     if shared:
-        batch = shared_prefix_batch(examples, pad_id, device)
+        batch = shared_prefix_batch(examples, pad_id, device, packed)
         return shared_prefix_logprobs(model, batch, average), batch["lengths"], batch["ids"]
     ids, mask = collate(examples, pad_id, device)
     logps = kto_logprobs(model, ids, mask) if kto else sequence_logprobs(model, ids, mask, average)
@@ -293,9 +298,9 @@ def batch_loss(config, logps, lengths, ref_logps, labels=None):
 
 
 @torch.no_grad()
-def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False, shared=False):
+def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False, shared=False, packed=True):
     """The model's log-prob of every example's chosen and rejected response, in one no-grad pass
-    (average: per token; shared: a row per pair, see shared_prefix_batch): the reference's pass
+    (average: per token; shared, packed: the rows of shared_prefix_batch): the reference's pass
     before training, and the policy's at evaluation.
     Examples go through sorted by length, so each batch pads little; results come back in the
     original order. -> (chosen (N,), rejected (N,)) on the CPU."""
@@ -307,7 +312,8 @@ def pair_logprobs(model, examples, pad_id, device, batch_size=64, average=False,
     chosen, rejected = torch.zeros(len(examples)), torch.zeros(len(examples))
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
-        logps = batch_logprobs(model, [examples[j] for j in idx], pad_id, device, shared, average)[0].cpu()
+        logps = batch_logprobs(model, [examples[j] for j in idx], pad_id, device, shared, average,
+                               packed=packed)[0].cpu()
         chosen[idx] = logps[: len(idx)]
         rejected[idx] = logps[len(idx):]
     return chosen, rejected
@@ -361,7 +367,8 @@ def reference_pass(config, policy, reference, examples, test_examples, batch_siz
     t_ref, rows = time.time(), row_layout(config)
     with lora.reference_model(policy, reference) as ref_model:  # on several processes: each scores a share
         ref_chosen, ref_rejected = D.sharded(lambda ex: pair_logprobs(ref_model, ex, pad, device,
-                                                                      shared=rows["shared"]), examples)
+                                                                      shared=rows["shared"],
+                                                                      packed=rows["packed"]), examples)
         reference_pass_seconds = time.time() - t_ref
         test_ref_chosen, test_ref_rejected = D.sharded(lambda ex: pair_logprobs(ref_model, ex, pad, device),
                                                        test_examples)
@@ -443,7 +450,9 @@ def next_round(config, policy, reference, enc, online, pad, device, resumed=Fals
     if config.loss_type in REFERENCE_FREE:
         return examples, None, None
     with lora.reference_model(policy, reference) as ref_model:
-        return (examples, *pair_logprobs(ref_model, examples, pad, device, shared=row_layout(config)["shared"]))
+        rows = row_layout(config)
+        return (examples, *pair_logprobs(ref_model, examples, pad, device, shared=rows["shared"],
+                                         packed=rows["packed"]))
 
 
 def resume_fingerprint(config, init, tokenizer_path, online, out_dir):

@@ -14,11 +14,15 @@ then laid out for the model one of two ways:
   a row per reply (collate):       [prompt | chosen]  and  [prompt | rejected], the prompt twice
   a row per pair (prefix sharing): [prompt | chosen | rejected], the prompt once, the rejected
                                    reply seeing the prompt and itself only (shared_prefix_batch)
+  packed:                          [pair 1 | pair 2 | ...], short pairs side by side in a row as
+                                   long as the batch's longest pair, each seeing only itself (pack)
 
-Both score every response token with the same context, so the log-probs agree to rounding
-(tests/test_dpo.py holds them together); the second does the prompt's work once per pair.
+All score every response token with the same context, so the log-probs agree to rounding
+(tests/test_dpo.py holds them together); the second does the prompt's work once per pair, and
+the third pads less, for the same batch of pairs.
 
-    python dpo.py                          (a row per pair, the default)
+    python dpo.py                          (a row per pair, short ones packed: the default)
+    python dpo.py --no-packing             (a row per pair)
     python dpo.py --no-prefix-sharing      (a row per reply)
     python dpo.py --pairs on-policy        (pairs sampled from the SFT model, judged)
 """
@@ -97,31 +101,48 @@ def row_lengths(examples):
     return [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples]
 
 
-def shared_prefix_batch(examples, pad_id, device):
-    """B pairs -> B rows, each prompt + chosen + rejected, the prompt computed once for both replies
+def pack(sizes, capacity):
+    """First-fit decreasing: each item of sizes[i] <= capacity tokens goes, longest first, into the
+    first row with room for it. -> (row, offset) per item, in the items' order; rows used"""
+    places, room = [None] * len(sizes), []  # room[r]: tokens still free in row r
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        r = next((r for r, free in enumerate(room) if free >= sizes[i]), len(room))
+        if r == len(room):
+            room.append(capacity)
+        places[i] = (r, capacity - room[r])
+        room[r] -= sizes[i]
+    return places, len(room)
+
+
+def shared_prefix_batch(examples, pad_id, device, packed=True):
+    """B pairs -> rows of prompt + chosen + rejected, the prompt computed once for both replies
     (prefix sharing, Wang et al. 2024, arXiv 2410.20305). The rejected reply restarts its positions
     after the prompt, and the attention mask lets each reply see the prompt and itself, never the
     other reply, so each is scored exactly as in a row of its own. A scored token is predicted by
     the states at `source`: the previous token's, or, for each reply's first, the prompt's last.
-    -> {"ids" (B, T), "positions" (B, T), "mask" (B, 1, T, T) bool, "source", "target", "row" (N,)
+    packed: short pairs share a row (pack), each pair's positions starting at 0 and its mask a
+    block of its own, so the rows are as long as the longest pair but fewer than B: less padding,
+    and every reply still scored as in a row of its own. packed=False: a row per pair.
+    -> {"ids" (R, T), "positions" (R, T), "mask" (R, 1, T, T) bool, "source", "target", "row" (N,)
     for the N scored tokens, chosen ones then rejected ones, "lengths" (2B,)}"""
-    T = max(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    positions = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.eye(T, dtype=torch.bool).repeat(B, 1, 1)  # (B, T, T); a pad query sees itself
+    sizes = [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples]
+    T = max(sizes)  # (longer rows pack tighter, but their attention costs as much as the padding saved)
+    places, R = pack(sizes, T) if packed else ([(b, 0) for b in range(len(examples))], len(examples))
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(R, T, dtype=torch.long)
+    mask = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # (R, T, T); a pad query sees itself
     scored = {"chosen": [], "rejected": []}  # (row, source, target) per scored token
-    for b, ex in enumerate(examples):
+    for ex, n, (b, o) in zip(examples, sizes, places):  # pair ex fills row b from offset o
         n_p, n_c, n_r = len(ex["prompt"]), len(ex["chosen"]), len(ex["rejected"])
-        n = n_p + n_c + n_r
-        ids[b, :n] = torch.tensor(ex["prompt"] + ex["chosen"] + ex["rejected"])
-        positions[b, : n_p + n_c] = torch.arange(n_p + n_c)
-        positions[b, n_p + n_c: n] = torch.arange(n_p, n_p + n_r)  # the rejected reply restarts after the prompt
+        ids[b, o: o + n] = torch.tensor(ex["prompt"] + ex["chosen"] + ex["rejected"])
+        positions[b, o: o + n_p + n_c] = torch.arange(n_p + n_c)
+        positions[b, o + n_p + n_c: o + n] = torch.arange(n_p, n_p + n_r)  # the rejected reply restarts after the prompt
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         causal[n_p + n_c:, n_p: n_p + n_c] = False  # the rejected reply never sees the chosen one
-        mask[b, :n, :n] = causal
-        scored["chosen"] += [(b, n_p - 1 + j, ex["chosen"][j]) for j in range(n_c)]
-        scored["rejected"] += [(b, n_p - 1 if j == 0 else n_p + n_c + j - 1, ex["rejected"][j]) for j in range(n_r)]
+        mask[b, o: o + n, o: o + n] = causal  # and nothing of another pair in the row
+        scored["chosen"] += [(b, o + n_p - 1 + j, ex["chosen"][j]) for j in range(n_c)]
+        scored["rejected"] += [(b, o + (n_p - 1 if j == 0 else n_p + n_c + j - 1), ex["rejected"][j])
+                               for j in range(n_r)]
     row, source, target = torch.tensor(scored["chosen"] + scored["rejected"]).T  # (N,) each
     lengths = torch.tensor([len(ex["chosen"]) for ex in examples] + [len(ex["rejected"]) for ex in examples])
     return {"ids": ids.to(device), "positions": positions.to(device), "mask": mask[:, None].to(device),

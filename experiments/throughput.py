@@ -5,7 +5,9 @@ the default size and at ~5M parameters (6 layers, 8 heads, 256 wide), from a ran
 output layer and its log_softmax over the vocabulary at every position (plain), only at the
 response positions the loss scores (scored: model.shifted_logprobs, what dpo.py runs), and the
 prompt computed once for both replies of a pair (shared prefix: dpo.shared_prefix_logprobs, with
---prefix-sharing). Each variant runs several times in this one process, alternating; the table
+--prefix-sharing and --no-packing), short pairs packed several to a row (packed: what dpo.py runs),
+and that on batches of pairs of similar length (bucketed: dpo.py's --bucket-by-length,
+plumbing.next_indices). Each variant runs several times in this one process, alternating; the table
 gives medians, the ratio to plain, and MFU two ways: of the work done, and of the work the loss
 needs (each prompt once, no padding, the head on scored positions).
 
@@ -13,6 +15,7 @@ needs (each prompt once, no padding, the head on scored positions).
     python experiments/throughput.py --quick    (seconds: a tiny world, for tests)
 """
 
+import functools
 import os
 import random
 import statistics
@@ -39,10 +42,29 @@ def plain_sequence_logprobs(model, ids, mask):
     return (logps * mask[:, 1:]).sum(-1)  # (B,)
 
 
-# each variant: how a batch of pairs is laid out, and how its (2B,) log-probs are computed
-VARIANTS = {"plain": (pairs.collate, lambda model, batch: plain_sequence_logprobs(model, *batch)),
-            "scored": (pairs.collate, lambda model, batch: dpo.sequence_logprobs(model, *batch)),
-            "shared prefix": (pairs.shared_prefix_batch, dpo.shared_prefix_logprobs)}
+# each variant: how its batches of pairs are drawn (from the whole shuffled file, or bucketed by
+# length), how a batch is laid out, and how its (2B,) log-probs are computed
+VARIANTS = {"plain": ("shuffled", pairs.collate, lambda model, batch: plain_sequence_logprobs(model, *batch)),
+            "scored": ("shuffled", pairs.collate, lambda model, batch: dpo.sequence_logprobs(model, *batch)),
+            "shared prefix": ("shuffled", functools.partial(pairs.shared_prefix_batch, packed=False),
+                              dpo.shared_prefix_logprobs),
+            "shared prefix, packed": ("shuffled", pairs.shared_prefix_batch, dpo.shared_prefix_logprobs),
+            "shared prefix, packed, bucketed": ("bucketed", pairs.shared_prefix_batch, dpo.shared_prefix_logprobs)}
+
+
+def draws(examples, steps):
+    """The batches each way of drawing them: BATCH pairs at random from the file, or as dpo.py's
+    --bucket-by-length draws them (a shuffled pass, bucketed by row length)."""
+    rng, order, lengths = random.Random(0), [], pairs.row_lengths(examples)
+    return {"shuffled": [rng.sample(examples, BATCH) for _ in range(steps)],
+            "bucketed": [[examples[i] for i in P.next_indices(order, len(examples), BATCH, rng, lengths)]
+                         for _ in range(steps)]}
+
+
+def positions_through_the_body(batch):
+    """Positions a laid-out batch sends through the model: a row per reply (ids, mask) scores from
+    the second position on; a shared-prefix row from the first (its prompt's last state is a source)."""
+    return batch["ids"].numel() if isinstance(batch, dict) else batch[0][:, 1:].numel()
 
 
 def timed_steps(policy, opt, batches, ref, logprobs):
@@ -62,35 +84,34 @@ def measure(size, examples, vocab, device, steps, repeats):
     torch.manual_seed(0)
     policy = M.GPT(M.GPTConfig(vocab_size=vocab, **SIZES[size])).to(device).eval()
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
-    rng = random.Random(0)
-    drawn = [rng.sample(examples, BATCH) for _ in range(steps)]
-    batches = {name: [layout(batch, 0, device) for batch in drawn] for name, (layout, _) in VARIANTS.items()}
-    with torch.no_grad():
-        ref = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in batches["scored"])]
-    two_rows = sum(ids[:, 1:].numel() for ids, _ in batches["scored"])  # positions through the body
-    shared = sum(b["ids"].numel() for b in batches["shared prefix"])
-    scored = sum(int(mask[:, 1:].sum()) for _, mask in batches["scored"])
-    real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for batch in drawn for ex in batch)
-    T = max(ids.shape[1] for ids, _ in batches["scored"])
-    needed = M.training_flops(policy, real, scored, T)  # each prompt once, no padding, the head where scored
-    done = {"plain": M.training_flops(policy, two_rows, two_rows, T),
-            "scored": M.training_flops(policy, two_rows, scored, T),
-            "shared prefix": M.training_flops(policy, shared, scored, T)}
-    positions = {"plain": two_rows, "scored": two_rows, "shared prefix": shared}
-    for name, (_, fn) in VARIANTS.items():  # warm up
-        timed_steps(policy, opt, batches[name][:1], ref[:1], fn)
+    drawn = draws(examples, steps)
+    batches = {name: [layout(batch, 0, device) for batch in drawn[how]] for name, (how, layout, _) in VARIANTS.items()}
+    ref, needed, done, positions, scored = {}, {}, {}, {}, {}
+    for name, (how, _, _) in VARIANTS.items():
+        two_rows = [pairs.collate(batch, 0, device) for batch in drawn[how]]  # the reference scores these
+        with torch.no_grad():
+            ref[name] = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in two_rows)]
+        scored[name] = sum(int(mask[:, 1:].sum()) for _, mask in two_rows)
+        real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for b in drawn[how] for ex in b)
+        T = max(ids.shape[1] for ids, _ in two_rows)
+        positions[name] = sum(positions_through_the_body(b) for b in batches[name])
+        head = positions[name] if name == "plain" else scored[name]  # plain: the output layer at every position
+        needed[name] = M.training_flops(policy, real, scored[name], T)  # each prompt once, no padding
+        done[name] = M.training_flops(policy, positions[name], head, T)
+    for name, (_, _, fn) in VARIANTS.items():  # warm up
+        timed_steps(policy, opt, batches[name][:1], ref[name][:1], fn)
     seconds = {v: [] for v in VARIANTS}
     for _ in range(repeats):  # alternating, so a drift of the machine's speed hits all alike
-        for name, (_, fn) in VARIANTS.items():
-            seconds[name].append(timed_steps(policy, opt, batches[name], ref, fn))
+        for name, (_, _, fn) in VARIANTS.items():
+            seconds[name].append(timed_steps(policy, opt, batches[name], ref[name], fn))
     peak = P.peak_flops(device)
     rows = []
     for name in VARIANTS:
         s = statistics.median(seconds[name])
         rows.append({"size": size, "parameters": policy.num_params(), "variant": name,
                      "pairs_per_second": BATCH * steps / s, "tokens_per_second": positions[name] / s,
-                     "scored_tokens_per_second": scored / s, "mfu": done[name] / s / peak,
-                     "mfu_needed": needed / s / peak,
+                     "scored_tokens_per_second": scored[name] / s, "mfu": done[name] / s / peak,
+                     "mfu_needed": needed[name] / s / peak,
                      "speedup": statistics.median(seconds["plain"]) / s, "peak_gflops": peak / 1e9,
                      "range_seconds": f"{min(seconds[name]):.2f}-{max(seconds[name]):.2f}"})
     return rows

@@ -445,6 +445,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
     (["--loss-type", "kto", "--kto-desirable-share", "1.5"], "--kto-desirable-share is a share of the desirable "
                                                               "rows, in [0, 1], got 1.5"),
     (["--kto-desirable-share", "0.5"], "--kto-desirable-share does nothing with --loss-type sigmoid; it enters kto"),
+    (["--no-prefix-sharing", "--no-packing"], "--no-packing does nothing with --no-prefix-sharing"),
     (["--log-every", "0"], "--log-every must be > 0"),
     (["--grad-clip", "0"], "--grad-clip must be > 0"),  # 0 would zero every update, a negative one reverse it
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
@@ -828,7 +829,7 @@ def shared_examples(enc):
     pairs = [("Ben has 3 cards. He gets 2 more cards. How many cards does Ben have now?",
               "Step by step:\n3 + 2 = 5.\nThe answer is 5.", "The answer is 6."),
              ("Ana has 7 pens.", "7", "Ugh. Obviously the answer is 7, count them yourself."),
-             ("Why?", "Because.", "Because!")]
+             ("Why?", "Because.", "Because!"), ("Who?", "Ana.", "Ben!")]  # the last two share a packed row
     examples, _ = dpo.tokenize_pairs(enc, pairs, 96, 192)
     cut, counts = dpo.tokenize_pairs(enc, pairs[:1], 96, 24)  # a pair whose replies are cut at --max-length
     assert counts["response_truncated"] == 1
@@ -841,18 +842,23 @@ def test_shared_prefix_logprobs_equal_a_row_per_reply_values_and_gradients(tiny_
     assert any(len(ex["chosen"]) == 2 for ex in examples)  # "7" and its <|end|>: a reply of one text token
     for average in (False, True):
         grads = []
-        for layout in ("rows", "shared"):
+        for layout in ("rows", "shared", "packed"):
             model.zero_grad()
             if layout == "rows":
                 logps = dpo.sequence_logprobs(model, *dpo.collate(examples, 0, "cpu"), average=average)
             else:
-                logps = dpo.shared_prefix_logprobs(model, dpo.shared_prefix_batch(examples, 0, "cpu"), average)
+                batch = dpo.shared_prefix_batch(examples, 0, "cpu", packed=layout == "packed")
+                assert len(batch["ids"]) < len(examples) if layout == "packed" else len(batch["ids"]) == len(examples)
+                logps = dpo.shared_prefix_logprobs(model, batch, average)
             logps.sum().backward()
             grads.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
-        (rows, rows_grads), (shared, shared_grads) = grads
-        # two routes (a masked attention over one row, a causal one over two) round differently
-        assert torch.allclose(shared, rows, rtol=1e-5, atol=1e-5)
-        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(shared_grads, rows_grads))
+        (rows, rows_grads), *shared_layouts = grads
+        for shared, shared_grads in shared_layouts:
+            # two routes (a masked attention over one row, a causal one over two) round differently:
+            # a gradient entry near 0 is held to the rounding of the tensor's largest ones
+            assert torch.allclose(shared, rows, rtol=1e-5, atol=1e-5)
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=5e-6 * max(1.0, b.abs().max().item()))
+                       for a, b in zip(shared_grads, rows_grads))
 
 
 def test_a_shared_row_hides_each_reply_from_the_other(tiny_enc):
@@ -881,10 +887,11 @@ def test_prefix_sharing_trains_as_a_row_per_reply_does(tiny_data_dir, tiny_sft_c
         for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected"):
             assert shared[key] == pytest.approx(rows[key], rel=1e-3, abs=1e-4), key
         assert shared["tokens_per_second"] > 0 and 0 < shared["scored_share"] <= 1
-    assert dpo.row_layout(dpo.DPOConfig()) == {"shared": True, "kto": False}
-    assert dpo.row_layout(dpo.DPOConfig(prefix_sharing=False)) == {"shared": False, "kto": False}
+    assert dpo.row_layout(dpo.DPOConfig()) == {"shared": True, "kto": False, "packed": True}
+    assert dpo.row_layout(dpo.DPOConfig(prefix_sharing=False)) == {"shared": False, "kto": False, "packed": True}
+    assert dpo.row_layout(dpo.DPOConfig(packing=False)) == {"shared": True, "kto": False, "packed": False}
     # KTO's replies answer two prompts: a row each, the mismatched ones without a graph
-    assert dpo.row_layout(dpo.DPOConfig(loss_type="kto")) == {"shared": False, "kto": True}
+    assert dpo.row_layout(dpo.DPOConfig(loss_type="kto")) == {"shared": False, "kto": True, "packed": True}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -180,3 +180,63 @@ def test_preferred_ft_trains_on_dpos_pairs_in_dpos_batches(tiny_enc, tiny_data_d
         for _ in range(30):  # the batches of several passes
             assert (P.next_indices(order, len(rows), 8, rng)
                     == P.next_indices(dpo_order, len(examples), 8, dpo_rng))
+
+
+def fewest_rows(sizes, capacity):
+    """The fewest rows of `capacity` tokens that hold every item: brute force over assignments."""
+    best = len(sizes)
+
+    def place(i, room):
+        nonlocal best
+        if len(room) >= best:
+            return
+        if i == len(sizes):
+            best = len(room)
+            return
+        for r in range(len(room)):
+            if room[r] >= sizes[i]:
+                room[r] -= sizes[i]
+                place(i + 1, room)
+                room[r] += sizes[i]
+        place(i + 1, room + [capacity - sizes[i]])
+
+    place(0, [])
+    return best
+
+
+def test_pack_places_every_pair_in_a_row_without_overlap_and_near_the_fewest_rows():
+    rng = random.Random(0)
+    for _ in range(200):
+        sizes = [rng.randint(1, 30) for _ in range(rng.randint(1, 8))]
+        capacity = max(sizes) + rng.choice([0, 0, 5])
+        places, n_rows = pairs.pack(sizes, capacity)
+        assert len(places) == len(sizes) and {r for r, _ in places} == set(range(n_rows))
+        for r in range(n_rows):
+            spans = sorted((o, o + sizes[i]) for i, (row, o) in enumerate(places) if row == r)
+            assert spans[0][0] >= 0 and spans[-1][1] <= capacity
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no two pairs overlap
+        # first-fit decreasing is within 11/9 of the optimum, plus 6/9 (Dosa 2007)
+        assert n_rows <= 11 / 9 * fewest_rows(sizes, capacity) + 6 / 9
+    assert pairs.pack([5, 5, 5], 10) == ([(0, 0), (0, 5), (1, 0)], 2)  # worked by hand: two fit, one waits
+
+
+def test_a_packed_batch_keeps_each_pair_to_itself(tiny_enc, tiny_examples):
+    examples, _ = tiny_examples
+    batch = sorted(examples[:40], key=lambda ex: len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]))
+    batch = batch[:6] + batch[-2:]  # short pairs that fit beside one another, and the longest
+    packed, single = (pairs.shared_prefix_batch(batch, pad_id(tiny_enc), "cpu", packed=p) for p in (True, False))
+    assert len(packed["ids"]) < len(batch) == len(single["ids"])
+    assert packed["ids"].shape[1] == single["ids"].shape[1]  # rows as long as the longest pair
+    for key in ("target", "lengths"):  # the same scored tokens, in the same order
+        assert packed[key].tolist() == single[key].tolist()
+    # every scored token's source reads the same token and position in both layouts
+    for key in ("ids", "positions"):
+        assert (packed[key][packed["row"], packed["source"]] == single[key][single["row"], single["source"]]).all()
+    # each pair's block of the mask is the one it has in a row of its own, and it sees nothing else
+    sizes = [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in batch]
+    places, _ = pairs.pack(sizes, max(sizes))
+    for b, (n, (r, o)) in enumerate(zip(sizes, places)):
+        block = packed["mask"][r, 0, o: o + n]  # (n, T): what the pair's tokens may attend to
+        assert block[:, o: o + n].equal(single["mask"][b, 0, :n, :n])
+        assert not block[:, :o].any() and not block[:, o + n:].any()
+        assert packed["ids"][r, o: o + n].equal(single["ids"][b, :n])
