@@ -64,8 +64,8 @@ def dpo(config, builds):
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     check_on_policy_flags(config, type(config))
-    P.require(config.prefix_sharing or config.packing, "--no-packing does nothing with --no-prefix-sharing: "
-              "only a row per pair packs")
+    P.require(config.packing or (config.prefix_sharing and config.loss_type != "kto"), "--no-packing does nothing "
+              "with --no-prefix-sharing or --loss-type kto: only a row per pair packs")
     presets.check(config)
     P.check_out(config.out)
     R.require_state(config, ["dpo"], "python dpo.py", builds)  # a cut earlier stage counts

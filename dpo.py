@@ -358,7 +358,6 @@ def input_paths(config):
             config.eval_problems_file or os.path.join(config.data_dir, "test.jsonl"))
 
 
-
 def reference_pass(config, policy, reference, examples, test_examples, batch_size, pad, device):
     """The reference's log-probs of every training and held-out pair, once, then the invariants at
     step 0: policy == reference, so every reward is 0 (and DPO's loss is ln 2), and a live reference

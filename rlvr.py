@@ -244,7 +244,6 @@ def ensure_init(config):
                             f"with dpo.py (and the data and SFT model if missing)")
 
 
-
 def policy_update(model, reference, opt, ro, rows, advantages, config, pad, device):
     """The update(s) of one step on the informative replies (rows): per-token clipped ratios and the
     KL penalty, --inner-steps optimizer steps, in micro-batches of --micro-batch replies. model: the

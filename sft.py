@@ -238,7 +238,6 @@ def evaluate_loss(model, batches):
     return sum(losses) / len(losses) if losses else float("nan")
 
 
-
 def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
     """Every file the SFT stage reads, read and checked before pretraining spends minutes: a bad row
     stops the run here, in one line with its file and line, and nothing is built.

@@ -446,6 +446,7 @@ def test_main_reports_bad_data_in_one_line_before_building_anything(tmp_path, ca
                                                               "rows, in [0, 1], got 1.5"),
     (["--kto-desirable-share", "0.5"], "--kto-desirable-share does nothing with --loss-type sigmoid; it enters kto"),
     (["--no-prefix-sharing", "--no-packing"], "--no-packing does nothing with --no-prefix-sharing"),
+    (["--loss-type", "kto", "--no-packing"], "--no-packing does nothing with --no-prefix-sharing or --loss-type kto"),
     (["--log-every", "0"], "--log-every must be > 0"),
     (["--grad-clip", "0"], "--grad-clip must be > 0"),  # 0 would zero every update, a negative one reverse it
     (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
@@ -829,7 +830,7 @@ def shared_examples(enc):
     pairs = [("Ben has 3 cards. He gets 2 more cards. How many cards does Ben have now?",
               "Step by step:\n3 + 2 = 5.\nThe answer is 5.", "The answer is 6."),
              ("Ana has 7 pens.", "7", "Ugh. Obviously the answer is 7, count them yourself."),
-             ("Why?", "Because.", "Because!"), ("Who?", "Ana.", "Ben!")]  # the last two share a packed row
+             ("Why?", "Because.", "Because!"), ("Who?", "Ana.", "Ben!")]  # "Who?" packs beside "Ana has 7 pens."
     examples, _ = dpo.tokenize_pairs(enc, pairs, 96, 192)
     cut, counts = dpo.tokenize_pairs(enc, pairs[:1], 96, 24)  # a pair whose replies are cut at --max-length
     assert counts["response_truncated"] == 1
