@@ -99,7 +99,7 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     beta: float = option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
     loss_type: str = option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
-    # one row per pair ran DPO steps 1.45-1.77x faster than a row per reply (docs/speed.md)
+    # a row per pair computes the prompt once, not once per reply (measured: docs/speed.md)
     prefix_sharing: bool = option(True, "score a pair's two replies in one row, the prompt computed once; "
                                   "--no-prefix-sharing: a row per reply (kto always: its replies answer two prompts)",
                                   "dpo")
@@ -109,9 +109,10 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
     sample_temperature: float = option(1.0, "on-policy: the temperature the K replies are sampled at", "dpo")
     rounds: int = option(1, "online DPO: R rounds, each on pairs sampled from the current policy (the "
                          "reference stays the start); needs --pairs on-policy", "dpo")
-    # several short pairs to a row: 1.2x the pairs/s of a row per pair, the same batches (docs/speed.md)
+    # short pairs side by side in a row: less padding for the same batch of pairs (docs/speed.md)
     packing: bool = option(True, "with prefix sharing, pack short pairs several to a row, each seeing only "
                            "itself (less padding, the same batches); --no-packing: a row per pair", "dpo")
+    # off: batches of similar length change what each step averages over (five seeds: docs/speed.md)
     bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
                                     "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
     compile: bool = option(False, "run the training forward through torch.compile (the first steps compile it)",
