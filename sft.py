@@ -28,7 +28,7 @@ learning-rate schedule, so that what DPO buys with the rejected reply can be mea
 At the end the SFT model answers the held-out problems (data/test.jsonl) greedily and by sampling
 at temperature 1; the verifier scores both and the share of each reply style is counted.
 Outputs: out/pretrain/ and out/sft/ (out/cot/, out/preferred_ft/), each with model.pt, log.jsonl
-and metrics.json.
+and metrics.json. The text and conversations become token rows and batches in corpus.py.
 
 How this departs from a real pipeline:
 1. The "pretraining corpus" is a few MB of synthetic text from the same world as the tasks.
@@ -52,6 +52,7 @@ import presets
 import distributed as D
 import report
 import resume as R
+from corpus import fixed_batches, pretrain_stream, row_batches, sft_examples
 from data import formats
 from data.prepare import DATA_DIR, ensure_data
 from pairs import DPO_LENGTHS, preferred_rows  # noqa: F401 (sft.preferred_rows)
@@ -116,28 +117,6 @@ class SFTConfig(R.ResumeOptions):
     preset: str = option("", presets.HELP, "run")
 
 
-def pretrain_stream(enc, path):
-    """The pretraining text as one token stream, each document (line) opened by <|endoftext|>."""
-    bos = M.special(enc, "endoftext")
-    with open(path, encoding="utf-8") as f:
-        docs = [line.rstrip("\n") for line in f if line.strip()]
-    ids = []
-    for doc_ids in enc.encode_ordinary_batch(docs):
-        ids.append(bos)
-        ids += doc_ids
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def sft_examples(enc, path, block_size):
-    """Conversations of a {"messages": [...]} JSONL file -> list of (ids, mask), validated."""
-    out = []
-    for n, msgs in formats.read_conversations(path):
-        ids, mask = M.render_chat(enc, msgs)
-        if not any(mask[1:block_size]):  # (token 0 is never predicted) a row with nothing to learn from
-            raise P.DataError(f"{path}:{n}: no assistant token within the first {block_size} tokens (--block-size): "
-                              f"the conversation is cut there")
-        out.append((ids[:block_size], mask[:block_size]))  # over-long rows are cut, not dropped
-    return out
 
 
 def lm_loss(model, ids, mask, scored_total=None):
@@ -261,21 +240,6 @@ def sft_inputs(config, stages, enc, device, tok_path, pretrain_dir):
     return gpt, train_rows, val_rows, E.held_out_problems(config, enc, context)
 
 
-def row_batches(rows, batch_size, rng, pad, device):
-    """train_stage's batches: batch_size of the (ids, mask) rows, each once per shuffled pass.
-    -> (next_batch, the objects the order comes from: the rng and the pass in progress)"""
-    order = []
-
-    def next_batch():
-        batch = [rows[i] for i in P.next_indices(order, len(rows), batch_size, rng)]
-        return M.pad_batch([b[0] for b in batch], [b[1] for b in batch], pad, device)
-    return next_batch, {"rng": rng, "order": order}
-
-
-def fixed_batches(rows, pad, device, size=64):
-    """The validation rows in padded batches of `size`, in order."""
-    return [M.pad_batch([r[0] for r in rows[i: i + size]], [r[1] for r in rows[i: i + size]], pad, device)
-            for i in range(0, len(rows), size)]
 
 
 def later_stage(name, config, enc, tok_path, device):
