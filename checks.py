@@ -13,7 +13,7 @@ import plumbing as P
 import presets
 import resume as R
 from dpo_family import check_family_flags, unsplittable
-from pairs import check_on_policy_flags
+from pairs import check_on_policy_flags, row_layout
 
 
 def sft(config, known_stages):
@@ -64,7 +64,7 @@ def dpo(config, builds):
     P.require(0 <= config.label_noise <= 1, f"--label-noise is a share of the pairs, in [0, 1], got "
               f"{config.label_noise}")
     check_on_policy_flags(config, type(config))
-    P.require(config.packing or (config.prefix_sharing and config.loss_type != "kto"), "--no-packing does nothing "
+    P.require(config.packing or row_layout(config)["shared"], "--no-packing does nothing "
               "with --no-prefix-sharing or --loss-type kto: only a row per pair packs")
     presets.check(config)
     P.check_out(config.out)

@@ -83,7 +83,7 @@ from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, chosen_nll,
                         family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
-from pairs import (collate, first_round, row_lengths, sample_round,  # noqa: F401
+from pairs import (collate, first_round, row_layout, row_lengths, sample_round,  # noqa: F401
                    shared_prefix_batch, tokenize_pairs, training_pairs)
 from lora import LoRAOptions
 from plumbing import option
@@ -221,14 +221,6 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 LOSS_TYPES = list(PAIRED_LOSS_TYPES)  # sigmoid (plain DPO) first
-
-
-def row_layout(config):
-    """batch_logprobs' layout for this config: a row per pair (shared), short pairs packed several to
-    a row (packed), unless --no-prefix-sharing or KTO, whose second reply is another row's, scored
-    without a graph (kto_logprobs)."""
-    return {"shared": config.prefix_sharing and config.loss_type != "kto", "kto": config.loss_type == "kto",
-            "packed": config.packing}
 
 
 def batch_logprobs(model, examples, pad_id, device, shared, average=False, kto=False, packed=True):

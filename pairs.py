@@ -9,7 +9,7 @@ TRL-format file under the stage's output and read back like any other file.
 
 The training and held-out pairs are read, shuffled and tokenised with exact prompt/response
 boundaries (for sft.py's Preferred-FT too: the chosen replies of the same pairs, preferred_rows),
-then laid out for the model one of two ways:
+then laid out for the model one of three ways (row_layout picks it from the flags):
 
   a row per reply (collate):       [prompt | chosen]  and  [prompt | rejected], the prompt twice
   a row per pair (prefix sharing): [prompt | chosen | rejected], the prompt once, the rejected
@@ -96,6 +96,14 @@ def collate(examples, pad_id, device):
     return M.prompt_response_batch(prompts, responses, pad_id, device)
 
 
+def row_layout(config):
+    """The layout dpo.py's batches take under this config: a row per pair (shared), short pairs
+    packed several to a row (packed), unless --no-prefix-sharing or KTO, whose second reply is
+    another row's, scored without a graph (dpo.kto_logprobs)."""
+    return {"shared": config.prefix_sharing and config.loss_type != "kto", "kto": config.loss_type == "kto",
+            "packed": config.packing}
+
+
 def row_lengths(examples):
     """Each pair's tokens in a row per pair (prompt, chosen and rejected): what a batch pads to."""
     return [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples]
@@ -125,7 +133,7 @@ def shared_prefix_batch(examples, pad_id, device, packed=True):
     and every reply still scored as in a row of its own. packed=False: a row per pair.
     -> {"ids" (R, T), "positions" (R, T), "mask" (R, 1, T, T) bool, "source", "target", "row" (N,)
     for the N scored tokens, chosen ones then rejected ones, "lengths" (2B,)}"""
-    sizes = [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in examples]
+    sizes = row_lengths(examples)
     T = max(sizes)  # (longer rows pack tighter, but their attention costs as much as the padding saved)
     places, R = pack(sizes, T) if packed else ([(b, 0) for b in range(len(examples))], len(examples))
     ids = torch.full((R, T), pad_id, dtype=torch.long)

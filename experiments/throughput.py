@@ -86,32 +86,35 @@ def measure(size, examples, vocab, device, steps, repeats):
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     drawn = draws(examples, steps)
     batches = {name: [layout(batch, 0, device) for batch in drawn[how]] for name, (how, layout, _) in VARIANTS.items()}
-    ref, needed, done, positions, scored = {}, {}, {}, {}, {}
-    for name, (how, _, _) in VARIANTS.items():
-        two_rows = [pairs.collate(batch, 0, device) for batch in drawn[how]]  # the reference scores these
+    per_draw = {}  # each way of drawing: the reference's log-probs, the scored tokens, FLOPs the loss needs, T
+    for how, drawn_batches in drawn.items():
+        two_rows = [pairs.collate(batch, 0, device) for batch in drawn_batches]  # the reference scores these
         with torch.no_grad():
-            ref[name] = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in two_rows)]
-        scored[name] = sum(int(mask[:, 1:].sum()) for _, mask in two_rows)
-        real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for b in drawn[how] for ex in b)
+            ref = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in two_rows)]
+        scored = sum(int(mask[:, 1:].sum()) for _, mask in two_rows)
+        real = sum(n - 1 for batch in drawn_batches for n in pairs.row_lengths(batch))  # each prompt once
         T = max(ids.shape[1] for ids, _ in two_rows)
+        per_draw[how] = {"ref": ref, "scored": scored, "needed": M.training_flops(policy, real, scored, T), "T": T}
+    positions, done = {}, {}
+    for name, (how, _, _) in VARIANTS.items():
+        d = per_draw[how]
         positions[name] = sum(positions_through_the_body(b) for b in batches[name])
-        head = positions[name] if name == "plain" else scored[name]  # plain: the output layer at every position
-        needed[name] = M.training_flops(policy, real, scored[name], T)  # each prompt once, no padding
-        done[name] = M.training_flops(policy, positions[name], head, T)
-    for name, (_, _, fn) in VARIANTS.items():  # warm up
-        timed_steps(policy, opt, batches[name][:1], ref[name][:1], fn)
+        head = positions[name] if name == "plain" else d["scored"]  # plain: the output layer at every position
+        done[name] = M.training_flops(policy, positions[name], head, d["T"])
+    for name, (how, _, fn) in VARIANTS.items():  # warm up
+        timed_steps(policy, opt, batches[name][:1], per_draw[how]["ref"][:1], fn)
     seconds = {v: [] for v in VARIANTS}
     for _ in range(repeats):  # alternating, so a drift of the machine's speed hits all alike
-        for name, (_, _, fn) in VARIANTS.items():
-            seconds[name].append(timed_steps(policy, opt, batches[name], ref[name], fn))
+        for name, (how, _, fn) in VARIANTS.items():
+            seconds[name].append(timed_steps(policy, opt, batches[name], per_draw[how]["ref"], fn))
     peak = P.peak_flops(device)
     rows = []
-    for name in VARIANTS:
-        s = statistics.median(seconds[name])
+    for name, (how, _, _) in VARIANTS.items():
+        s, d = statistics.median(seconds[name]), per_draw[how]
         rows.append({"size": size, "parameters": policy.num_params(), "variant": name,
                      "pairs_per_second": BATCH * steps / s, "tokens_per_second": positions[name] / s,
-                     "scored_tokens_per_second": scored[name] / s, "mfu": done[name] / s / peak,
-                     "mfu_needed": needed[name] / s / peak,
+                     "scored_tokens_per_second": d["scored"] / s, "mfu": done[name] / s / peak,
+                     "mfu_needed": d["needed"] / s / peak,
                      "speedup": statistics.median(seconds["plain"]) / s, "peak_gflops": peak / 1e9,
                      "range_seconds": f"{min(seconds[name]):.2f}-{max(seconds[name]):.2f}"})
     return rows
