@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import time
 
 import torch
 
@@ -84,6 +85,17 @@ def evaluate_pass_at_k(model, reference, enc, problems, config, device, batch_si
                "kl": kl_on_samples(model, reference, enc, prompts, sampled_ids[::n], device),
                "pass_at_1_by_ops": accuracy_by_ops(problems, [(c, n) for c in correct])}
     return metrics, greedy, first
+
+
+def rl_start_figures(policy, kl_reference, enc, problems, config, device):
+    """rlvr.py's start model on the held-out problems, before any step (evaluate_pass_at_k), printed.
+    -> (figures, greedy replies, sampled replies)"""
+    t_eval = time.time()
+    before, greedy, sampled = evaluate_pass_at_k(policy, kl_reference, enc, problems, config, device)
+    print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, " + ", ".join(
+        f"pass@{k} {v:.1%}" for k, v in before["pass_at_k"].items())
+        + f", judge {before['judge_score']:.2f} ({time.time() - t_eval:.0f}s)")
+    return before, greedy, sampled
 
 
 @torch.no_grad()

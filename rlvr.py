@@ -323,19 +323,6 @@ def load_models(config, init, device, tokenizer_path, enc, problems, eval_proble
     return policy, reference, kl_reference
 
 
-def evaluate_start(policy, kl_reference, enc, eval_problems, config, device):
-    """The start model on the held-out problems, before any step (on several processes, rank 0
-    alone). -> (figures, greedy replies, sampled replies), or Nones without problems"""
-    if not eval_problems or not D.is_main():
-        return None, None, None
-    t_eval = time.time()
-    before, greedy, sampled = E.evaluate_pass_at_k(policy, kl_reference, enc, eval_problems, config, device)
-    print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, " + ", ".join(
-        f"pass@{k} {v:.1%}" for k, v in before["pass_at_k"].items())
-        + f", judge {before['judge_score']:.2f} ({time.time() - t_eval:.0f}s)")
-    return before, greedy, sampled
-
-
 def train(config):
     """Run RL as configured; returns the metrics dict (also written to <out>/rlvr/metrics.json)."""
     t_all = time.time()
@@ -367,7 +354,8 @@ def train(config):
 
     policy, reference, kl_reference = load_models(config, init, device, tokenizer_path, enc, problems, eval_problems,
                                                   data_path, eval_source)
-    before, greedy, sampled = evaluate_start(policy, kl_reference, enc, eval_problems, config, device)
+    before, greedy, sampled = (E.rl_start_figures(policy, kl_reference, enc, eval_problems, config, device)
+                               if eval_problems and D.is_main() else (None, None, None))  # rank 0 alone evaluates
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
