@@ -87,9 +87,12 @@ def evaluate_pass_at_k(model, reference, enc, problems, config, device, batch_si
     return metrics, greedy, first
 
 
-def rl_start_figures(policy, kl_reference, enc, problems, config, device):
-    """rlvr.py's start model on the held-out problems, before any step (evaluate_pass_at_k), printed.
-    -> (figures, greedy replies, sampled replies)"""
+def rl_start_figures(policy, kl_reference, enc, problems, config, device, main=True):
+    """rlvr.py's start model on the held-out problems, before any step (evaluate_pass_at_k), printed;
+    on several processes rank 0 alone (main) evaluates. -> (figures, greedy replies, sampled
+    replies), or Nones without problems or off rank 0"""
+    if not problems or not main:
+        return None, None, None
     t_eval = time.time()
     before, greedy, sampled = evaluate_pass_at_k(policy, kl_reference, enc, problems, config, device)
     print(f"rlvr: before: greedy accuracy {before['accuracy']:.1%}, " + ", ".join(

@@ -354,8 +354,7 @@ def train(config):
 
     policy, reference, kl_reference = load_models(config, init, device, tokenizer_path, enc, problems, eval_problems,
                                                   data_path, eval_source)
-    before, greedy, sampled = (E.rl_start_figures(policy, kl_reference, enc, eval_problems, config, device)
-                               if eval_problems and D.is_main() else (None, None, None))  # rank 0 alone evaluates
+    before, greedy, sampled = E.rl_start_figures(policy, kl_reference, enc, eval_problems, config, device, D.is_main())
 
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr,
                             weight_decay=0.0, betas=(0.9, 0.95))
