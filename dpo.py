@@ -227,21 +227,23 @@ def batch_logprobs(model, examples, pad_id, device, shared, average=False, kto=F
     """log pi of B pairs' replies, (2B,): the chosen, then the rejected (KTO: completions, then the
     mismatched ones), a row per reply (pairs.collate), or, shared, a row per pair, the prompt
     computed once, and packed, short pairs several to a row (pairs.shared_prefix_batch).
-    average: per-token means. -> (logps (2B,), lengths (2B,) in tokens, ids: the rows through the model)"""
+    average: per-token means. -> (logps (2B,), lengths (2B,) in tokens, rows: the ids through the
+    model, a tensor per pass)"""
     if shared:
         batch = shared_prefix_batch(examples, pad_id, device, packed)
-        return shared_prefix_logprobs(model, batch, average), batch["lengths"], batch["ids"]
+        return shared_prefix_logprobs(model, batch, average), batch["lengths"], [p["ids"] for p in batch["passes"]]
     ids, mask = collate(examples, pad_id, device)
     logps = kto_logprobs(model, ids, mask) if kto else sequence_logprobs(model, ids, mask, average)
-    return logps, mask[:, 1:].sum(-1), ids
+    return logps, mask[:, 1:].sum(-1), [ids]
 
 
 def shared_prefix_logprobs(model, batch, average=False):
     """sequence_logprobs of a shared_prefix_batch: (2B,), the B chosen replies' then the B rejected
     replies' sums (average: per-token means), the output layer only at the scored tokens' sources."""
-    with P.autocast(batch["ids"].device):
-        states = model(batch["ids"], batch["positions"], batch["mask"], hidden=True)  # (B, T, C)
-        logits = M.unwrap(model).lm_head(states[batch["row"], batch["source"]])  # (N, V)
+    with P.autocast(batch["index"].device):
+        states = torch.cat([model(p["ids"], p["positions"], p["mask"], hidden=True).flatten(0, 1)
+                            for p in batch["passes"]])  # (positions, C): each pass's (R, T, C), flattened
+        logits = M.unwrap(model).lm_head(states[batch["index"]])  # (N, V)
     logps = M.token_logprobs(logits, batch["target"])  # (N,) fp32
     lengths = batch["lengths"]  # (2B,)
     reply = torch.repeat_interleave(torch.arange(len(lengths), device=logps.device), lengths)  # (N,)

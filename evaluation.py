@@ -480,17 +480,20 @@ def forward_passes(config, live_reference):
     return (2 if config.loss_type == "kto" else 3) + (1 if live_reference else 0)
 
 
-def count_work(work, policy, batch, ids, lengths, passes):
+def count_work(work, policy, batch, rows, lengths, passes):
     """Add one step's work to `work`: pairs, positions through the body (padding included: it costs
     FLOPs), scored positions, FLOPs done (the scored positions through the head) and FLOPs the loss
-    needs (no padding), for `passes` forward passes' worth (a forward and backward is 3)."""
+    needs (no padding), for `passes` forward passes' worth (a forward and backward is 3).
+    rows: the ids through the model, a tensor per pass through it (its attention as long as its rows)."""
     scored = int(lengths.sum())
     real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)  # each prompt once
     work["pairs"] += len(batch)
-    work["tokens"] += ids[:, 1:].numel()
+    work["tokens"] += sum(ids[:, 1:].numel() for ids in rows)
     work["scored"] += scored
-    work["done"] += M.training_flops(policy, ids[:, 1:].numel(), scored, ids.shape[1]) * passes / 3
-    work["needed"] += M.training_flops(policy, real, scored, ids.shape[1]) * passes / 3
+    body = sum(M.training_flops(policy, ids[:, 1:].numel(), 0, ids.shape[1]) for ids in rows)
+    work["done"] += (body + M.training_flops(policy, 0, scored, 0)) * passes / 3
+    context = max(len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in batch)  # any layout's
+    work["needed"] += M.training_flops(policy, real, scored, context) * passes / 3
 
 
 def rates(work, seconds, peak):

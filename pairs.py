@@ -15,7 +15,8 @@ then laid out for the model one of three ways (row_layout picks it from the flag
   a row per pair (prefix sharing): [prompt | chosen | rejected], the prompt once, the rejected
                                    reply seeing the prompt and itself only (shared_prefix_batch)
   packed:                          [pair 1 | pair 2 | ...], short pairs side by side in a row as
-                                   long as the batch's longest pair, each seeing only itself (pack)
+                                   long as the batch's longest pair, each seeing only itself (pack);
+                                   the emptier rows in a second, shorter pass (two_passes)
 
 All score every response token with the same context, so the log-probs agree to rounding
 (tests/test_dpo.py holds them together); the second does the prompt's work once per pair, and
@@ -122,20 +123,38 @@ def pack(sizes, capacity):
     return places, len(room)
 
 
-def shared_prefix_batch(examples, pad_id, device, packed=True):
+def two_passes(fill):
+    """Where to cut packed rows, fullest first, into two passes through the model: a tensor pads
+    every row to its fullest, and rows holding one long pair and rows holding short ones differ
+    most. -> k: the k fullest rows, then the rest, each pass as long as its own fullest row; k is
+    where the two hold the fewest positions, len(fill) (one pass) on a tie.
+    fill: each row's tokens before its padding, in descending order."""
+    R = len(fill)
+    return min(range(R, 0, -1), key=lambda k: k * fill[0] + (R - k) * (fill[k] if k < R else 0))
+
+
+def shared_prefix_batch(examples, pad_id, device, packed=True, split=True):
     """B pairs -> rows of prompt + chosen + rejected, the prompt computed once for both replies
     (prefix sharing, Wang et al. 2024, arXiv 2410.20305). The rejected reply restarts its positions
     after the prompt, and the attention mask lets each reply see the prompt and itself, never the
     other reply, so each is scored exactly as in a row of its own. A scored token is predicted by
-    the states at `source`: the previous token's, or, for each reply's first, the prompt's last.
+    the states at its source: the previous token's, or, for each reply's first, the prompt's last.
     packed: short pairs share a row (pack), each pair's positions starting at 0 and its mask a
-    block of its own, so the rows are as long as the longest pair but fewer than B: less padding,
-    and every reply still scored as in a row of its own. packed=False: a row per pair.
-    -> {"ids" (R, T), "positions" (R, T), "mask" (R, 1, T, T) bool, "source", "target", "row" (N,)
-    for the N scored tokens, chosen ones then rejected ones, "lengths" (2B,)}"""
+    block of its own, so the rows are fewer than B; and the rows go through the model in two
+    passes (two_passes), the fullest ones, as long as the longest pair, then the rest, only as long
+    as their own fullest: less padding, and every reply still scored as in a row of its own.
+    packed=False: a row per pair, one pass; split=False: the packed rows in one pass.
+    -> {"passes": [{"ids" (R, T), "positions" (R, T), "mask" (R, 1, T, T) bool}, ...],
+        "index" (N,): each scored token's source among the passes' states, flattened in order,
+        "target" (N,): the N scored tokens, the chosen ones then the rejected ones, "lengths" (2B,)}"""
     sizes = row_lengths(examples)
     T = max(sizes)  # (longer rows pack tighter, but their attention costs as much as the padding saved)
     places, R = pack(sizes, T) if packed else ([(b, 0) for b in range(len(examples))], len(examples))
+    fill = [max(o + n for n, (r, o) in zip(sizes, places) if r == row) for row in range(R)]
+    if packed:  # renumber the rows fullest first, for the cut
+        fullest = sorted(range(R), key=lambda r: -fill[r])
+        renumbered = {r: i for i, r in enumerate(fullest)}
+        places, fill = [(renumbered[r], o) for r, o in places], [fill[r] for r in fullest]
     ids = torch.full((R, T), pad_id, dtype=torch.long)
     positions = torch.zeros(R, T, dtype=torch.long)
     mask = torch.eye(T, dtype=torch.bool).repeat(R, 1, 1)  # (R, T, T); a pad query sees itself
@@ -152,10 +171,16 @@ def shared_prefix_batch(examples, pad_id, device, packed=True):
         scored["rejected"] += [(b, o + (n_p - 1 if j == 0 else n_p + n_c + j - 1), ex["rejected"][j])
                                for j in range(n_r)]
     row, source, target = torch.tensor(scored["chosen"] + scored["rejected"]).T  # (N,) each
+    k = two_passes(fill) if packed and split else R
+    cuts = [(0, k, T)] + ([(k, R, fill[k])] if k < R else [])  # (first row, end, length) of each pass
+    passes = [{"ids": ids[a:e, :t], "positions": positions[a:e, :t], "mask": mask[a:e, None, :t, :t]}
+              for a, e, t in cuts]
+    index = row * T + source  # where a row of the first pass flattens; one of the second, after all k of them
+    if k < R:
+        index = torch.where(row < k, index, k * T + (row - k) * fill[k] + source)
     lengths = torch.tensor([len(ex["chosen"]) for ex in examples] + [len(ex["rejected"]) for ex in examples])
-    return {"ids": ids.to(device), "positions": positions.to(device), "mask": mask[:, None].to(device),
-            "row": row.to(device), "source": source.to(device), "target": target.to(device),
-            "lengths": lengths.to(device)}
+    return {"passes": [{key: t.contiguous().to(device) for key, t in part.items()} for part in passes],
+            "index": index.to(device), "target": target.to(device), "lengths": lengths.to(device)}
 
 
 def training_pairs(config, enc, rng, inputs, data_path, test_path):

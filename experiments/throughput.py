@@ -5,9 +5,9 @@ the default size and at ~5M parameters (6 layers, 8 heads, 256 wide), from a ran
 output layer and its log_softmax over the vocabulary at every position (plain), only at the
 response positions the loss scores (scored: model.shifted_logprobs, what dpo.py runs), and the
 prompt computed once for both replies of a pair (shared prefix: dpo.shared_prefix_logprobs, with
---prefix-sharing and --no-packing), short pairs packed several to a row (packed: what dpo.py runs),
-and that on batches of pairs of similar length (bucketed: dpo.py's --bucket-by-length,
-plumbing.next_indices). Each variant runs several times in this one process, alternating; the table
+--prefix-sharing and --no-packing), short pairs packed several to a row, in one pass through the
+model or in two, the emptier rows in a shorter second one (packed: what dpo.py runs), and that on
+batches of pairs of similar length (bucketed: dpo.py's --bucket-by-length, plumbing.next_indices). Each variant runs several times in this one process, alternating; the table
 gives medians, the ratio to plain, and MFU two ways: of the work done, and of the work the loss
 needs (each prompt once, no padding, the head on scored positions).
 
@@ -48,6 +48,8 @@ VARIANTS = {"plain": ("shuffled", pairs.collate, lambda model, batch: plain_sequ
             "scored": ("shuffled", pairs.collate, lambda model, batch: dpo.sequence_logprobs(model, *batch)),
             "shared prefix": ("shuffled", functools.partial(pairs.shared_prefix_batch, packed=False),
                               dpo.shared_prefix_logprobs),
+            "shared prefix, packed, one pass": ("shuffled", functools.partial(pairs.shared_prefix_batch, split=False),
+                                                dpo.shared_prefix_logprobs),
             "shared prefix, packed": ("shuffled", pairs.shared_prefix_batch, dpo.shared_prefix_logprobs),
             "shared prefix, packed, bucketed": ("bucketed", pairs.shared_prefix_batch, dpo.shared_prefix_logprobs)}
 
@@ -63,8 +65,18 @@ def draws(examples, steps):
 
 def positions_through_the_body(batch):
     """Positions a laid-out batch sends through the model: a row per reply (ids, mask) scores from
-    the second position on; a shared-prefix row from the first (its prompt's last state is a source)."""
-    return batch["ids"].numel() if isinstance(batch, dict) else batch[0][:, 1:].numel()
+    the second position on; a shared-prefix batch's passes from the first (its prompt's last state
+    is a source)."""
+    return sum(p["ids"].numel() for p in batch["passes"]) if isinstance(batch, dict) else batch[0][:, 1:].numel()
+
+
+def body_flops(policy, batch):
+    """FLOPs of a forward and backward through the model's body (the output layer apart) on a
+    laid-out batch: each pass's attention as long as its own rows."""
+    if isinstance(batch, dict):
+        return sum(M.training_flops(policy, p["ids"].numel(), 0, p["ids"].shape[1]) for p in batch["passes"])
+    ids = batch[0]
+    return M.training_flops(policy, ids[:, 1:].numel(), 0, ids.shape[1])
 
 
 def timed_steps(policy, opt, batches, ref, logprobs):
@@ -86,7 +98,7 @@ def measure(size, examples, vocab, device, steps, repeats):
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
     drawn = draws(examples, steps)
     batches = {name: [layout(batch, 0, device) for batch in drawn[how]] for name, (how, layout, _) in VARIANTS.items()}
-    per_draw = {}  # each way of drawing: the reference's log-probs, the scored tokens, FLOPs the loss needs, T
+    per_draw = {}  # each way of drawing: the reference's log-probs, the scored tokens, FLOPs the loss needs
     for how, drawn_batches in drawn.items():
         two_rows = [pairs.collate(batch, 0, device) for batch in drawn_batches]  # the reference scores these
         with torch.no_grad():
@@ -94,13 +106,12 @@ def measure(size, examples, vocab, device, steps, repeats):
         scored = sum(int(mask[:, 1:].sum()) for _, mask in two_rows)
         real = sum(n - 1 for batch in drawn_batches for n in pairs.row_lengths(batch))  # each prompt once
         T = max(ids.shape[1] for ids, _ in two_rows)
-        per_draw[how] = {"ref": ref, "scored": scored, "needed": M.training_flops(policy, real, scored, T), "T": T}
+        per_draw[how] = {"ref": ref, "scored": scored, "needed": M.training_flops(policy, real, scored, T)}
     positions, done = {}, {}
     for name, (how, _, _) in VARIANTS.items():
-        d = per_draw[how]
         positions[name] = sum(positions_through_the_body(b) for b in batches[name])
-        head = positions[name] if name == "plain" else d["scored"]  # plain: the output layer at every position
-        done[name] = M.training_flops(policy, positions[name], head, d["T"])
+        head = positions[name] if name == "plain" else per_draw[how]["scored"]  # plain: the head everywhere
+        done[name] = sum(body_flops(policy, b) for b in batches[name]) + M.training_flops(policy, 0, head, 0)
     for name, (how, _, fn) in VARIANTS.items():  # warm up
         timed_steps(policy, opt, batches[name][:1], per_draw[how]["ref"][:1], fn)
     seconds = {v: [] for v in VARIANTS}

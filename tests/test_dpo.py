@@ -843,13 +843,15 @@ def test_shared_prefix_logprobs_equal_a_row_per_reply_values_and_gradients(tiny_
     assert any(len(ex["chosen"]) == 2 for ex in examples)  # "7" and its <|end|>: a reply of one text token
     for average in (False, True):
         grads = []
-        for layout in ("rows", "shared", "packed"):
+        for layout in ("rows", "shared", "packed, one pass", "packed"):
             model.zero_grad()
             if layout == "rows":
                 logps = dpo.sequence_logprobs(model, *dpo.collate(examples, 0, "cpu"), average=average)
             else:
-                batch = dpo.shared_prefix_batch(examples, 0, "cpu", packed=layout == "packed")
-                assert len(batch["ids"]) < len(examples) if layout == "packed" else len(batch["ids"]) == len(examples)
+                batch = dpo.shared_prefix_batch(examples, 0, "cpu", packed=layout != "shared", split=layout == "packed")
+                rows = [len(p["ids"]) for p in batch["passes"]]  # a row per pair, or fewer: packed
+                assert len(rows) == (2 if layout == "packed" else 1)
+                assert sum(rows) == len(examples) if layout == "shared" else sum(rows) < len(examples)
                 logps = dpo.shared_prefix_logprobs(model, batch, average)
             logps.sum().backward()
             grads.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
@@ -870,10 +872,10 @@ def test_a_shared_row_hides_each_reply_from_the_other(tiny_enc):
     a = dpo.shared_prefix_logprobs(model, dpo.shared_prefix_batch([ex], 0, "cpu"))
     b = dpo.shared_prefix_logprobs(model, dpo.shared_prefix_batch([other], 0, "cpu"))
     assert a[1].item() == pytest.approx(b[1].item(), rel=1e-6, abs=1e-6) and a[0] != b[0]
-    batch = dpo.shared_prefix_batch([ex], 0, "cpu")
+    (row,) = dpo.shared_prefix_batch([ex], 0, "cpu")["passes"]
     n_p, n_c = len(ex["prompt"]), len(ex["chosen"])
-    assert batch["positions"][0, n_p + n_c].item() == n_p  # the rejected reply restarts after the prompt
-    assert not batch["mask"][0, 0, n_p + n_c:, n_p: n_p + n_c].any()
+    assert row["positions"][0, n_p + n_c].item() == n_p  # the rejected reply restarts after the prompt
+    assert not row["mask"][0, 0, n_p + n_c:, n_p: n_p + n_c].any()
 
 
 def test_prefix_sharing_trains_as_a_row_per_reply_does(tiny_data_dir, tiny_sft_ckpt, tmp_path):

@@ -3,6 +3,7 @@ counts, KTO's rows), a row per reply (collate) and label noise. The row-per-pair
 log-probs are held to a row per reply's in test_dpo.py, beside sequence_logprobs.
 """
 
+import itertools
 import os
 import random
 
@@ -220,23 +221,53 @@ def test_pack_places_every_pair_in_a_row_without_overlap_and_near_the_fewest_row
     assert pairs.pack([5, 5, 5], 10) == ([(0, 0), (0, 5), (1, 0)], 2)  # worked by hand: two fit, one waits
 
 
+def test_two_passes_cuts_where_the_fewest_positions_go_through_the_model():
+    # brute force: every way of putting the rows in two passes (each as long as its fullest row);
+    # a contiguous cut of the rows sorted by fill is as good as any of them
+    def positions(group):
+        return len(group) * max(group, default=0)
+
+    rng = random.Random(0)
+    for _ in range(200):
+        fill = sorted((rng.randint(1, 40) for _ in range(rng.randint(1, 8))), reverse=True)
+        k = pairs.two_passes(fill)
+        best = min(positions([f for f, s in zip(fill, side) if s]) + positions([f for f, s in zip(fill, side) if not s])
+                   for side in itertools.product([True, False], repeat=len(fill)))
+        assert 1 <= k <= len(fill) and positions(fill[:k]) + positions(fill[k:]) == best
+    assert pairs.two_passes([10, 10, 10]) == 3  # no padding to save: one pass
+    assert pairs.two_passes([10, 9, 4, 3]) == 2  # by hand: 2 x 10 + 2 x 4 = 28; k = 1: 37, k = 3: 33, one pass: 40
+
+
 def test_a_packed_batch_keeps_each_pair_to_itself(tiny_enc, tiny_examples):
     examples, _ = tiny_examples
     batch = sorted(examples[:40], key=lambda ex: len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]))
     batch = batch[:6] + batch[-2:]  # short pairs that fit beside one another, and the longest
-    packed, single = (pairs.shared_prefix_batch(batch, pad_id(tiny_enc), "cpu", packed=p) for p in (True, False))
-    assert len(packed["ids"]) < len(batch) == len(single["ids"])
-    assert packed["ids"].shape[1] == single["ids"].shape[1]  # rows as long as the longest pair
-    for key in ("target", "lengths"):  # the same scored tokens, in the same order
-        assert packed[key].tolist() == single[key].tolist()
-    # every scored token's source reads the same token and position in both layouts
-    for key in ("ids", "positions"):
-        assert (packed[key][packed["row"], packed["source"]] == single[key][single["row"], single["source"]]).all()
-    # each pair's block of the mask is the one it has in a row of its own, and it sees nothing else
-    sizes = [len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) for ex in batch]
-    places, _ = pairs.pack(sizes, max(sizes))
-    for b, (n, (r, o)) in enumerate(zip(sizes, places)):
-        block = packed["mask"][r, 0, o: o + n]  # (n, T): what the pair's tokens may attend to
-        assert block[:, o: o + n].equal(single["mask"][b, 0, :n, :n])
-        assert not block[:, :o].any() and not block[:, o + n:].any()
-        assert packed["ids"][r, o: o + n].equal(single["ids"][b, :n])
+    packed, one_pass, single = (pairs.shared_prefix_batch(batch, pad_id(tiny_enc), "cpu", packed=p, split=s)
+                                for p, s in ((True, True), (True, False), (False, True)))
+    assert len(single["passes"]) == len(one_pass["passes"]) == 1 and len(packed["passes"]) == 2
+    (rows, _), = [p["ids"].shape for p in single["passes"]]
+    (first, second) = [p["ids"].shape for p in packed["passes"]]
+    longest = max(pairs.row_lengths(batch))
+    assert rows == len(batch) and first[0] + second[0] == len(one_pass["passes"][0]["ids"]) < len(batch)
+    assert first[1] == longest > second[1]  # the second pass only as long as its own fullest row
+    for layout in (packed, one_pass):
+        for key in ("target", "lengths"):  # the same scored tokens, in the same order
+            assert layout[key].tolist() == single[key].tolist()
+        # every scored token's source is the same token at the same position, and it may attend to the
+        # same tokens at the same positions as in a row of its own, and to nothing else
+        assert seen_from_sources(layout) == seen_from_sources(single)
+
+
+def seen_from_sources(batch):
+    """For each scored token, found through batch["index"] in the flattened passes: the (id, position)
+    at its source, and the sorted (id, position) of every token its source may attend to."""
+    places = [(p, r, s) for p, part in enumerate(batch["passes"])
+              for r in range(part["ids"].shape[0]) for s in range(part["ids"].shape[1])]  # flattened order
+    seen = []
+    for i in batch["index"].tolist():
+        p, r, s = places[i]
+        part = batch["passes"][p]
+        visible = part["mask"][r, 0, s].nonzero().flatten().tolist()
+        seen.append(((part["ids"][r, s].item(), part["positions"][r, s].item()),
+                     sorted((part["ids"][r, t].item(), part["positions"][r, t].item()) for t in visible)))
+    return seen
