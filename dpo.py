@@ -111,7 +111,8 @@ class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
                          "reference stays the start); needs --pairs on-policy", "dpo")
     # short pairs side by side in a row: less padding for the same batch of pairs (docs/speed.md)
     packing: bool = option(True, "with prefix sharing, pack short pairs several to a row, each seeing only "
-                           "itself (less padding, the same batches); --no-packing: a row per pair", "dpo")
+                           "itself, the rows in two passes by fill (less padding, the same batches); "
+                           "--no-packing: a row per pair", "dpo")
     # off: batches of similar length change what each step averages over (five seeds: docs/speed.md)
     bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
                                     "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
