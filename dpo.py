@@ -228,14 +228,14 @@ def batch_logprobs(model, examples, pad_id, device, shared, average=False, kto=F
     """log pi of B pairs' replies, (2B,): the chosen, then the rejected (KTO: completions, then the
     mismatched ones), a row per reply (pairs.collate), or, shared, a row per pair, the prompt
     computed once, and packed, short pairs several to a row (pairs.shared_prefix_batch).
-    average: per-token means. -> (logps (2B,), lengths (2B,) in tokens, rows: the ids through the
-    model, a tensor per pass)"""
+    average: per-token means. -> (logps (2B,), lengths (2B,) in tokens, rows: the positions through
+    the model, a tensor of ids per pass: a row per reply's last token is only a target)"""
     if shared:
         batch = shared_prefix_batch(examples, pad_id, device, packed)
         return shared_prefix_logprobs(model, batch, average), batch["lengths"], [p["ids"] for p in batch["passes"]]
     ids, mask = collate(examples, pad_id, device)
     logps = kto_logprobs(model, ids, mask) if kto else sequence_logprobs(model, ids, mask, average)
-    return logps, mask[:, 1:].sum(-1), [ids]
+    return logps, mask[:, 1:].sum(-1), [ids[:, :-1]]
 
 
 def shared_prefix_logprobs(model, batch, average=False):
@@ -477,7 +477,7 @@ def finish(config, policy, init, metrics, tokenizer_path, out_dir, has_reference
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it
 
 
-def train_step(config, model, opt, batch, idx, refs, reference, pad, device, work, passes):
+def train_step(config, model, opt, batch, idx, refs, reference, pad, device, work, forwards):
     """One optimizer step on a batch of pairs: on each of this process's micro-batches (the whole
     batch on one process, see distributed.py) the loss on the policy's and the reference's log-probs,
     its gradient weighted by the micro-batch's share of the batch; then the clip and the step.
@@ -497,7 +497,7 @@ def train_step(config, model, opt, batch, idx, refs, reference, pad, device, wor
         labels = torch.tensor([ex.get("label", True) for ex in part], device=device)
         loss, chosen_rewards, rejected_rewards = batch_loss(config, logps, lengths, ref_logps, labels)
         (loss * weight).backward()  # the batch's mean loss is the weighted sum of its micro-batches'
-        E.count_work(work, policy, part, ids, lengths, passes)
+        E.count_work(work, policy, part, ids, lengths, forwards)
         records.append(E.dpo_step_record(config, loss, logps, ref_logps, chosen_rewards, rejected_rewards, labels,
                                          lengths, torch.zeros(())))
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)  # all-reduced: every rank's
@@ -552,7 +552,7 @@ def train(config):
     probe = collate(examples[:batch_size], pad, device) if ref_chosen is None else None
     probe_start = chosen_logp(policy, *probe) if probe is not None else None
     tracked = problems[: config.eval_every_problems] if config.eval_every else []
-    peak, passes = P.peak_flops(device) * D.world_size(), E.forward_passes(config, config.live_reference and ref_chosen is not None)
+    peak, forwards = P.peak_flops(device) * D.world_size(), E.forward_passes(config, config.live_reference and ref_chosen is not None)
     # the work: positions through the body (padding included), scored ones through the head, FLOPs done
     # and FLOPs the loss needs (no padding); the clock: seconds since training began
     order, window, work = [], [], dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0)
@@ -577,7 +577,7 @@ def train(config):
             g["lr"] = P.scheduled_lr(config.lr_schedule, step, steps, config.lr, config.warmup_steps)
         refs = None if ref_chosen is None else (ref_chosen, ref_rejected)
         window.append(train_step(config, train_policy, opt, [examples[i] for i in idx], idx, refs, reference, pad,
-                                 device, work, passes))
+                                 device, work, forwards))
         eval_due = config.eval_every and (step + 1) % config.eval_every == 0
         if (step + 1) % config.log_every == 0 or step == steps - 1 or eval_due:
             rec = {k: sum(w[k] for w in window) / len(window) for k in window[0]}

@@ -480,20 +480,21 @@ def forward_passes(config, live_reference):
     return (2 if config.loss_type == "kto" else 3) + (1 if live_reference else 0)
 
 
-def count_work(work, policy, batch, rows, lengths, passes):
+def count_work(work, policy, batch, rows, lengths, forwards):
     """Add one step's work to `work`: pairs, positions through the body (padding included: it costs
     FLOPs), scored positions, FLOPs done (the scored positions through the head) and FLOPs the loss
-    needs (no padding), for `passes` forward passes' worth (a forward and backward is 3).
-    rows: the ids through the model, a tensor per pass through it (its attention as long as its rows)."""
+    needs (each prompt once, no padding), for `forwards` forward passes' worth (a forward and
+    backward is 3). rows: the positions through the model (dpo.batch_logprobs), a tensor of ids
+    per pass through it, its attention as long as its rows."""
     scored = int(lengths.sum())
     real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)  # each prompt once
     work["pairs"] += len(batch)
-    work["tokens"] += sum(ids[:, 1:].numel() for ids in rows)
+    work["tokens"] += sum(ids.numel() for ids in rows)
     work["scored"] += scored
-    body = sum(M.training_flops(policy, ids[:, 1:].numel(), 0, ids.shape[1]) for ids in rows)
-    work["done"] += (body + M.training_flops(policy, 0, scored, 0)) * passes / 3
+    body = sum(M.training_flops(policy, ids.numel(), 0, ids.shape[1]) for ids in rows)
+    work["done"] += (body + M.training_flops(policy, 0, scored, 0)) * forwards / 3
     context = max(len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in batch)  # any layout's
-    work["needed"] += M.training_flops(policy, real, scored, context) * passes / 3
+    work["needed"] += M.training_flops(policy, real, scored, context) * forwards / 3
 
 
 def rates(work, seconds, peak):

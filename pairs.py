@@ -141,10 +141,12 @@ def shared_prefix_batch(examples, pad_id, device, packed=True, split=True):
     the states at its source: the previous token's, or, for each reply's first, the prompt's last.
     packed: short pairs share a row (pack), each pair's positions starting at 0 and its mask a
     block of its own, so the rows are fewer than B; and the rows go through the model in two
-    passes (two_passes), the fullest ones, as long as the longest pair, then the rest, only as long
-    as their own fullest: less padding, and every reply still scored as in a row of its own.
-    packed=False: a row per pair, one pass; split=False: the packed rows in one pass.
-    -> {"passes": [{"ids" (R, T), "positions" (R, T), "mask" (R, 1, T, T) bool}, ...],
+    passes (two_passes; one where a cut saves nothing), the fullest ones, as long as the longest
+    pair, then the rest, only as long as their own fullest: less padding, and every reply still
+    scored as in a row of its own. packed=False: a row per pair, one pass; split=False: the packed
+    rows in one pass.
+    -> {"passes": [{"ids" (R, T), "positions" (R, T), "mask" (R, 1, T, T) bool}, ...], each pass
+        with its own R rows and length T,
         "index" (N,): each scored token's source among the passes' states, flattened in order,
         "target" (N,): the N scored tokens, the chosen ones then the rejected ones, "lengths" (2B,)}"""
     sizes = row_lengths(examples)

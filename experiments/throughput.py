@@ -7,9 +7,10 @@ response positions the loss scores (scored: model.shifted_logprobs, what dpo.py 
 prompt computed once for both replies of a pair (shared prefix: dpo.shared_prefix_logprobs, with
 --prefix-sharing and --no-packing), short pairs packed several to a row, in one pass through the
 model or in two, the emptier rows in a shorter second one (packed: what dpo.py runs), and that on
-batches of pairs of similar length (bucketed: dpo.py's --bucket-by-length, plumbing.next_indices). Each variant runs several times in this one process, alternating; the table
-gives medians, the ratio to plain, and MFU two ways: of the work done, and of the work the loss
-needs (each prompt once, no padding, the head on scored positions).
+batches of pairs of similar length (bucketed: dpo.py's --bucket-by-length, plumbing.next_indices).
+Each variant runs several times in this one process, alternating; the table gives medians, the
+ratio to plain, and MFU two ways: of the work done, and of the work the loss needs (each prompt
+once, no padding, the head on scored positions).
 
     python experiments/throughput.py            (a few minutes on a 2-core CPU)
     python experiments/throughput.py --quick    (seconds: a tiny world, for tests)
@@ -63,20 +64,17 @@ def draws(examples, steps):
                          for _ in range(steps)]}
 
 
-def positions_through_the_body(batch):
-    """Positions a laid-out batch sends through the model: a row per reply (ids, mask) scores from
-    the second position on; a shared-prefix batch's passes from the first (its prompt's last state
-    is a source)."""
-    return sum(p["ids"].numel() for p in batch["passes"]) if isinstance(batch, dict) else batch[0][:, 1:].numel()
+def through_the_body(batch):
+    """The ids a laid-out batch sends through the model, a tensor per pass (as dpo.batch_logprobs
+    returns them): a row per reply (ids, mask) all but its last token, which is only a target; a
+    shared-prefix batch each pass's rows whole (its prompt's last state is a source)."""
+    return [p["ids"] for p in batch["passes"]] if isinstance(batch, dict) else [batch[0][:, :-1]]
 
 
 def body_flops(policy, batch):
     """FLOPs of a forward and backward through the model's body (the output layer apart) on a
     laid-out batch: each pass's attention as long as its own rows."""
-    if isinstance(batch, dict):
-        return sum(M.training_flops(policy, p["ids"].numel(), 0, p["ids"].shape[1]) for p in batch["passes"])
-    ids = batch[0]
-    return M.training_flops(policy, ids[:, 1:].numel(), 0, ids.shape[1])
+    return sum(M.training_flops(policy, ids.numel(), 0, ids.shape[1]) for ids in through_the_body(batch))
 
 
 def timed_steps(policy, opt, batches, ref, logprobs):
@@ -104,12 +102,13 @@ def measure(size, examples, vocab, device, steps, repeats):
         with torch.no_grad():
             ref = [(lp[:BATCH], lp[BATCH:]) for lp in (dpo.sequence_logprobs(policy, *b) for b in two_rows)]
         scored = sum(int(mask[:, 1:].sum()) for _, mask in two_rows)
-        real = sum(n - 1 for batch in drawn_batches for n in pairs.row_lengths(batch))  # each prompt once
-        T = max(ids.shape[1] for ids, _ in two_rows)
-        per_draw[how] = {"ref": ref, "scored": scored, "needed": M.training_flops(policy, real, scored, T)}
+        # each prompt once, no padding, attention as long as a batch's longest prompt and reply (as dpo.py counts)
+        needed = sum(M.training_flops(policy, sum(n - 1 for n in pairs.row_lengths(batch)), int(mask[:, 1:].sum()),
+                                      ids.shape[1]) for batch, (ids, mask) in zip(drawn_batches, two_rows))
+        per_draw[how] = {"ref": ref, "scored": scored, "needed": needed}
     positions, done = {}, {}
     for name, (how, _, _) in VARIANTS.items():
-        positions[name] = sum(positions_through_the_body(b) for b in batches[name])
+        positions[name] = sum(ids.numel() for b in batches[name] for ids in through_the_body(b))
         head = positions[name] if name == "plain" else per_draw[how]["scored"]  # plain: the head everywhere
         done[name] = sum(body_flops(policy, b) for b in batches[name]) + M.training_flops(policy, 0, head, 0)
     for name, (how, _, fn) in VARIANTS.items():  # warm up

@@ -225,3 +225,30 @@ def test_kept_replies_are_read_back_only_for_the_same_weights_prompts_and_settin
                  (model, ["a", "b"], 16, 8), (None, ["a", "b"], 16, 7)):
         assert E.known_replies(path, *args) == {}
     assert E.known_replies(str(tmp_path / "none.json"), model, ["a", "b"], 16, 7) == {}
+
+
+def test_count_work_counts_each_pass_at_its_own_length_and_the_loss_needs_each_prompt_once(tiny_enc,
+                                                                                         tiny_examples):
+    examples, _ = tiny_examples
+    batch = sorted(examples[:40], key=lambda ex: len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]))
+    batch = batch[:6] + batch[-2:]  # short pairs that pack, and the longest: two passes
+    model = tiny_gpt(tiny_enc.n_vocab, n_layer=2)
+    L, C, V, N = 2, 32, tiny_enc.n_vocab, model.num_params()
+    body, head = 6 * (N - V * C), 6 * V * C  # per position, by hand: 6 FLOPs per weight, the head apart
+    for shared in (True, False):
+        logps, lengths, rows = dpo.batch_logprobs(model, batch, 0, "cpu", shared=shared)
+        assert len(rows) == (2 if shared else 1)
+        work = dict(pairs=0, tokens=0, scored=0, done=0.0, needed=0.0)
+        E.count_work(work, model, batch, rows, lengths, 3)
+        scored = sum(len(ex["chosen"]) + len(ex["rejected"]) for ex in batch)
+        positions = [(len(ids), ids.shape[1]) for ids in rows]  # (rows, length) of each pass
+        if not shared:  # a row per reply: every token but the row's last goes through the model
+            longest = max(len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in batch)
+            assert positions == [(2 * len(batch), longest - 1)]
+        real = sum(len(ex["prompt"]) + len(ex["chosen"]) + len(ex["rejected"]) - 1 for ex in batch)
+        context = max(len(ex["prompt"]) + max(len(ex["chosen"]), len(ex["rejected"])) for ex in batch)
+        assert work["pairs"] == len(batch) and work["scored"] == scored == int(lengths.sum())
+        assert work["tokens"] == sum(r * t for r, t in positions)
+        assert work["done"] == pytest.approx(sum((body + 6 * L * t * C) * r * t for r, t in positions) + head * scored)
+        assert work["needed"] == pytest.approx((body + 6 * L * context * C) * real + head * scored)
+        assert work["needed"] < work["done"]
