@@ -298,9 +298,8 @@ def peak_flops(device):
         if peak is not None:
             _PEAK[str(device)] = peak
             return peak
-    # the best of many single matmuls: this machine is shared, and a probe of a few long timings read
-    # it anywhere from 130 to 181 GFLOP/s minutes apart; a short timing is more likely to fall in a
-    # quiet moment, and MFU is only worth comparing against a steady denominator
+    # the best of many single matmuls: on a shared machine a short timing is more likely to fall in a
+    # quiet moment, and MFU is only worth comparing against a steady denominator (docs/speed.md)
     sizes = (4096, 8192) if device.type == "cuda" else (1024,)  # a GPU needs large ones to reach its peak
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as autocast() runs the forward
     gen = torch.Generator(device=device).manual_seed(0)  # its own: the stage's seeded RNG stays as it was
