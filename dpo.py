@@ -63,7 +63,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -467,10 +467,7 @@ def finish(config, policy, init, metrics, tokenizer_path, out_dir, has_reference
     if config.lora_rank:  # the adapters alone (small), then folded in: a plain checkpoint for the next stage
         lora.save_lora(os.path.join(out_dir, "adapter.pt"), policy, base=init)
         lora.merge_lora(policy)
-    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="dpo",
-                      train_config=asdict(config), metrics=metrics)
-    R.finished(out_dir)
-    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    R.finish(out_dir, policy, tokenizer_path, "dpo", config, metrics)
     E.print_dpo_summary(metrics, "rows" if config.loss_type == "kto" else "pairs", has_reference, model_copies,
                         out_dir)
     if config.report:

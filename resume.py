@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import distributed as D
+import model as M
 import plumbing as P
 from data.formats import write_atomically, write_text
 from plumbing import option
@@ -209,11 +210,15 @@ def steps(saver, total):
             signal.signal(signal.SIGINT, previous)
 
 
-def finished(out_dir):
-    """The stage's checkpoint is written: its state is of no more use (nor a temp file a kill
-    during a save left)."""
+def finish(out_dir, model, tokenizer_path, stage, config, metrics):
+    """A stage's end on disk: its checkpoint (atomic; the config and metrics inside), then its
+    training state, of no more use, removed (with any temp file a kill during a save left), then
+    metrics.json. A kill before the checkpoint's rename leaves the state to resume from."""
+    M.save_checkpoint(os.path.join(out_dir, "model.pt"), model, tokenizer_path, stage=stage,
+                      train_config=dataclasses.asdict(config), metrics=metrics)
     for path in glob.glob(state_path(out_dir)) + glob.glob(state_path(out_dir) + ".tmp*"):
         os.remove(path)
+    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
 
 
 def done_before(config, out_dir):

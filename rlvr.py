@@ -52,7 +52,7 @@ How this departs from the GRPO paper:
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -435,10 +435,7 @@ def train(config):
         E.show_replies("after RL (greedy | sampled)", eval_problems, {"greedy": greedy, "sampled": sampled})
     metrics.update({"peak_flops": peak, "device": str(device), "wall_seconds": time.time() - t0,
                     "total_wall_seconds": time.time() - t_all})
-    M.save_checkpoint(os.path.join(out_dir, "model.pt"), policy, tokenizer_path, stage="rlvr",
-                      train_config=asdict(config), metrics=metrics)
-    R.finished(out_dir)
-    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    R.finish(out_dir, policy, tokenizer_path, "rlvr", config, metrics)
     E.print_rlvr_summary(metrics, config.eval_reference or "the start", out_dir)
     if config.report:
         report.refresh(config.out, config.data_dir)  # the run's report card, with this stage in it

@@ -39,7 +39,7 @@ How this departs from a real pipeline:
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -289,10 +289,7 @@ def finish_stage(name, gpt, metrics, problems, config, enc, tok_path, out_dir, t
         E.show_replies(f"the {name} model (greedy | sampled)", problems, {"greedy": greedy, "sampled": sampled})
     metrics["wall_seconds"] = time.time() - t_stage
     metrics["total_wall_seconds"] = time.time() - t_all
-    M.save_checkpoint(os.path.join(out_dir, "model.pt"), gpt, tok_path, stage=name,
-                      train_config=asdict(config), metrics=metrics)
-    R.finished(out_dir)
-    P.write_json(os.path.join(out_dir, "metrics.json"), metrics)
+    R.finish(out_dir, gpt, tok_path, name, config, metrics)
     E.print_lm_summary(name, metrics)
     print(f"{name}: done in {metrics['total_wall_seconds']:.0f}s -> {out_dir}/")
     return D.finished(metrics)
@@ -351,10 +348,7 @@ def train(config):
         metrics = train_stage("pretrain", gpt, (next_batch, {"generator": gen}), val_batches, config.pretrain_steps,
                               config.pretrain_lr, config, pretrain_dir, device, inputs)
         if D.is_main():  # (on several processes, rank 0 writes; the others wait for it)
-            M.save_checkpoint(os.path.join(pretrain_dir, "model.pt"), gpt, tok_path, stage="pretrain",
-                              train_config=asdict(config), metrics=metrics)
-            R.finished(pretrain_dir)
-            P.write_json(os.path.join(pretrain_dir, "metrics.json"), metrics)
+            R.finish(pretrain_dir, gpt, tok_path, "pretrain", config, metrics)
             E.print_lm_summary("pretrain", metrics)
         D.finished(metrics)
 
