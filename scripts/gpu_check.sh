@@ -4,22 +4,28 @@
 #   2. the default pipeline, stage by stage: python dpo.py, then python rlvr.py;
 #   3. the GPU recipe: python dpo.py --preset gpu, then python rlvr.py --preset gpu;
 #   4. the DPO stage with --compile and without, from the same SFT model;
-# then every stage's time, throughput and MFU (against the card's bf16 peak) in $OUT/gpu_check.json
-# and a table in $OUT/gpu_check.md.
+# after each step, every stage's time, throughput and MFU so far (against the card's bf16 peak) in
+# $OUT/gpu_check.json and a table in $OUT/gpu_check.md (scripts/gpu_summary.py).
 #
-#     bash scripts/gpu_check.sh            (writes under $OUT, default out/gpu_check)
+#     bash scripts/gpu_check.sh                  (writes under $OUT, default out/gpu_check)
+#     BUDGET=300 bash scripts/gpu_check.sh       (no step begins after 300 s)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu_check}
+BUDGET=${BUDGET:-480}  # seconds after which the steps not yet begun are skipped (a device call ends at 600)
+SECONDS=0
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt" || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
 
-stage() {  # stage NAME COMMAND...: run it, its wall time into $OUT/times.txt, its output into $OUT/NAME.log
+stage() {  # stage NAME COMMAND...: run it, its wall time into $OUT/times.txt, its output into $OUT/NAME.log,
+  # then the figures so far (a run cut short keeps the stages it finished); past $BUDGET seconds, skipped
   local name=$1; shift
+  if (( SECONDS > BUDGET )); then echo "$name skipped" | tee -a "$OUT/times.txt"; return; fi
   local t0=$(date +%s.%N)
   "$@" > "$OUT/$name.log" 2>&1 || { echo "$name failed: see $OUT/$name.log"; tail -5 "$OUT/$name.log"; }
   echo "$name $(python -c "print(round($(date +%s.%N) - $t0, 1))")" | tee -a "$OUT/times.txt"
+  python scripts/gpu_summary.py "$OUT" > /dev/null
 }
 
 : > "$OUT/times.txt"
@@ -31,28 +37,5 @@ stage gpu_rlvr python rlvr.py --preset gpu --out "$OUT/gpu" --no-report
 stage eager_dpo python dpo.py --init "$OUT/default/sft/model.pt" --eval-problems 0 --out "$OUT/eager" --no-report
 stage compile_dpo python dpo.py --init "$OUT/default/sft/model.pt" --eval-problems 0 --compile --out "$OUT/compile" --no-report
 
-python - "$OUT" <<'PY'
-import json, os, sys
-out = sys.argv[1]
-rows, figures = [], {"times": dict(line.split() for line in open(os.path.join(out, "times.txt")))}
-for run in ("default", "gpu", "eager", "compile"):
-    for stage in ("pretrain", "sft", "dpo", "rlvr"):
-        path = os.path.join(out, run, stage, "metrics.json")
-        if not os.path.exists(path):
-            continue
-        m = json.load(open(path))
-        keep = {k: m.get(k) for k in ("wall_seconds", "train_seconds", "tokens_per_second", "pairs_per_second",
-                                      "train_tokens_per_second", "sample_tokens_per_second", "mfu", "mfu_needed",
-                                      "peak_flops", "accuracy", "greedy_accuracy_policy", "accuracy_policy",
-                                      "win_rate", "pref_accuracy", "val_loss", "device") if k in m}
-        if stage == "rlvr":
-            keep.update({k: m[k] for k in ("accuracy_before", "accuracy_after", "pass_at_k", "kl") if k in m})
-        figures[f"{run}/{stage}"] = keep
-        rows.append(f"| {run} | {stage} | {keep.get('wall_seconds', 0):.1f} | "
-                    f"{keep.get('tokens_per_second') or keep.get('train_tokens_per_second') or 0:,.0f} | "
-                    f"{(keep.get('mfu') or 0):.1%} | {(keep.get('peak_flops') or 0) / 1e12:.0f} |")
-json.dump(figures, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
-table = ["| run | stage | seconds | tokens/s | MFU | peak TFLOP/s |", "|---|---|---|---|---|---|"] + rows
-open(os.path.join(out, "gpu_check.md"), "w").write("\n".join(table) + "\n")
-print("\n".join(table))
-PY
+python scripts/gpu_summary.py "$OUT"
+echo "gpu_check: done in $SECONDS s; figures in $OUT/gpu_check.json, the table in $OUT/gpu_check.md"

@@ -106,3 +106,35 @@ def test_the_config_dataclasses_hold_every_preset_field():
     for stage, cls in (("sft", sft.SFTConfig), ("dpo", dpo.DPOConfig), ("rlvr", rlvr.RLVRConfig)):
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(presets.PRESETS["gpu"][stage]) <= fields
+
+
+def test_gpu_summary_gathers_every_stage_it_finds_and_the_steps_skipped(tmp_path):
+    import json
+    import subprocess
+    import sys
+    (tmp_path / "times.txt").write_text("tests 12.5\ndefault_dpo 140.0\ngpu_dpo skipped\n")
+    written = {}
+    for run, stage, m in (("default", "sft", {"wall_seconds": 50.0, "tokens_per_second": 12345.6, "mfu": 0.25,
+                                              "peak_flops": 9.9e14, "accuracy": 0.5, "unlisted": 1}),
+                          ("default", "dpo", {"wall_seconds": 30.0, "tokens_per_second": 2000.0, "mfu": 0.125,
+                                              "mfu_needed": 0.1, "peak_flops": 9.9e14, "win_rate": 0.7})):
+        (tmp_path / run / stage).mkdir(parents=True)
+        (tmp_path / run / stage / "metrics.json").write_text(json.dumps(m))
+        written[f"{run}/{stage}"] = {k: v for k, v in m.items() if k != "unlisted"}
+    subprocess.run([sys.executable, "scripts/gpu_summary.py", str(tmp_path)], check=True, capture_output=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    figures = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert figures == {"times": {"tests": 12.5, "default_dpo": 140.0, "gpu_dpo": "skipped"}, **written}
+    table = (tmp_path / "gpu_check.md").read_text().splitlines()
+    assert table[2:] == ["| default | sft | 50.0 | 12,346 | 25.0% | - | 990 |",
+                         "| default | dpo | 30.0 | 2,000 | 12.5% | 10.0% | 990 |"]
+
+
+def test_gpu_check_runs_to_its_end_when_the_budget_skips_every_step(tmp_path):
+    import json
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run(["bash", "scripts/gpu_check.sh"], check=True, capture_output=True, cwd=root,
+                   env={**os.environ, "OUT": str(tmp_path), "BUDGET": "-1"})
+    steps = ["tests", "default_dpo", "default_rlvr", "gpu_dpo", "gpu_rlvr", "eager_dpo", "compile_dpo"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"times": {s: "skipped" for s in steps}}
