@@ -13,7 +13,8 @@ import plumbing as P
 import presets
 import resume as R
 from dpo_family import check_family_flags, unsplittable
-from pairs import check_on_policy_flags, row_layout
+from online import check_on_policy_flags
+from pairs import row_layout
 
 
 def sft(config, known_stages):

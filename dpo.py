@@ -43,18 +43,9 @@ How this departs from the paper:
 4. The "kl" logged during training is the mean log pi - log pi_ref on the batch's own replies
    (cheap, off-policy); the real KL(pi || pi_ref) is estimated at evaluation on the policy's samples.
 
-On-policy and online DPO. The paper samples its pairs from pi_SFT (section 4), and so pi_ref = pi_SFT
-fits the data; the world's pairs are written by a generator instead, and DPO then pushes down
-replies the model would rarely write. --pairs on-policy samples K replies per prompt from the start
-model and pairs the judge's best with its worst; --rounds R (online, or iterative, DPO: Xu et al.
-2023, arXiv 2312.16682; Guo et al. 2024, arXiv 2402.04792) samples each round's pairs from the
-current policy, the reference staying the start. That is the bridge to rlvr.py: the policy learns
-from its own samples in both, but here from a judge's pairwise choice, through DPO's loss against a
-fixed reference, on pairs frozen for a round; GRPO scores every sample with a reward, weighs it by
-its advantage over its group, and samples anew at every step.
-
 Around this lesson: the family (--loss-type, --rpo-alpha) is dpo_family.py, one equation each;
-pairs -> token batches is pairs.py; what every stage measures is evaluation.py; the files a user
+pairs -> token batches is pairs.py; on-policy pairs and online DPO (--pairs on-policy, --rounds R:
+the bridge to rlvr.py) are online.py; what every stage measures is evaluation.py; the files a user
 brings are read by data/formats.py; LoRA is lora.py; the flag checks are checks.py; the plumbing is
 plumbing.py.
 """
@@ -83,39 +74,24 @@ from data.prepare import DATA_DIR, ensure_data
 from dpo_family import (PAIRED_LOSS_TYPES, REFERENCE_FREE, FamilyOptions, bco_reward_shift, chosen_nll,
                         family_loss, paired_losses)
 from dpo_family import kto_examples, kto_loss, odds_ratio_loss, simpo_loss  # noqa: F401 (importable as dpo.X)
-from pairs import (collate, first_round, row_layout, row_lengths, sample_round,  # noqa: F401
-                   shared_prefix_batch, tokenize_pairs, training_pairs)
+from online import OnPolicyOptions, first_round, sample_round
+from pairs import (LayoutOptions, collate, row_layout, row_lengths, shared_prefix_batch,  # noqa: F401
+                   tokenize_pairs, training_pairs)
 from lora import LoRAOptions
 from plumbing import option
 
 
 @dataclass
-class DPOConfig(FamilyOptions, LoRAOptions, R.ResumeOptions):
+class DPOConfig(FamilyOptions, LoRAOptions, LayoutOptions, OnPolicyOptions, R.ResumeOptions):
     """dpo.py's flags: the method's, then the optimisation, data, evaluation and run; the family's
-    own (dpo_family.FamilyOptions), LoRA's (lora.LoRAOptions) and resume's are inherited."""
+    own (dpo_family.FamilyOptions), LoRA's (lora.LoRAOptions), the batches' layout (pairs.LayoutOptions),
+    the on-policy pairs' (online.OnPolicyOptions) and resume's are inherited."""
     # the method
     # beta 1.0, not the paper's 0.1: at 0.1 this tiny model either erases <|end|> after its answer
     # or barely moves, and a larger beta saturates the loss first (the sweep: docs/dpo.md)
     beta: float = option(1.0, "KL strength: how far the policy may move from the reference", "dpo")
     loss_type: str = option("sigmoid", "the loss: sigmoid (DPO), or one of its family: " + ", ".join(
         PAIRED_LOSS_TYPES[1:] + REFERENCE_FREE + ["kto"]) + " (dpo_family.py)", "dpo")
-    # a row per pair computes the prompt once, not once per reply (measured: docs/speed.md)
-    prefix_sharing: bool = option(True, "score a pair's two replies in one row, the prompt computed once; "
-                                  "--no-prefix-sharing: a row per reply (kto always: its replies answer two prompts)",
-                                  "dpo")
-    pairs: str = option("file", "where the training pairs come from: file (--data, default <data-dir>/prefs.jsonl, "
-                        "written by the world's generator) or on-policy (sampled from the start model, judged)", "dpo")
-    samples_per_prompt: int = option(4, "on-policy: K replies per prompt; the judge's best against its worst", "dpo")
-    sample_temperature: float = option(1.0, "on-policy: the temperature the K replies are sampled at", "dpo")
-    rounds: int = option(1, "online DPO: R rounds, each on pairs sampled from the current policy (the "
-                         "reference stays the start); needs --pairs on-policy", "dpo")
-    # short pairs side by side in a row: less padding for the same batch of pairs (docs/speed.md)
-    packing: bool = option(True, "with prefix sharing, pack short pairs several to a row, each seeing only "
-                           "itself, the rows in two passes by fill (less padding, the same batches); "
-                           "--no-packing: a row per pair", "dpo")
-    # off: batches of similar length change what each step averages over (five seeds: docs/speed.md)
-    bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
-                                    "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
     compile: bool = option(False, "run the training forward through torch.compile (the first steps compile it)",
                            "dpo")
     live_reference: bool = option(False, "keep the reference model and run it every step instead of "

@@ -2,9 +2,7 @@
 Preference pairs for dpo.py: where they come from, and how they become token batches.
 
 They come from a file (--data, or the world's <data-dir>/prefs.jsonl, written by a generator, not
-by the model), or, with --pairs on-policy, from the model itself, as the DPO paper assumes (its
-section 4: pi_ref = pi_SFT because the pairs are sampled from pi_SFT): K replies per prompt, ranked
-by the judge, the best paired with the worst (on_policy_pairs). The sampled pairs are written as a
+by the model), or, with --pairs on-policy, from the model itself (online.py), written as a
 TRL-format file under the stage's output and read back like any other file.
 
 The training and held-out pairs are read, shuffled and tokenised with exact prompt/response
@@ -25,21 +23,34 @@ the third pads less, for the same batch of pairs.
     python dpo.py                          (a row per pair, short ones packed: the default)
     python dpo.py --no-packing             (a row per pair)
     python dpo.py --no-prefix-sharing      (a row per reply)
-    python dpo.py --pairs on-policy        (pairs sampled from the SFT model, judged)
 """
 
-import json
+import dataclasses
 import os
-import random
-import time
 
 import torch
 
 import model as M
 import plumbing as P
-import resume as R
-from data import formats, world
+from data import formats
 from dpo_family import kto_rows
+from plumbing import option
+
+
+@dataclasses.dataclass
+class LayoutOptions:
+    """How dpo.py lays out its batches (row_layout), for its config to inherit."""
+    # a row per pair computes the prompt once, not once per reply (measured: docs/speed.md)
+    prefix_sharing: bool = option(True, "score a pair's two replies in one row, the prompt computed once; "
+                                  "--no-prefix-sharing: a row per reply (kto always: its replies answer two prompts)",
+                                  "dpo")
+    # short pairs side by side in a row: less padding for the same batch of pairs (docs/speed.md)
+    packing: bool = option(True, "with prefix sharing, pack short pairs several to a row, each seeing only "
+                           "itself, the rows in two passes by fill (less padding, the same batches); "
+                           "--no-packing: a row per pair", "dpo")
+    # off: batches of similar length change what each step averages over (five seeds: docs/speed.md)
+    bucket_by_length: bool = option(False, "draw each training batch from pairs of similar length (seeded, "
+                                    "shuffled; less padding), instead of from the whole shuffled pass", "dpo")
 
 
 def flip_labels(pairs, share, rng):
@@ -241,102 +252,3 @@ def preferred_rows(config, enc, rng):
     def chosen(ex):
         return ex["prompt"] + ex["chosen"], [0] * len(ex["prompt"]) + [1] * len(ex["chosen"])
     return [chosen(ex) for ex in examples], [chosen(ex) for ex in test]
-
-
-# ----------------------------------------------------------------------------------------------
-# On-policy pairs: the model's own replies, judged
-
-
-def on_policy_pairs(sample, problems, k):
-    """For each problem, k replies from sample(prompts) -> replies (one per prompt, in order), ranked
-    by the judge; the best is paired with the worst (the first of equals). A reply with no text (the
-    model ended its turn at once) is left out: a pair file's replies are text. A problem whose other
-    replies all score the same, or number fewer than two, has no preference to give: no pair.
-    -> (rows {"prompt", "chosen", "rejected", "answer"}, the number of problems that gave none)"""
-    replies = sample([p["prompt"] for p in problems for _ in range(k)])
-    rows, ties = [], 0
-    for i, problem in enumerate(problems):
-        group = [reply for reply in replies[i * k: (i + 1) * k] if reply.strip()]
-        scores = [world.judge(problem, reply) for reply in group]
-        if len(group) < 2 or max(scores) == min(scores):
-            ties += 1
-            continue
-        best, worst = scores.index(max(scores)), scores.index(min(scores))
-        rows.append({"prompt": problem["prompt"], "chosen": group[best], "rejected": group[worst],
-                     "answer": problem["answer"]})
-    return rows, ties
-
-
-def sample_pairs(model, enc, problems, quota, config, seed, path):
-    """`quota` on-policy pairs from the model, K = --samples-per-prompt replies per prompt at
-    --sample-temperature, from the problems in order (a few more than quota, to cover ties), written
-    to `path` as TRL-format JSONL and read back through the --data reader.
-    -> (pairs, the number of problems used, stats: samples, ties, seconds)"""
-    t0, rows, ties, used, k = time.time(), [], 0, 0, config.samples_per_prompt
-    with torch.no_grad(), P.eval_mode(model):
-        while len(rows) < quota and used < len(problems):
-            chunk = problems[used: used + max(8, int((quota - len(rows)) * 1.1))]
-
-            def sample(prompts):  # each chunk its own seed, the same on every machine
-                return M.sample_replies(model, enc, prompts, config.max_new_tokens, config.sample_temperature,
-                                        seed + used)
-            built, tied = on_policy_pairs(sample, chunk, k)
-            rows, ties, used = rows + built, ties + tied, used + len(chunk)
-    rows = rows[:quota]
-    P.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-    seconds = time.time() - t0
-    print(f"dpo: {len(rows)} on-policy pairs from {used} prompts x {k} samples (T = {config.sample_temperature}; "
-          f"{ties} prompts tied or empty: no pair) in {seconds:.0f}s ({used * k / seconds:.0f} samples/s) -> {path}")
-    P.require(rows, f"{path}: every prompt's samples tied: no on-policy pair (raise --sample-temperature?)")
-    return formats.read_pairs(path), used, {"samples": used * k, "ties": ties, "seconds": seconds}
-
-
-def first_round(config, init, device, tokenizer_path, enc, out_dir):
-    """On-policy pairs from the start model (for --rounds R, the first round's share of --max-pairs),
-    its prompts those of <data-dir>/prefs.jsonl, shuffled. -> (pairs, the sampling's running record)"""
-    problems = formats.read_problems(os.path.join(config.data_dir, "prefs.jsonl"))
-    random.Random(config.seed).shuffle(problems)
-    online = {"problems": problems, "used": 0, "rounds": 0, "samples": 0, "ties": 0, "seconds": 0.0,
-              "quota": (config.max_pairs or len(problems)) // config.rounds}
-    path = os.path.join(out_dir, "pairs_round1.jsonl")
-    if config.resume and os.path.exists(R.state_path(out_dir)) and os.path.exists(path):
-        online["rounds"] = 1  # sampled before the cut (the state holds the file's hash): read back
-        return formats.read_pairs(path), online
-    start, _ = M.load_checkpoint(init, device, tokenizer_path)  # the policy before any step
-    rows = sample_round(config, start, enc, online, out_dir)
-    return rows, online
-
-
-def sample_round(config, model, enc, online, out_dir):
-    """The next round's pairs, sampled from `model` on the next unused prompts (see pairs.sample_pairs)."""
-    online["rounds"] += 1
-    path = os.path.join(out_dir, f"pairs_round{online['rounds']}.jsonl")
-    seed = config.seed * 1000 + 100 * online["rounds"]  # apart from the evaluation's seed, and per round
-    rows, used, stats = sample_pairs(model, enc, online["problems"][online["used"]:], online["quota"], config,
-                                     seed, path)
-    online["used"] += used
-    for k in ("samples", "ties", "seconds"):
-        online[k] += stats[k]
-    online["samples_per_second"] = online["samples"] / online["seconds"]
-    return rows
-
-
-def check_on_policy_flags(config, config_cls):
-    """The on-policy and online flags, checked before anything is built (ConfigError), and none that
-    changes nothing without --pairs on-policy (config_cls: the config class, for its defaults)."""
-    P.require(config.pairs in ("file", "on-policy"), f"--pairs {config.pairs!r} is unknown; known: file, on-policy")
-    P.require(config.rounds >= 1, f"--rounds must be >= 1, got {config.rounds}")
-    if config.pairs == "on-policy" or config.rounds > 1:
-        P.require(config.pairs == "on-policy", "--rounds samples each round's pairs from the policy: it needs "
-                  "--pairs on-policy")
-        P.require(not config.data, "--data holds pairs written elsewhere; --pairs on-policy samples them (its "
-                  "prompts from <data-dir>/prefs.jsonl)")
-        P.require(config.samples_per_prompt >= 2, f"--samples-per-prompt must be >= 2 (a pair needs two "
-                  f"replies), got {config.samples_per_prompt}")
-        P.require(config.sample_temperature > 0, f"--sample-temperature must be > 0: at {config.sample_temperature} "
-                  f"all {config.samples_per_prompt} replies to a prompt are the same")
-        P.require(config.loss_type != "kto" and not config.label_noise, "--pairs on-policy: the judge labels the "
-                  "pairs; KTO and --label-noise work on a file's")
-    P.require(config.pairs == "on-policy" or (config.samples_per_prompt, config.sample_temperature) == (
-        config_cls.samples_per_prompt, config_cls.sample_temperature), "--samples-per-prompt and --sample-temperature "
-        "shape sampled pairs: they need --pairs on-policy")

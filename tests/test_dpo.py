@@ -932,9 +932,9 @@ def test_on_policy_run_trains_on_the_start_models_own_judged_replies(tiny_sft_ck
 
 def test_online_rounds_sample_from_the_current_policy_against_the_frozen_start(tiny_sft_ckpt, tiny_data_dir,
                                                                               tmp_path, monkeypatch):
-    import pairs
+    import online
     seen, scored = [], []
-    real_sample, real_logprobs = pairs.sample_pairs, dpo.pair_logprobs
+    real_sample, real_logprobs = online.sample_pairs, dpo.pair_logprobs
 
     def spy_sample(model, *args):
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
@@ -944,7 +944,7 @@ def test_online_rounds_sample_from_the_current_policy_against_the_frozen_start(t
         scored.append({k: v.clone() for k, v in model.state_dict().items()})
         return real_logprobs(model, *args, **kw)
 
-    monkeypatch.setattr(pairs, "sample_pairs", spy_sample)
+    monkeypatch.setattr(online, "sample_pairs", spy_sample)
     monkeypatch.setattr(dpo, "pair_logprobs", spy_logprobs)
     out = str(tmp_path)
     metrics = dpo.train(dpo.DPOConfig(init=tiny_sft_ckpt, data_dir=tiny_data_dir, pairs="on-policy", rounds=2,
