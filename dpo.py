@@ -82,10 +82,12 @@ from plumbing import option
 
 
 @dataclass
-class DPOConfig(FamilyOptions, LoRAOptions, LayoutOptions, OnPolicyOptions, R.ResumeOptions):
-    """dpo.py's flags: the method's, then the optimisation, data, evaluation and run; the family's
-    own (dpo_family.FamilyOptions), LoRA's (lora.LoRAOptions), the batches' layout (pairs.LayoutOptions),
-    the on-policy pairs' (online.OnPolicyOptions) and resume's are inherited."""
+class DPOConfig(FamilyOptions, LoRAOptions, LayoutOptions, OnPolicyOptions, R.ResumeOptions,
+                presets.RunOptions):
+    """dpo.py's flags: the method's, then the optimisation, data, evaluation and run; inherited: the
+    family's (dpo_family.FamilyOptions), LoRA's (lora.LoRAOptions), the batches' layout
+    (pairs.LayoutOptions), the on-policy pairs' (online.OnPolicyOptions), resume's and the run's
+    (presets.RunOptions)."""
     # the method
     # beta 1.0, not the paper's 0.1: at 0.1 this tiny model either erases <|end|> after its answer
     # or barely moves, and a larger beta saturates the loss first (the sweep: docs/dpo.md)
@@ -141,11 +143,7 @@ class DPOConfig(FamilyOptions, LoRAOptions, LayoutOptions, OnPolicyOptions, R.Re
     eval_reference: str = option("", "checkpoint the policy is compared with at evaluation (default: the "
                                  "start, --init; e.g. out/sft/model.pt for ORPO from pretraining)", "run")
     out: str = option(P.OUT_DIR, "output root: writes <out>/dpo (default: out/ in the repository)", "run")
-    device: str = option("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = option(1337, "random seed", "run")
     log_every: int = option(10, "steps between log lines", "run")
-    report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
-    preset: str = option("", presets.HELP, "run")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,15 +7,30 @@ each stage's own, so that dpo.py and rlvr.py build the earlier stages they miss 
 gpu: a model ~15x the default's (14.5M parameters: 8 layers, 8 heads, 384 wide) on data/gpu's world
 (ten times the pretraining text, three times the rows), batches of 64, a lower DPO peak for the
 larger model; written to out/gpu/. Chosen, not yet measured on a GPU (docs/scale.md says what is).
+
+RunOptions: --preset itself and the other run flags every stage takes alike (--device, --seed, --report).
 """
 
+import dataclasses
 import os
 
 import plumbing as P
 from data.prepare import GPU_DATA_DIR
+from plumbing import option
 
 HELP = ("a named set of flags, as defaults any flag given still overrides: gpu (a ~15M-parameter model on "
                "a larger world, out/gpu/, for one GPU: docs/scale.md)")
+
+
+
+@dataclasses.dataclass
+class RunOptions:
+    """The run flags every stage's config inherits alike: the device, the seed, the report card, the preset."""
+    device: str = option("auto", "auto | cpu | cuda | mps", "run")
+    seed: int = option(1337, "random seed", "run")
+    report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
+    preset: str = option("", HELP, "run")
+
 
 _GPU_RUN = dict(data_dir=GPU_DATA_DIR, out=os.path.join(P.OUT_DIR, "gpu"))
 PRESETS = {"gpu": {

@@ -71,7 +71,7 @@ from plumbing import option
 
 
 @dataclass
-class RLVRConfig(R.ResumeOptions):
+class RLVRConfig(R.ResumeOptions, presets.RunOptions):
     # rollouts
     prompts_per_step: int = option(16, "prompts per step", "rollouts")
     group_size: int = option(8, "replies sampled per prompt (G)", "rollouts")
@@ -111,11 +111,7 @@ class RLVRConfig(R.ResumeOptions):
     eval_reference: str = option("", "checkpoint the evaluation's KL is measured against (default: the start; "
                                    "e.g. out/sft/model.pt to compare stages)", "run")
     out: str = option(P.OUT_DIR, "output root: writes <out>/rlvr (default: out/ in the repository)", "run")
-    device: str = option("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = option(1337, "random seed", "run")
     log_every: int = option(1, "steps between log lines", "run")
-    report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
-    preset: str = option("", presets.HELP, "run")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ DPO_SCHEDULE = {"schedule": "linear", "warmup": 10, "min_ratio": 0.0, "weight_de
 
 
 @dataclass
-class SFTConfig(R.ResumeOptions):
+class SFTConfig(R.ResumeOptions, presets.RunOptions):
     # model
     n_layer: int = option(4, "transformer blocks", "model")
     n_head: int = option(4, "attention heads", "model")
@@ -110,11 +110,7 @@ class SFTConfig(R.ResumeOptions):
                          "(empty: only build the data)", "run")
     data_dir: str = option(DATA_DIR, "where the data files live (built if missing)", "run")
     out: str = option(P.OUT_DIR, "output root: writes <out>/pretrain and <out>/sft (default: out/ in the repository)", "run")
-    device: str = option("auto", "auto | cpu | cuda | mps", "run")
-    seed: int = option(1337, "random seed", "run")
     log_every: int = option(25, "steps between log lines", "run")
-    report: bool = option(True, "refresh <out>/report.md and report.html at the end (report.py)", "run")
-    preset: str = option("", presets.HELP, "run")
 
 
 
